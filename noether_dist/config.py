@@ -1,0 +1,175 @@
+"""Configs: frozen keyword-only dataclasses, validated on creation, loadable from YAML."""
+
+from __future__ import annotations
+
+import difflib
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+from .names import CheckpointRef, parse_resume_checkpoint, validate_name
+from .storage import StorageOptions
+
+__all__ = ["AsyncMode", "CheckpointerConfig", "ResumeConfig", "load_yaml", "check_known_keys"]
+
+
+def check_known_keys(data: Mapping[str, Any], allowed: set[str] | list[str], where: str) -> None:
+    """Raise ConfigError for keys not in ``allowed``, suggesting the closest valid key."""
+    allowed = set(allowed)
+    for key in data:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), sorted(allowed), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {sorted(allowed)}"
+            raise ConfigError(f"unknown key {key!r} in {where}{hint}")
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping; ConfigError if the file is missing or not a mapping."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top, got {type(data).__name__}")
+    return data
+
+
+class AsyncMode(enum.Enum):
+    """How a save runs: blocking, in a background thread, or in a background process."""
+
+    OFF = "off"
+    THREAD = "thread"
+    PROCESS = "process"
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointerConfig:
+    """Where and how a Checkpointer saves."""
+
+    output_dir: str
+    """Local path, file:// or s3://bucket/prefix under which runs live."""
+    run_id: str
+    """The run's id (see ``layout.default_run_id``)."""
+    stage_name: str | None = None
+    """Stage folder; None or "" for none."""
+    model_name: str = "model"
+    """The ``{model_name}`` of every file name."""
+    best_metrics: dict[str, str] = field(default_factory=dict)
+    """metric name -> "min" or "max": which values make a ``best.<metric>`` checkpoint."""
+    storage: StorageOptions = field(default_factory=StorageOptions)
+    """Store options (S3 endpoint, profile, region, retries)."""
+    timeout_s: float = 600.0
+    """Upper bound of every collective wait."""
+    thread_count: int = 1
+    """Writer threads per rank (DCP); more helps object stores."""
+    async_mode: AsyncMode = AsyncMode.OFF
+    """off, thread or process."""
+
+    def __post_init__(self) -> None:
+        from .names import validate_model_name
+
+        if not isinstance(self.output_dir, str) or not self.output_dir:
+            raise ConfigError(f"output_dir must be a non-empty path or URL, got {self.output_dir!r}")
+        validate_name(self.run_id, "run_id")
+        if self.stage_name:
+            validate_name(self.stage_name, "stage_name")
+        validate_model_name(self.model_name)
+        for metric, mode in self.best_metrics.items():
+            validate_name(metric, "metric name")
+            if mode not in ("min", "max"):
+                raise ConfigError(f"best_metrics[{metric!r}] must be 'min' or 'max', got {mode!r}")
+        if not self.timeout_s > 0:
+            raise ConfigError(f"timeout_s must be > 0, got {self.timeout_s}")
+        if not isinstance(self.thread_count, int) or self.thread_count < 1:
+            raise ConfigError(f"thread_count must be an int >= 1, got {self.thread_count!r}")
+        if not isinstance(self.async_mode, AsyncMode):
+            raise ConfigError(f"async_mode must be an AsyncMode (off, thread, process), got {self.async_mode!r}")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> CheckpointerConfig:
+        """Build from a mapping (e.g. a YAML block); unknown keys are an error."""
+        check_known_keys(data, {f.name for f in fields(cls)}, "checkpointer config")
+        data = dict(data)
+        if "storage" in data and not isinstance(data["storage"], StorageOptions):
+            data["storage"] = StorageOptions.from_dict(data["storage"])
+        if "async_mode" in data and not isinstance(data["async_mode"], AsyncMode):
+            try:
+                data["async_mode"] = AsyncMode(str(data["async_mode"]).lower())
+            except ValueError:
+                raise ConfigError(f"async_mode {data['async_mode']!r} is not valid; use off, thread or process") from None
+        return cls(**data)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResumeConfig:
+    """What to resume, with the user's root config keys.
+
+    ``stage_name`` (where the continued run saves) defaults to ``resume_stage_name``;
+    ``resume_checkpoint`` defaults to ``latest``.
+    """
+
+    output_dir: str
+    """Where the previous run lives."""
+    resume_run_id: str
+    """Id of the previous run."""
+    resume_stage_name: str | None = None
+    """Stage of the previous run; None when it had no stage folder."""
+    stage_name: str | None = None
+    """Stage of the continued run; defaults to resume_stage_name."""
+    resume_checkpoint: str | None = None
+    """latest (default), last, best.<metric>, or one of E<n>, U<n>, S<n>."""
+    storage: StorageOptions = field(default_factory=StorageOptions)
+    """Store options."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.output_dir, str) or not self.output_dir:
+            raise ConfigError(f"output_dir must be a non-empty path or URL, got {self.output_dir!r}")
+        validate_name(self.resume_run_id, "resume_run_id")
+        if self.resume_stage_name:
+            validate_name(self.resume_stage_name, "resume_stage_name")
+        if self.stage_name:
+            validate_name(self.stage_name, "stage_name")
+        self.checkpoint_ref  # parse now: a bad value fails at creation
+
+    @property
+    def checkpoint_ref(self) -> CheckpointRef:
+        """The parsed ``resume_checkpoint``."""
+        return parse_resume_checkpoint(self.resume_checkpoint)
+
+    @property
+    def explicit(self) -> bool:
+        """True when a checkpoint was asked for by name (no silent fallback then)."""
+        return self.resume_checkpoint not in (None, "", "latest")
+
+    @property
+    def continue_stage_name(self) -> str | None:
+        """The stage the continued run saves into."""
+        return self.stage_name if self.stage_name else self.resume_stage_name
+
+    @classmethod
+    def from_root_config(cls, root: Mapping[str, Any], output_dir: str | None = None,
+                         storage: StorageOptions | None = None) -> ResumeConfig | None:
+        """The resume part of a root config (keys as in the user's document), or None when
+        ``resume_run_id`` is not set."""
+        if not root.get("resume_run_id"):
+            for key in ("resume_stage_name", "resume_checkpoint"):
+                if root.get(key):
+                    raise ConfigError(f"{key} is set but resume_run_id is not; set resume_run_id to the run to resume")
+            return None
+        out = output_dir or root.get("output_dir")
+        if not out:
+            raise ConfigError("resume needs output_dir (where the previous run lives)")
+        return cls(output_dir=out, resume_run_id=root["resume_run_id"],
+                   resume_stage_name=root.get("resume_stage_name"), stage_name=root.get("stage_name"),
+                   resume_checkpoint=None if root.get("resume_checkpoint") is None else str(root["resume_checkpoint"]),
+                   storage=storage or StorageOptions())

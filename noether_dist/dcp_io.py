@@ -1,0 +1,177 @@
+"""DCP on our storage: sharded save that records what each rank wrote, and load.
+
+This is the only module that imports DCP's private fsspec writer/reader. DCP does the
+planning, resharding and dedup of replicated tensors; this module adds two things DCP
+does not do: every write goes through :class:`noether_dist.storage.Storage`'s filesystem,
+and every file written is recorded with its size and CRC32, computed while writing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import threading
+import warnings
+import zlib
+from collections.abc import Generator
+from dataclasses import dataclass
+from typing import Any
+
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import DefaultLoadPlanner, DefaultSavePlanner
+from torch.distributed.checkpoint._fsspec_filesystem import FileSystem as _DcpFsspecFS
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+from torch.distributed.checkpoint.metadata import Metadata
+
+from .comm import is_distributed as _dist_ready
+from .errors import StateMismatchError
+from .storage import Storage
+
+__all__ = ["FileRecord", "save_state", "load_state", "read_metadata", "files_needed", "check_keys", "METADATA_FILE"]
+
+METADATA_FILE = ".metadata"
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """One file written into a DCP directory: name relative to it, bytes, CRC32."""
+
+    name: str
+    size: int
+    crc32: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {"name": self.name, "size": self.size, "crc32": self.crc32}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FileRecord:
+        """Inverse of :meth:`to_dict`."""
+        return cls(str(data["name"]), int(data["size"]), int(data["crc32"]))
+
+
+class _ChecksumStream:
+    """Passes writes through to ``raw`` while counting bytes and updating a CRC32."""
+
+    def __init__(self, raw: Any) -> None:
+        self._raw = raw
+        self.size = 0
+        self.crc = 0
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B") if not isinstance(data, (bytes, bytearray)) else data
+        self.crc = zlib.crc32(view, self.crc)
+        self.size += len(view)
+        return self._raw.write(data)
+
+    def tell(self) -> int:
+        return self.size
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._raw, name)
+
+
+class _RecordingFS(_DcpFsspecFS):
+    """DCP's fsspec FileSystem bound to our filesystem instance, recording written files."""
+
+    def __init__(self, fs: Any) -> None:
+        super().__init__()
+        self.fs = fs
+        self.records: dict[str, FileRecord] = {}
+        self._lock = threading.Lock()
+
+    def init_path(self, path: str | os.PathLike, **kwargs: Any) -> str | os.PathLike:
+        return path  # keep our filesystem instance (and its options)
+
+    @contextlib.contextmanager
+    def create_stream(self, path: str | os.PathLike, mode: str) -> Generator[io.IOBase, None, None]:
+        if "w" not in mode:
+            with super().create_stream(path, mode) as stream:
+                yield stream
+            return
+        with super().create_stream(path, mode) as stream:
+            wrapped = _ChecksumStream(stream)
+            yield wrapped  # type: ignore[misc]
+        name = os.fspath(path).rsplit("/", 1)[-1]
+        if name.endswith(".tmp"):
+            name = name[: -len(".tmp")]  # DCP renames .metadata.tmp to .metadata
+        with self._lock:
+            self.records[name] = FileRecord(name, wrapped.size, wrapped.crc & 0xFFFFFFFF)
+
+
+class _Writer(FsspecWriter):
+    def __init__(self, path: str, storage: Storage, thread_count: int) -> None:
+        super().__init__(path, sync_files=storage.is_local, thread_count=thread_count, overwrite=True)
+        self.fs = _RecordingFS(storage.fs)
+        self.path = path
+
+
+class _Reader(FsspecReader):
+    def __init__(self, path: str, storage: Storage) -> None:
+        super().__init__(path)
+        self.fs = _RecordingFS(storage.fs)
+        self.path = path
+
+
+def save_state(state_dict: dict[str, Any], path: str, storage: Storage, *, process_group: Any = None,
+               thread_count: int = 1) -> list[FileRecord]:
+    """Save ``state_dict`` as a DCP directory at ``path`` (a collective over
+    ``process_group``); return the files this rank wrote (the coordinator includes
+    ``.metadata``). Replicated entries are written once (DCP's dedup)."""
+    writer = _Writer(path, storage, thread_count)
+    with _quiet():
+        dcp.save(state_dict, storage_writer=writer, planner=DefaultSavePlanner(), process_group=process_group,
+                 no_dist=process_group is None and not _dist_ready())
+    return sorted(writer.fs.records.values(), key=lambda r: r.name)
+
+
+def load_state(state_dict: dict[str, Any], path: str, storage: Storage, *, process_group: Any = None) -> None:
+    """Load a DCP directory into ``state_dict`` in place (a collective), resharding as needed."""
+    reader = _Reader(path, storage)
+    with _quiet():
+        dcp.load(state_dict, storage_reader=reader, planner=DefaultLoadPlanner(), process_group=process_group,
+                 no_dist=process_group is None and not _dist_ready())
+
+
+@contextlib.contextmanager
+def _quiet() -> Generator[None, None, None]:
+    # DCP warns on every single-process call; a plain process is a supported use here.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def read_metadata(path: str, storage: Storage) -> Metadata:
+    """The DCP metadata of a directory (one read); FileNotFoundError if absent."""
+    return _Reader(path, storage).read_metadata()
+
+
+def _plan(state_dict: dict[str, Any], metadata: Metadata) -> DefaultLoadPlanner:
+    planner = DefaultLoadPlanner()
+    planner.set_up_planner(dict(state_dict), metadata, is_coordinator=False)
+    return planner
+
+
+def check_keys(state_dict: dict[str, Any], metadata: Metadata, what: str) -> None:
+    """Raise StateMismatchError naming missing and unexpected keys when ``state_dict``
+    does not match the checkpoint's keys."""
+    wanted = set(_plan(state_dict, metadata).state_dict)
+    stored = set(metadata.state_dict_metadata)
+    missing, unexpected = sorted(wanted - stored), sorted(stored - wanted)
+    if missing or unexpected:
+        def show(keys: list[str]) -> str:
+            return ", ".join(keys[:10]) + (f" ... ({len(keys)} in all)" if len(keys) > 10 else "") if keys else "none"
+        raise StateMismatchError(
+            f"{what} does not match the state to load into: missing in checkpoint: {show(missing)}; "
+            f"unexpected in checkpoint: {show(unexpected)}"
+        )
+
+
+def files_needed(state_dict: dict[str, Any], metadata: Metadata) -> set[str]:
+    """The data files this rank must read to load ``state_dict`` from ``metadata``."""
+    plan = _plan(state_dict, metadata).create_local_plan()
+    storage_data = metadata.storage_data or {}
+    return {storage_data[item.storage_index].relative_path for item in plan.items}
+
+

@@ -1,0 +1,242 @@
+"""Checkpointer: rank-aware sharded save under Noether names, committed atomically."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import dcp_io
+from .comm import Comm
+from .commit import AliasRecord, ArtifactRecord, CommitRecord, read_alias, read_commit, write_alias, write_commit
+from .config import CheckpointerConfig
+from .errors import CommitError, ConfigError, NoetherDistError
+from .layout import StageLayout
+from .names import ArtifactKind, TrainingIteration, format_artifact, normalize_model_info
+from .statedict import model_state, optimizer_state, pack_object
+from .storage import Storage, open_storage
+
+__all__ = ["Checkpointer", "SaveResult", "TRAINER_COMMON_KEY", "trainer_rank_key"]
+
+log = logging.getLogger(__name__)
+TRAINER_COMMON_KEY = "noether.trainer"
+
+
+def trainer_rank_key(rank: int) -> str:
+    """Key of one rank's own trainer state inside the trainer artifact."""
+    return f"noether.rank.{rank}"
+
+
+@dataclass(frozen=True)
+class SaveResult:
+    """What a save committed: the record and the aliases moved to it."""
+
+    iteration: TrainingIteration
+    record: CommitRecord
+    aliases: tuple[str, ...] = ()
+    reused_existing: bool = False
+    """True when this training point had already committed (e.g. after resuming from an
+    older checkpoint): the existing checkpoint was kept and nothing was rewritten."""
+
+
+@dataclass
+class _Artifact:
+    name: str
+    kind: ArtifactKind
+    model_info: str | None
+    state: dict[str, Any]
+
+
+@dataclass
+class _Plan:
+    iteration: TrainingIteration
+    artifacts: list[_Artifact]
+    metrics: dict[str, float] = field(default_factory=dict)
+    aliases: tuple[str, ...] = ("latest",)
+
+
+class Checkpointer:
+    """Saves model, optimizer, EMA models and trainer state at a training point.
+
+    Every save is a collective: all ranks call :meth:`save` with the same training point.
+    The protocol, in order:
+
+    1. every rank captures its state dicts; the ranks agree that all succeeded;
+    2. the coordinator (rank 0) checks that the point has not committed yet and removes
+       what an earlier, uncommitted save of the same point left behind;
+    3. every rank writes its shards of each artifact with DCP (a DCP directory per Noether
+       name; replicated tensors once), recording size and CRC32 of each file it writes;
+    4. the ranks exchange their reports; if any rank failed, every rank raises
+       :class:`CommitError` and nothing is committed;
+    5. the coordinator writes the commit record (once, never overwritten), then moves
+       ``latest`` (and ``last``, ``best.<metric>`` when they apply) to the new point.
+
+    A failure at any step leaves earlier committed checkpoints and aliases untouched.
+    """
+
+    def __init__(self, config: CheckpointerConfig, *, storage: Storage | None = None) -> None:
+        self.config = config
+        self.layout = StageLayout(config.output_dir, config.run_id, config.stage_name)
+        self.storage = storage or open_storage(config.output_dir, config.storage)
+        self.comm = Comm(config.timeout_s)
+        self.comm.on_coordinator(lambda: self.storage.check_root(config.output_dir))
+
+    # -- public --------------------------------------------------------------------
+    def save(
+        self,
+        iteration: TrainingIteration,
+        *,
+        model: nn.Module | dict[str, Any],
+        optimizer: torch.optim.Optimizer | dict[str, Any] | None = None,
+        ema: Mapping[str, nn.Module | dict[str, Any]] | None = None,
+        trainer_state: dict[str, Any] | None = None,
+        rank_state: dict[str, Any] | None = None,
+        metrics: Mapping[str, float] | None = None,
+        last: bool = False,
+    ) -> SaveResult:
+        """Save and commit one checkpoint at ``iteration`` (collective).
+
+        ``ema`` maps model_info (e.g. ``ema_factor=0.9999``) to an EMA model;
+        ``trainer_state`` is the same on every rank (rank 0's is kept); ``rank_state`` is
+        this rank's own (RNG, data position); ``metrics`` (rank 0's) decide the
+        ``best.<metric>`` aliases configured in ``best_metrics``; ``last=True`` also moves
+        the ``last`` alias (end of training). Raises on every rank alike on failure.
+        """
+        plan = self.comm.each(lambda: self._capture(iteration, model, optimizer, ema, trainer_state,
+                                                    rank_state, metrics, last))
+        return self._write_and_commit(plan, self.comm)
+
+    def wait(self) -> None:
+        """Block until no save is in flight (a no-op for synchronous saves)."""
+
+    def close(self) -> None:
+        """Finish pending work; the Checkpointer must not be used afterwards."""
+        self.wait()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- steps ---------------------------------------------------------------------
+    def _capture(self, iteration, model, optimizer, ema, trainer_state, rank_state, metrics, last) -> _Plan:
+        if not isinstance(iteration, TrainingIteration):
+            raise ConfigError(f"iteration must be a TrainingIteration, got {type(iteration).__name__}")
+        cp = str(iteration)
+        name = self.config.model_name
+        arts = [_Artifact(format_artifact(name, cp, ArtifactKind.MODEL), ArtifactKind.MODEL, None, model_state(model))]
+        for info, ema_model in (ema or {}).items():
+            info = normalize_model_info(info)
+            if info is None:
+                raise ConfigError("an EMA model needs a model_info such as 'ema_factor=0.9999'")
+            arts.append(_Artifact(format_artifact(name, cp, ArtifactKind.MODEL, info), ArtifactKind.MODEL, info,
+                                  model_state(ema_model)))
+        if optimizer is not None:
+            if isinstance(optimizer, dict):
+                optim_sd = optimizer
+            elif isinstance(model, nn.Module):
+                optim_sd = optimizer_state(model, optimizer)
+            else:
+                raise ConfigError("saving an optimizer object needs the model as an nn.Module")
+            arts.append(_Artifact(format_artifact(name, cp, ArtifactKind.OPTIM), ArtifactKind.OPTIM, None, optim_sd))
+        trainer = {trainer_rank_key(self.comm.rank): pack_object(rank_state or {})}
+        if self.comm.is_coordinator:
+            trainer[TRAINER_COMMON_KEY] = pack_object({"training_iteration": iteration.to_dict(),
+                                                       "state": trainer_state or {}})
+        arts.append(_Artifact(format_artifact(name, cp, ArtifactKind.TRAINER), ArtifactKind.TRAINER, None, trainer))
+        clean_metrics = {}
+        for key, value in (metrics or {}).items():
+            value = float(value)
+            if not math.isfinite(value):
+                log.warning("metric %s=%s is not finite; it cannot make a best checkpoint", key, value)
+            clean_metrics[str(key)] = value
+        aliases = ("latest", "last") if last else ("latest",)
+        return _Plan(iteration, arts, clean_metrics, aliases)
+
+    def _prepare(self, plan: _Plan) -> bool:
+        """Coordinator: False if the point already committed; clear leftovers otherwise."""
+        existing = read_commit(self.storage, self.layout, plan.iteration)
+        if existing is not None:
+            return False
+        for art in plan.artifacts:
+            path = self.layout.artifact_path(art.name)
+            if self.storage.exists(path):
+                log.warning("removing %s left by an earlier save that never committed", path)
+                self.storage.remove(path, recursive=True)
+        return True
+
+    def _write_and_commit(self, plan: _Plan, comm: Comm, *, process_group: Any = "default") -> SaveResult:
+        group = comm.group if process_group == "default" else process_group
+        fresh = comm.on_coordinator(lambda: self._prepare(plan))
+        if not fresh:
+            log.warning("checkpoint %s already committed (resumed from an older point?): keeping it", plan.iteration)
+
+            def keep() -> tuple[CommitRecord, tuple[str, ...]]:
+                record = self._existing(plan)
+                return record, self._move_aliases(plan, record)
+
+            record, aliases = comm.on_coordinator(keep)
+            return SaveResult(plan.iteration, record, aliases, reused_existing=True)
+
+        def write_all() -> list[list[dcp_io.FileRecord]]:
+            return [dcp_io.save_state(art.state, self.layout.artifact_path(art.name), self.storage,
+                                      process_group=group, thread_count=self.config.thread_count)
+                    for art in plan.artifacts]
+
+        try:
+            reports = comm.on_all(write_all)
+        except NoetherDistError as exc:
+            raise CommitError(f"saving {plan.iteration} failed, nothing was committed: {exc}") from exc
+
+        def commit() -> tuple[CommitRecord, tuple[str, ...]]:
+            arts = []
+            for idx, art in enumerate(plan.artifacts):
+                files = sorted((f for rank_report in reports for f in rank_report[idx]), key=lambda f: f.name)
+                arts.append(ArtifactRecord(art.name, art.kind.value, art.model_info, "dcp", tuple(files)))
+            record = CommitRecord(plan.iteration, self.config.run_id, self.config.stage_name or None,
+                                  self.config.model_name, comm.world_size, tuple(arts), plan.metrics)
+            write_commit(self.storage, self.layout, record)
+            log.info("committed %s (%d artifacts, %d bytes)", plan.iteration, len(arts), record.total_bytes)
+            return record, self._move_aliases(plan, record)
+
+        try:
+            record, aliases = comm.on_coordinator(commit)
+        except NoetherDistError as exc:
+            raise CommitError(f"committing {plan.iteration} failed, nothing was committed: {exc}") from exc
+        return SaveResult(plan.iteration, record, aliases)
+
+    def _existing(self, plan: _Plan) -> CommitRecord:
+        record = read_commit(self.storage, self.layout, plan.iteration)
+        if record is None:
+            raise CommitError(f"commit record of {plan.iteration} vanished")
+        return record
+
+    def _move_aliases(self, plan: _Plan, record: CommitRecord) -> tuple[str, ...]:
+        moved = []
+        for alias in plan.aliases:
+            current = read_alias(self.storage, self.layout, alias)
+            if alias == "latest" and current is not None and current.iteration > plan.iteration:
+                continue  # never move latest backwards
+            write_alias(self.storage, self.layout, AliasRecord(alias, plan.iteration))
+            moved.append(alias)
+        metrics = record.metrics or plan.metrics
+        for metric, mode in self.config.best_metrics.items():
+            value = metrics.get(metric)
+            if value is None or not math.isfinite(value):
+                continue
+            name = f"best.{metric}"
+            current = read_alias(self.storage, self.layout, name)
+            better = (current is None or current.value is None
+                      or (value < current.value if mode == "min" else value > current.value))
+            if better:
+                write_alias(self.storage, self.layout, AliasRecord(name, plan.iteration, value, mode))
+                moved.append(name)
+        if moved:
+            log.info("aliases %s -> %s", ", ".join(moved), plan.iteration)
+        return tuple(moved)
