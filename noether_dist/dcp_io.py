@@ -18,11 +18,12 @@ from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint._fsspec_filesystem import FileSystem as _DcpFsspecFS
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
-from torch.distributed.checkpoint.metadata import Metadata
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
 from .comm import is_distributed as _dist_ready
 from .errors import StateMismatchError
@@ -156,15 +157,21 @@ def _plan(state_dict: dict[str, Any], metadata: Metadata) -> DefaultLoadPlanner:
 def check_keys(state_dict: dict[str, Any], metadata: Metadata, what: str) -> None:
     """Raise StateMismatchError naming missing and unexpected keys when ``state_dict``
     does not match the checkpoint's keys."""
-    wanted = set(_plan(state_dict, metadata).state_dict)
-    stored = set(metadata.state_dict_metadata)
-    missing, unexpected = sorted(wanted - stored), sorted(stored - wanted)
-    if missing or unexpected:
+    flat = _plan(state_dict, metadata).state_dict
+    stored = metadata.state_dict_metadata
+    missing, unexpected = sorted(set(flat) - set(stored)), sorted(set(stored) - set(flat))
+    shapes = []
+    for key in sorted(set(flat) & set(stored)):
+        value, meta = flat[key], stored[key]
+        if isinstance(value, torch.Tensor) and isinstance(meta, TensorStorageMetadata):
+            if tuple(value.shape) != tuple(meta.size):
+                shapes.append(f"{key} (checkpoint {list(meta.size)}, model {list(value.shape)})")
+    if missing or unexpected or shapes:
         def show(keys: list[str]) -> str:
             return ", ".join(keys[:10]) + (f" ... ({len(keys)} in all)" if len(keys) > 10 else "") if keys else "none"
         raise StateMismatchError(
             f"{what} does not match the state to load into: missing in checkpoint: {show(missing)}; "
-            f"unexpected in checkpoint: {show(unexpected)}"
+            f"unexpected in checkpoint: {show(unexpected)}; shape mismatch: {show(shapes)}"
         )
 
 

@@ -1,0 +1,85 @@
+"""Storage primitives and commit records on a local disk (S3 runs in tests/test_s3.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from noether_dist.commit import (AliasRecord, CommitRecord, CorruptRecordError, list_commits, read_alias, read_commit,
+                                 write_alias, write_commit)
+from noether_dist.errors import ConfigError, StorageError
+from noether_dist.layout import StageLayout
+from noether_dist.names import TrainingIteration
+from noether_dist.storage import RetryPolicy, StorageOptions, is_transient, open_storage
+
+
+def test_write_once_never_overwrites(tmp_path):
+    st = open_storage(str(tmp_path))
+    path = str(tmp_path / "a" / "rec.json")
+    st.write_once(path, b"one")
+    with pytest.raises(FileExistsError):
+        st.write_once(path, b"two")
+    assert st.read(path) == b"one"
+    st.replace(path, b"three")
+    assert st.read(path) == b"three"
+    assert [e.name for e in st.list(str(tmp_path / "a"))] == ["rec.json"]  # no temp files left
+
+
+def test_exists_list_remove(tmp_path):
+    st = open_storage(f"file://{tmp_path}")
+    assert not st.exists(f"file://{tmp_path}/nope")
+    assert st.list(f"file://{tmp_path}/nope") == []
+    st.replace(f"file://{tmp_path}/d/x", b"12345")
+    assert st.exists(f"file://{tmp_path}/d/x")
+    assert st.size(f"file://{tmp_path}/d") == 5
+    st.remove(f"file://{tmp_path}/d", recursive=True)
+    assert not st.exists(f"file://{tmp_path}/d/x")
+    with pytest.raises(FileNotFoundError):
+        st.read(f"file://{tmp_path}/d/x")
+
+
+def test_retry_retries_transient_then_reports_permanent(tmp_path):
+    st = open_storage(str(tmp_path), StorageOptions(retry=RetryPolicy(attempts=3, base_delay_s=0.0)))
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise OSError("503 SlowDown: Please reduce your request rate")
+        return "ok"
+
+    assert st.retry("put", "x", flaky) == "ok" and len(calls) == 3
+
+    def denied():
+        raise PermissionError("AccessDenied")
+
+    with pytest.raises(StorageError, match="put s3://b/k failed: PermissionError: AccessDenied"):
+        st.retry("put", "s3://b/k", denied)
+    assert is_transient(TimeoutError()) and not is_transient(FileNotFoundError())
+
+
+def test_bad_storage_options():
+    with pytest.raises(ConfigError, match="unknown storage option"):
+        StorageOptions.from_dict({"endpoint": "x"})
+    with pytest.raises(ConfigError, match="local path, file:// or s3://"):
+        open_storage("nosuchproto://x")
+
+
+def test_commit_and_alias_records(tmp_path):
+    st = open_storage(str(tmp_path))
+    layout = StageLayout(str(tmp_path), "run", "stage")
+    it1, it2 = TrainingIteration(0, 5, 40), TrainingIteration(1, 10, 80)
+    for it in (it2, it1):
+        write_commit(st, layout, CommitRecord(it, "run", "stage", "m", 2, (), {"loss": 1.0}))
+    assert list_commits(st, layout) == [it1, it2]
+    with pytest.raises(FileExistsError):
+        write_commit(st, layout, CommitRecord(it1, "run", "stage", "m", 2, ()))
+    assert read_commit(st, layout, it1).metrics == {"loss": 1.0}
+    assert read_commit(st, layout, TrainingIteration(9, 9, 9)) is None
+    write_alias(st, layout, AliasRecord("latest", it2))
+    assert read_alias(st, layout, "latest").iteration == it2
+    assert read_alias(st, layout, "best.loss") is None
+    st.replace(layout.alias_path("latest"), b"garbage{")
+    assert read_alias(st, layout, "latest") is None  # broken alias reads as missing: caller lists
+    st.replace(layout.commit_path(it1), b"{}")
+    with pytest.raises(CorruptRecordError, match="corrupt"):
+        read_commit(st, layout, it1)
