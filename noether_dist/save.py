@@ -175,7 +175,7 @@ class Checkpointer:
         group = comm.group if process_group == "default" else process_group
         fresh = comm.on_coordinator(lambda: self._prepare(plan))
         if not fresh:
-            log.warning("checkpoint %s already committed (resumed from an older point?): keeping it", plan.iteration)
+            log.info("checkpoint %s is already committed: keeping it, moving aliases only", plan.iteration)
 
             def keep() -> tuple[CommitRecord, tuple[str, ...]]:
                 record = self._existing(plan)

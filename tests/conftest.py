@@ -10,3 +10,31 @@ import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 logging.getLogger("noether_dist").setLevel(logging.INFO)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """One moto S3 server for the session; tests get their own bucket from ``s3_bucket``."""
+    from tests.s3_server import S3Server, s3_server_available
+
+    ok, why = s3_server_available()
+    if not ok:
+        pytest.skip(f"no S3 test server: {why}")
+    with S3Server() as server:
+        yield server
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """The AWS environment that points s3fs at the test server, set in this process too."""
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    return dict(s3_server.env)
+
+
+@pytest.fixture
+def s3_bucket(s3_server, s3_env):
+    """A fresh, empty bucket on the test server; its name."""
+    name = f"nd-{uuid.uuid4().hex[:12]}"
+    s3_server.create_bucket(name)
+    return name

@@ -1,0 +1,223 @@
+"""The reference trainer's loop: build, resume or initialise, train, checkpoint, summarise."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from .comm import Comm
+from .commit import list_commits
+from .config import AsyncMode, CheckpointerConfig, ResumeConfig
+from .initializers import build_initializers
+from .layout import StageLayout, default_run_id, join_url
+from .names import TrainingIteration
+from .preemption import PreemptionWatcher, requeue_slurm_job
+from .resume import resume
+from .save import Checkpointer
+from .state import DataPosition, callback_states, capture_rng, load_callback_states, restore_rng
+from .storage import StorageOptions, open_storage
+from .train import LossHistory, TrainConfig, build_model, epoch_order, shard_model, state_digest, synthetic_data
+
+__all__ = ["TrainLoop"]
+
+log = logging.getLogger("noether_dist.train")
+
+
+class TrainLoop:
+    """One training run of the reference trainer (every method is collective)."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+        t, m = config.trainer, config.model
+        ck_cfg = dict(config.checkpointer)
+        self.timeout_s = float(ck_cfg.get("timeout_s", 600))
+        self.comm = Comm(self.timeout_s)
+        self.rank, self.world = self.comm.rank, self.comm.world_size
+        if t.batch_size % self.world:
+            from .errors import ConfigError
+
+            raise ConfigError(f"trainer.batch_size {t.batch_size} must be divisible by the world size {self.world}")
+        self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+        self.run_id = config.run_id or self.comm.broadcast(default_run_id() if self.comm.is_coordinator else None)
+        self.stage_name = config.stage_name or config.resume_stage_name
+        self.storage_options = StorageOptions.from_dict(ck_cfg.get("storage"))
+        self.model = build_model(m, t.seed).to(self.device)
+        self.emas = {f"ema_factor={f}": copy.deepcopy(self.model) for f in t.ema_factors}
+        if self.world > 1:
+            shard_model(self.model)
+            for ema in self.emas.values():
+                shard_model(ema)
+        for ema in self.emas.values():
+            ema.requires_grad_(False)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        self.updates_per_epoch = t.dataset_size // t.batch_size
+        self.total_updates = t.epochs * self.updates_per_epoch
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=False)
+        self.x, self.y, self.x_test, self.y_test = synthetic_data(m, t)
+        self.callbacks = [LossHistory()]
+        self.update, self.sample, self.position = 0, 0, DataPosition(0, 0)
+        self.checkpointer = Checkpointer(CheckpointerConfig(
+            output_dir=config.output_dir, run_id=self.run_id, stage_name=self.stage_name, model_name=m.name,
+            best_metrics=t.best_metrics, storage=self.storage_options, timeout_s=self.timeout_s,
+            thread_count=int(ck_cfg.get("thread_count", 1)),
+            async_mode=AsyncMode(str(ck_cfg.get("async_mode", "off")).lower())))
+
+    def _lr_factor(self, update: int) -> float:
+        warm = self.config.trainer.warmup_updates
+        if update < warm:
+            return (update + 1) / warm
+        progress = (update - warm) / max(1, self.total_updates - warm)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    @property
+    def iteration(self) -> TrainingIteration:
+        """The current training point (epoch = completed epochs)."""
+        return TrainingIteration(self.update // self.updates_per_epoch, self.update, self.sample)
+
+    # -- resume ----------------------------------------------------------------------
+    def _resume_config(self) -> ResumeConfig | None:
+        cfg = self.config
+        if cfg.auto_resume:
+            own = StageLayout(cfg.output_dir, self.run_id, self.stage_name)
+            storage = open_storage(cfg.output_dir, self.storage_options)
+            has_own = self.comm.on_coordinator(lambda: bool(list_commits(storage, own)))
+            if has_own:
+                return ResumeConfig(output_dir=cfg.output_dir, resume_run_id=self.run_id,
+                                    resume_stage_name=self.stage_name, storage=self.storage_options)
+        root = {"output_dir": cfg.output_dir, "resume_run_id": cfg.resume_run_id,
+                "resume_stage_name": cfg.resume_stage_name, "stage_name": cfg.stage_name,
+                "resume_checkpoint": cfg.resume_checkpoint}
+        return ResumeConfig.from_root_config(root, storage=self.storage_options)
+
+    def _restore(self, source: ResumeConfig) -> None:
+        result = resume(source, model=self.model, optimizer=self.optimizer, ema=self.emas,
+                        model_name=self.config.model.name, timeout_s=self.timeout_s)
+        state = result.trainer_state
+        self.update, self.sample = result.iteration.update, result.iteration.sample
+        self.position = DataPosition.from_dict(state["data_position"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["grad_scaler"])
+        missing = load_callback_states(self.callbacks, state.get("callbacks", {}))
+        if missing:
+            log.warning("no saved state for callbacks %s: they start fresh", missing)
+        if result.rank_state is not None and state.get("world_size") == self.world:
+            restore_rng(result.rank_state["rng"])
+        else:  # another world size: a fresh, reproducible stream per rank
+            torch.manual_seed(self.config.trainer.seed * 7919 + self.rank * 104729 + self.update)
+        log.info("resumed from %s/%s at %s", source.resume_run_id, source.resume_stage_name or "-", result.checkpoint)
+
+    # -- steps ------------------------------------------------------------------------
+    def _batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        t = self.config.trainer
+        order = epoch_order(t.seed, self.position.epoch, t.dataset_size)
+        start = self.position.batch_in_epoch * t.batch_size
+        per_rank = t.batch_size // self.world
+        idx = order[start + self.rank * per_rank: start + (self.rank + 1) * per_rank]
+        return self.x[idx].to(self.device), self.y[idx].to(self.device)
+
+    def _step(self) -> float:
+        self.model.train()
+        x, y = self._batch()
+        loss = nn.functional.mse_loss(self.model(x), y)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        with torch.no_grad():
+            for info, ema in self.emas.items():
+                factor = float(info.split("=", 1)[1])
+                for pe, pm in zip(ema.parameters(), self.model.parameters()):
+                    pe.mul_(factor).add_(pm.detach(), alpha=1 - factor)
+        self.update += 1
+        self.sample += self.config.trainer.batch_size
+        nxt = self.position.batch_in_epoch + 1
+        self.position = DataPosition(self.position.epoch + 1, 0) if nxt == self.updates_per_epoch else \
+            DataPosition(self.position.epoch, nxt)
+        return float(loss.detach())
+
+    @torch.no_grad()
+    def _evaluate(self) -> float:
+        self.model.eval()
+        xs, ys = self.x_test.tensor_split(self.world)[self.rank], self.y_test.tensor_split(self.world)[self.rank]
+        err = nn.functional.mse_loss(self.model(xs.to(self.device)), ys.to(self.device), reduction="sum")
+        parts = self.comm.all_gather((float(err), ys.numel()))
+        return sum(p[0] for p in parts) / sum(p[1] for p in parts)
+
+    def _save(self, metrics: dict[str, float], last: bool = False) -> None:
+        common = {"data_position": self.position.to_dict(), "scheduler": self.scheduler.state_dict(),
+                  "grad_scaler": self.scaler.state_dict(), "callbacks": callback_states(self.callbacks),
+                  "world_size": self.world}
+        self.checkpointer.save(self.iteration, model=self.model, optimizer=self.optimizer, ema=self.emas,
+                               trainer_state=common, rank_state={"rng": capture_rng()}, metrics=metrics, last=last)
+
+    # -- the run ----------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        """Train to the end (or to a preemption / stop_after_updates); return the summary."""
+        t = self.config.trainer
+        source = self._resume_config()
+        if source is not None:
+            self._restore(source)
+        else:
+            for init in build_initializers(self.config.model.initializers):
+                init.apply(self.model, timeout_s=self.timeout_s)
+            torch.manual_seed(t.seed * 7919 + self.rank * 104729)
+        watcher = PreemptionWatcher(self.comm)
+        preempted = stopped = False
+        last_saved = None
+        started, start_update = time.monotonic(), self.update
+        try:
+            while self.update < self.total_updates:
+                loss = self._step()
+                for cb in self.callbacks:
+                    cb.on_update(loss)
+                metrics: dict[str, float] = {}
+                if self.update % t.eval_every == 0:
+                    metrics["loss.test"] = self._evaluate()
+                    for cb in self.callbacks:
+                        cb.on_eval(metrics["loss.test"])
+                if self.update % t.log_every == 0 and self.rank == 0:
+                    rate = (self.update - start_update) / max(1e-9, time.monotonic() - started)
+                    log.info("%s loss %.5f%s lr %.2e (%.1f updates/s)", self.iteration, loss,
+                             f" test {metrics['loss.test']:.5f}" if metrics else "", self.scheduler.get_last_lr()[0], rate)
+                if self.update % t.checkpoint_every == 0:
+                    self._save(metrics)
+                    last_saved = self.update
+                if t.step_delay_s:
+                    time.sleep(t.step_delay_s)
+                if watcher.agreed():
+                    preempted = True
+                    break
+                if t.stop_after_updates is not None and self.update >= t.stop_after_updates:
+                    stopped = True
+                    break
+            if preempted:
+                log.warning("preemption signal: saving %s and stopping", self.iteration)
+                if last_saved != self.update:
+                    self._save({})
+                self.checkpointer.wait()
+                if t.requeue_on_preempt and self.comm.is_coordinator:
+                    requeue_slurm_job()
+            elif not stopped:
+                self._save({"loss.test": self._evaluate()}, last=True)
+            self.checkpointer.close()
+        finally:
+            watcher.restore()
+        finished = not preempted and not stopped
+        digest = state_digest(self.model, self.optimizer, self.emas)
+        summary = {"run_id": self.run_id, "stage_name": self.stage_name, "checkpoint": str(self.iteration),
+                   "finished": finished, "preempted": preempted, "stopped": stopped, "world_size": self.world, "digest": digest,
+                   "callbacks": callback_states(self.callbacks)}
+        if self.comm.is_coordinator:
+            storage = open_storage(self.config.output_dir, self.storage_options)
+            path = join_url(StageLayout(self.config.output_dir, self.run_id, self.stage_name).stage_dir, "summary.json")
+            storage.replace(path, json.dumps(summary, indent=1, sort_keys=True).encode())
+            log.info("%s at %s; summary in %s", "finished" if finished else "stopped", self.iteration, path)
+        return summary

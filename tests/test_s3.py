@@ -1,0 +1,74 @@
+"""Save and resume through s3:// against a real S3 server over HTTP on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from noether_dist import Checkpointer, CheckpointerConfig, StorageError, StorageOptions, TrainingIteration
+from noether_dist.cli import main as cli_main
+from noether_dist.storage import open_storage
+from tests.distributed import run_ranks
+from tests.models import EMA_INFO, assert_states_equal, build, full_state, train_steps
+from tests.test_dist_fsdp import resume_job, save_job
+
+
+def test_fsdp_save_on_4_resume_on_2_and_3_over_s3(s3_bucket, s3_env):
+    out = f"s3://{s3_bucket}/experiments"
+    saved = run_ranks(save_job, 4, out, 2, env=s3_env)[0]
+    st = open_storage(out)
+    names = sorted(e.name for e in st.list(f"{out}/run1/train/checkpoints"))
+    assert names == sorted(["_aliases", "_commits", f"mlp_{EMA_INFO}_cp=E0_U2_S64_model.th",
+                            "mlp_cp=E0_U2_S64_model.th", "mlp_cp=E0_U2_S64_optim.th", "mlp_cp=E0_U2_S64_trainer.th"])
+    for world_size in (2, 3):
+        for rank, state in enumerate(run_ranks(resume_job, world_size, out, env=s3_env)):
+            meta = state.pop("meta")
+            assert meta["cp"] == "E0_U2_S64" and meta["rank_state"] == {"rank": rank}
+            assert_states_equal(saved, state)
+
+
+def test_missing_bucket_is_an_error_and_is_not_created(s3_server, s3_env):
+    with pytest.raises(StorageError, match="bucket 'no-such-bucket' .* does not exist; create it first"):
+        Checkpointer(CheckpointerConfig(output_dir="s3://no-such-bucket/x", run_id="r"))
+    st = open_storage("s3://probe")
+    assert "no-such-bucket" not in [e.name for e in st.list("s3://")]
+
+
+def test_storage_options_from_config_without_env(s3_server, s3_bucket, monkeypatch):
+    for var in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(var)
+    opts = StorageOptions(endpoint_url=s3_server.endpoint_url)
+    model, opt, ema = build(sharded=False)
+    train_steps(model, opt, ema, 1, 0)
+    ck = Checkpointer(CheckpointerConfig(output_dir=f"s3://{s3_bucket}/o", run_id="r", model_name="m", storage=opts))
+    result = ck.save(TrainingIteration(0, 1, 8), model=model, optimizer=opt)
+    assert result.record.total_bytes > 0
+    st = open_storage(f"s3://{s3_bucket}", opts)
+    assert json.loads(st.read(f"s3://{s3_bucket}/o/r/checkpoints/_aliases/latest.json"))["checkpoint"] == "E0_U1_S8"
+
+
+def test_cli_list_on_s3(s3_bucket, s3_env, capsys):
+    model, opt, ema = build(sharded=False)
+    ck = Checkpointer(CheckpointerConfig(output_dir=f"s3://{s3_bucket}/o", run_id="r", stage_name="s", model_name="m"))
+    ck.save(TrainingIteration(0, 1, 8), model=model, optimizer=opt, ema={EMA_INFO: ema})
+    assert cli_main(["list", "--json", f"s3://{s3_bucket}/o"]) == 0
+    listing = json.loads(capsys.readouterr().out)
+    assert listing[0]["run_id"] == "r" and listing[0]["stage_name"] == "s"
+    assert listing[0]["checkpoints"][0]["checkpoint"] == "E0_U1_S8" and listing[0]["checkpoints"][0]["committed"]
+    assert listing[0]["checkpoints"][0]["aliases"] == ["latest"]
+
+
+def test_s3_storage_primitives(s3_bucket, s3_env):
+    st = open_storage(f"s3://{s3_bucket}")
+    path = f"s3://{s3_bucket}/a/commit.json"
+    st.write_once(path, b"one")
+    with pytest.raises(FileExistsError):
+        st.write_once(path, b"two")
+    assert st.read(path) == b"one" and st.exists(path) and not st.exists(f"s3://{s3_bucket}/a/none")
+    other = open_storage(f"s3://{s3_bucket}", StorageOptions(extra={"skip_instance_cache": True}))  # a 2nd client
+    assert [e.name for e in other.list(f"s3://{s3_bucket}/a")] == ["commit.json"]
+    st.replace(f"s3://{s3_bucket}/a/second", b"x")
+    assert [e.name for e in other.list(f"s3://{s3_bucket}/a")] == ["commit.json", "second"]
+    st.remove(f"s3://{s3_bucket}/a", recursive=True)
+    assert other.list(f"s3://{s3_bucket}/a") == []
