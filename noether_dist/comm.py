@@ -81,15 +81,19 @@ class Comm:
 
     ``Comm()`` in a job without an initialised process group is a one-rank Comm.
     Every method is a collective: all ranks must call it, in the same order.
+    ``Comm(private=True)`` has a gloo group of its own (for a background writer thread).
     """
 
-    def __init__(self, timeout_s: float | None = None) -> None:
+    def __init__(self, timeout_s: float | None = None, *, private: bool = False) -> None:
         self.timeout_s = float(timeout_s or DEFAULT_TIMEOUT_S)
         self.distributed = dist.is_available() and dist.is_initialized()
         if self.distributed:
             self.rank = dist.get_rank()
             self.world_size = dist.get_world_size()
-            self.group = _control_group(self.timeout_s)
+            # private: a group of its own, for a background thread (gloo groups must not be
+            # shared between threads that run collectives concurrently). Creating one is a
+            # collective itself.
+            self.group = new_gloo_group(self.timeout_s) if private else _control_group(self.timeout_s)
         else:
             self.rank, self.world_size, self.group = 0, 1, None
 

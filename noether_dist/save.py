@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import math
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -14,11 +16,11 @@ from torch import nn
 from . import dcp_io
 from .comm import Comm
 from .commit import AliasRecord, ArtifactRecord, CommitRecord, read_alias, read_commit, write_alias, write_commit
-from .config import CheckpointerConfig
+from .config import AsyncMode, CheckpointerConfig
 from .errors import CommitError, ConfigError, NoetherDistError
 from .layout import StageLayout
 from .names import ArtifactKind, TrainingIteration, format_artifact, normalize_model_info
-from .statedict import model_state, optimizer_state, pack_object
+from .statedict import model_state, optimizer_state, pack_object, staging_options
 from .storage import Storage, open_storage
 
 __all__ = ["Checkpointer", "SaveResult", "TRAINER_COMMON_KEY", "trainer_rank_key"]
@@ -85,6 +87,11 @@ class Checkpointer:
         self.storage = storage or open_storage(config.output_dir, config.storage)
         self.comm = Comm(config.timeout_s)
         self.comm.on_coordinator(lambda: self.storage.check_root(config.output_dir))
+        self._pending: Future[SaveResult] | None = None
+        self.last_stall_s: float | None = None
+        """Seconds the last asynchronous save blocked the caller (capture + staging copy)."""
+        if config.async_mode is not AsyncMode.OFF:
+            self._background = _Background(config)
 
     # -- public --------------------------------------------------------------------
     def save(
@@ -98,8 +105,14 @@ class Checkpointer:
         rank_state: dict[str, Any] | None = None,
         metrics: Mapping[str, float] | None = None,
         last: bool = False,
-    ) -> SaveResult:
+    ) -> SaveResult | Future[SaveResult]:
         """Save and commit one checkpoint at ``iteration`` (collective).
+
+        Synchronous mode returns the SaveResult. Asynchronous modes return once the state
+        is copied into staging memory (the values written are those of this moment) and
+        hand back a Future; writing, commit and aliases run in the background, at most one
+        save at a time (a new save first waits for the previous one). A background failure
+        is raised on every rank at the next ``save``, ``wait`` or ``close``.
 
         ``ema`` maps model_info (e.g. ``ema_factor=0.9999``) to an EMA model;
         ``trainer_state`` is the same on every rank (rank 0's is kept); ``rank_state`` is
@@ -107,16 +120,37 @@ class Checkpointer:
         ``best.<metric>`` aliases configured in ``best_metrics``; ``last=True`` also moves
         the ``last`` alias (end of training). Raises on every rank alike on failure.
         """
+        if self.config.async_mode is AsyncMode.OFF:
+            plan = self.comm.each(lambda: self._capture(iteration, model, optimizer, ema, trainer_state,
+                                                        rank_state, metrics, last))
+            return self._write_and_commit(plan, self.comm)
+        if self._pending is not None and not self._pending.done():
+            log.info("save %s waits for the previous save to finish (at most one save in flight)", iteration)
+        self.wait()
+        started = time.perf_counter()
         plan = self.comm.each(lambda: self._capture(iteration, model, optimizer, ema, trainer_state,
                                                     rank_state, metrics, last))
-        return self._write_and_commit(plan, self.comm)
+        plan = self.comm.each(lambda: self._background.stage(plan))
+        self.last_stall_s = time.perf_counter() - started
+        self._pending = self._background.submit(lambda: self._write_and_commit(plan, self._background.comm))
+        return self._pending
 
-    def wait(self) -> None:
-        """Block until no save is in flight (a no-op for synchronous saves)."""
+    def wait(self) -> SaveResult | None:
+        """Block until no save is in flight; return its result, or raise its failure on every
+        rank alike (a collective when a save was in flight). A no-op for synchronous saves."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        return self.comm.each(pending.result)
 
     def close(self) -> None:
-        """Finish pending work; the Checkpointer must not be used afterwards."""
-        self.wait()
+        """Finish pending work and free staging memory; the Checkpointer must not be used
+        afterwards. Raises a pending save's failure."""
+        try:
+            self.wait()
+        finally:
+            if self.config.async_mode is not AsyncMode.OFF:
+                self._background.close()
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -171,8 +205,8 @@ class Checkpointer:
                 self.storage.remove(path, recursive=True)
         return True
 
-    def _write_and_commit(self, plan: _Plan, comm: Comm, *, process_group: Any = "default") -> SaveResult:
-        group = comm.group if process_group == "default" else process_group
+    def _write_and_commit(self, plan: _Plan, comm: Comm) -> SaveResult:
+        group = comm.group
         fresh = comm.on_coordinator(lambda: self._prepare(plan))
         if not fresh:
             log.info("checkpoint %s is already committed: keeping it, moving aliases only", plan.iteration)
@@ -240,3 +274,28 @@ class Checkpointer:
         if moved:
             log.info("aliases %s -> %s", ", ".join(moved), plan.iteration)
         return tuple(moved)
+
+
+class _Background:
+    """The background side of asynchronous saves: a reusable stager and one writer thread
+    with a gloo group of its own (the training loop's groups are never used from it)."""
+
+    def __init__(self, config: CheckpointerConfig) -> None:
+        from torch.distributed.checkpoint.staging import DefaultStager
+
+        self.comm = Comm(config.timeout_s, private=True)
+        # Staging buffers are allocated on the first save and reused (pinned on CUDA).
+        self.stager = DefaultStager(staging_options(shared=config.async_mode is AsyncMode.PROCESS))
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="noether-ckpt-writer")
+
+    def stage(self, plan: _Plan) -> _Plan:
+        staged = self.stager.stage({i: art.state for i, art in enumerate(plan.artifacts)})
+        arts = [_Artifact(a.name, a.kind, a.model_info, staged[i]) for i, a in enumerate(plan.artifacts)]
+        return _Plan(plan.iteration, arts, plan.metrics, plan.aliases)
+
+    def submit(self, fn: Callable[[], SaveResult]) -> Future[SaveResult]:
+        return self.executor.submit(fn)
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True)
+        self.stager.close()

@@ -24,7 +24,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from .errors import ConfigError
 
-__all__ = ["model_state", "optimizer_state", "apply_model_state", "apply_optimizer_state",
+__all__ = ["staging_options", "model_state", "optimizer_state", "apply_model_state", "apply_optimizer_state",
            "pack_object", "unpack_object", "empty_like_packed"]
 
 _OPTS = StateDictOptions(full_state_dict=False, cpu_offload=False)
@@ -70,3 +70,13 @@ def unpack_object(tensor: torch.Tensor) -> Any:
 def empty_like_packed(numel: int) -> torch.Tensor:
     """A placeholder to load a packed object of ``numel`` bytes into."""
     return torch.empty(numel, dtype=torch.uint8)
+
+
+def staging_options(shared: bool = False) -> Any:
+    """DCP staging options: pinned memory and non-blocking copies where CUDA is available,
+    synchronous staging (the caller waits only for the copy), shared memory on request."""
+    from torch.distributed.checkpoint.staging import StagingOptions
+
+    cuda = torch.cuda.is_available()
+    return StagingOptions(use_pinned_memory=cuda, use_shared_memory=shared, use_async_staging=False,
+                          use_non_blocking_copy=cuda)

@@ -39,6 +39,9 @@ _TRANSIENT_MARKERS = (
     "SlowDown", "Throttl", "RequestTimeout", "ServiceUnavailable", "InternalError",
     "503", "500 ", "502", "504", "Connection reset", "ConnectionReset", "timed out", "Timeout",
     "Server disconnected", "ServerDisconnected", "Connection aborted",
+    # botocore's connection errors are not OSErrors: EndpointConnectionError ("Could not
+    # connect", also after a reset), ConnectionClosedError, ReadTimeoutError.
+    "EndpointConnectionError", "ConnectionClosedError", "Could not connect", "ReadTimeout", "ConnectTimeout",
 )
 
 
@@ -90,9 +93,20 @@ class StorageOptions:
         return cls(**data)
 
     def fsspec_kwargs(self, protocol: str) -> dict[str, Any]:
-        """The keyword arguments for ``fsspec.url_to_fs`` for this protocol."""
+        """The keyword arguments for ``fsspec.url_to_fs`` for this protocol.
+
+        For S3: no listing cache (another process's writes must be seen at once), and
+        bounded botocore retries and timeouts, so that a dead endpoint fails in bounded
+        time and our own retry policy stays in charge.
+        """
         kwargs = dict(self.extra)
         if protocol in ("s3", "s3a"):
+            kwargs.setdefault("use_listings_cache", False)
+            config_kwargs = dict(kwargs.pop("config_kwargs", {}) or {})
+            config_kwargs.setdefault("retries", {"total_max_attempts": 3, "mode": "standard"})
+            config_kwargs.setdefault("connect_timeout", 10)
+            config_kwargs.setdefault("read_timeout", 60)
+            kwargs["config_kwargs"] = config_kwargs
             client_kwargs = dict(kwargs.pop("client_kwargs", {}) or {})
             if self.endpoint_url:
                 client_kwargs["endpoint_url"] = self.endpoint_url
@@ -191,12 +205,20 @@ class Storage:
         def put() -> None:
             try:
                 self.fs.pipe_file(stripped, data, mode="create")
+            except FileExistsError:
+                raise
             except OSError as exc:
                 if "PreconditionFailed" in str(exc) or "412" in str(exc):
                     raise FileExistsError(path) from exc
                 raise
 
-        self.retry("write", path, put)
+        try:
+            self.retry("write", path, put)
+        except FileExistsError:
+            # A retried PUT whose first answer was lost finds our own object: that is success.
+            if self.read(path) == data:
+                return
+            raise
 
     def replace(self, path: str, data: bytes) -> None:
         """Replace the whole content of ``path`` in one step (create if missing)."""

@@ -5,11 +5,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+export PIP_ROOT_USER_ACTION=ignore
 if ! "$PY" -c 'import torch, sys; sys.exit(torch.__version__.split("+")[0] != "2.13.0")' 2>/dev/null; then
     "$PY" -m pip install -q --disable-pip-version-check torch==2.13.0
 fi
-if ! "$PY" -c 'import noether_dist, moto, s3fs, yaml, numpy, pytest' 2>/dev/null \
-   || ! "$PY" -m pip show -q noether_dist >/dev/null 2>&1; then
+here=$(pwd -P)
+installed=$(cd / && "$PY" -c 'import noether_dist, moto, s3fs, yaml, numpy, pytest, os; print(os.path.dirname(os.path.dirname(os.path.realpath(noether_dist.__file__))))' 2>/dev/null || true)
+if [ "$installed" != "$here" ]; then
     "$PY" -m pip install -q --disable-pip-version-check -e ".[test]"
 fi
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

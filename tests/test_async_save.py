@@ -1,0 +1,91 @@
+"""Asynchronous saves: values of the moment of the call, failures surface on every rank."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from noether_dist import AsyncMode, Checkpointer, CheckpointerConfig, CommitError, TrainingIteration
+from tests.distributed import run_ranks
+from tests.models import EMA_INFO, assert_states_equal, build, full_state, train_steps
+from tests.test_resume_dist import resume_state
+
+
+def _slow_writes(delay_s: float) -> None:
+    """Make the first write of every file of this process slow, so that training overlaps
+    the background write."""
+    from noether_dist import dcp_io
+
+    original = dcp_io._ChecksumStream.write
+
+    def slow(self, data):
+        if self.size == 0:
+            time.sleep(delay_s)
+        return original(self, data)
+
+    dcp_io._ChecksumStream.write = slow
+
+
+def async_save_while_training(rank: int, world_size: int, out: str) -> dict:
+    model, opt, ema = build()
+    ck = Checkpointer(CheckpointerConfig(output_dir=out, run_id="run1", stage_name="train", model_name="mlp",
+                                         async_mode=AsyncMode.THREAD, timeout_s=60))
+    train_steps(model, opt, ema, 2, rank)
+    _slow_writes(0.3)
+    future = ck.save(TrainingIteration(0, 2, 32), model=model, optimizer=opt, ema={EMA_INFO: ema},
+                     trainer_state={"at": 2})
+    at_call = full_state(model, opt, ema)
+    train_steps(model, opt, ema, 3, rank, start=2)  # the optimizer steps while the write runs
+    running = not future.done()
+    result = ck.wait()
+    ck.close()
+    return {"at_call": at_call, "overlapped": running, "committed": str(result.iteration), "stall": ck.last_stall_s}
+
+
+def test_async_save_writes_the_values_of_the_moment_of_the_call(tmp_path):
+    out = str(tmp_path)
+    results = run_ranks(async_save_while_training, 2, out)
+    assert all(r["overlapped"] for r in results), "the write finished before training went on: no overlap tested"
+    assert {r["committed"] for r in results} == {"E0_U2_S32"}
+    for r in run_ranks(resume_state, 2, out):
+        assert r["cp"] == "E0_U2_S32"
+        assert_states_equal(results[0]["at_call"], r["state"])
+
+
+def async_failure(rank: int, world_size: int, out: str) -> dict:
+    model, opt, ema = build()
+    ck = Checkpointer(CheckpointerConfig(output_dir=out, run_id="run1", stage_name="train", model_name="mlp",
+                                         async_mode=AsyncMode.THREAD, timeout_s=30))
+    train_steps(model, opt, ema, 1, rank)
+    ck.save(TrainingIteration(0, 1, 16), model=model, optimizer=opt)
+    ck.wait()
+    if rank == 1:
+        from noether_dist import dcp_io
+
+        def broken(self, data):
+            raise OSError(28, "No space left on device (injected)")
+
+        dcp_io._ChecksumStream.write = broken
+    train_steps(model, opt, ema, 1, rank, start=1)
+    ck.save(TrainingIteration(0, 2, 32), model=model, optimizer=opt)  # returns: the failure is in the background
+    train_steps(model, opt, ema, 1, rank, start=2)
+    try:
+        ck.save(TrainingIteration(0, 3, 48), model=model, optimizer=opt)
+    except CommitError as exc:
+        return {"error": str(exc)}
+    finally:
+        try:
+            ck.close()
+        except CommitError:
+            pass
+    return {"error": None}
+
+
+def test_background_failure_raises_on_every_rank_and_commits_nothing(tmp_path):
+    results = run_ranks(async_failure, 2, str(tmp_path), timeout_s=90)
+    for r in results:
+        assert r["error"] and "E0_U2_S32" in r["error"] and "No space left on device (injected)" in r["error"]
+    ckdir = tmp_path / "run1" / "train" / "checkpoints"
+    assert os.listdir(ckdir / "_commits") == ["E0_U1_S16.json"]
+    assert json.loads((ckdir / "_aliases" / "latest.json").read_text())["checkpoint"] == "E0_U1_S16"
