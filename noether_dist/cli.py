@@ -14,8 +14,10 @@ from typing import Any
 
 from .catalog import StageSummary, list_runs, list_stages, summarize_stage
 from .errors import ConfigError, InvalidNameError, NoetherDistError, StorageError
-from .commit import CommitRecord
+from .commit import CommitRecord, list_commits, read_commit
+from .convert import convert_stage
 from .layout import CHECKPOINTS_DIR, COMMITS_DIR, StageLayout, join_url
+from .names import TrainingIteration
 from .storage import Storage, StorageOptions, open_storage
 
 __all__ = ["main", "build_parser"]
@@ -84,6 +86,51 @@ def cmd_list(args: argparse.Namespace, storage: Storage) -> int:
     return EXIT_OK
 
 
+class Progress:
+    """A one-line progress display on stderr: ``[3/8] E1_U10_S80 model``; quiet when not a TTY
+    unless forced."""
+
+    def __init__(self, total: int, enabled: bool = True) -> None:
+        self.total, self.done, self.enabled = total, 0, enabled
+
+    def __call__(self, label: str) -> None:
+        self.done += 1
+        if not self.enabled:
+            return
+        if sys.stderr.isatty():
+            end = "\n" if self.done >= self.total else "\r"
+            print(f"[{self.done}/{self.total}] {label}".ljust(70), end=end, file=sys.stderr, flush=True)
+        elif self.done == self.total or self.done % max(1, self.total // 10) == 0:
+            print(f"[{self.done}/{self.total}] {label}", file=sys.stderr, flush=True)
+
+
+def cmd_convert(args: argparse.Namespace, storage: Storage) -> int:
+    """Convert a stage's checkpoints to consolidated files or back to sharded DCP."""
+    stages = _stages_under(storage, args.url)
+    if len(stages) != 1:
+        names = [f"{s.run_id}/{s.stage_name or '-'}" for s in stages]
+        raise ConfigError(f"convert needs one stage folder; {args.url} holds {len(stages)}: {names}")
+    src_layout = stages[0]
+    dst = open_storage(args.dest, _options(args))
+    dst_layout = StageLayout(args.dest, src_layout.run_id, src_layout.stage_name)
+    points = args.checkpoint or [str(p) for p in list_commits(storage, src_layout)]
+    record0 = read_commit(storage, src_layout, TrainingIteration.parse(points[0])) if points else None
+    per_point = len(record0.artifacts) if record0 else 1
+    report = convert_stage(storage, src_layout, dst, dst_layout, args.to, args.checkpoint,
+                           progress=Progress(len(points) * per_point, enabled=not args.json))
+    if args.json:
+        print(json.dumps({"converted": list(report.checkpoints), "bytes": report.bytes_written,
+                          "destination": dst_layout.checkpoints_dir}))
+    else:
+        print(f"converted {len(report.checkpoints)} checkpoint(s) to {args.to} in {dst_layout.checkpoints_dir} "
+              f"({_human(report.bytes_written)})")
+    return EXIT_OK
+
+
+def _options(args: argparse.Namespace) -> StorageOptions:
+    return StorageOptions(endpoint_url=args.endpoint_url, profile=args.profile, region=args.region)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of noether-ckpt."""
     parser = argparse.ArgumentParser(prog="noether-ckpt", description=__doc__,
@@ -97,6 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
     p_list.add_argument("url", help="output dir, run dir or stage dir (local path, file:// or s3://)")
     p_list.add_argument("--json", action="store_true", help="machine-readable output")
     p_list.set_defaults(func=cmd_list)
+    p_conv = sub.add_parser("convert", help="sharded (DCP) <-> consolidated (single torch.save files)")
+    p_conv.add_argument("url", help="stage dir (or run dir of a run without stages) to convert")
+    p_conv.add_argument("dest", help="output dir to write the converted run/stage under")
+    p_conv.add_argument("--to", required=True, choices=["consolidated", "sharded"], help="target format")
+    p_conv.add_argument("--checkpoint", action="append", help="E.._U.._S.. to convert (repeatable; default all)")
+    p_conv.add_argument("--json", action="store_true", help="machine-readable output")
+    p_conv.set_defaults(func=cmd_convert)
     return parser
 
 
@@ -106,15 +160,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
-        storage = open_storage(args.url, StorageOptions(endpoint_url=args.endpoint_url, profile=args.profile,
-                                                        region=args.region))
+        storage = open_storage(args.url, _options(args))
         storage.check_root(args.url)
         return args.func(args, storage)
     except (ConfigError, InvalidNameError) as exc:
         print(f"noether-ckpt: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except StorageError as exc:
-        print(f"noether-ckpt: storage error: {exc}", file=sys.stderr)
+    except (StorageError, OSError) as exc:
+        print(f"noether-ckpt: storage error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_STORAGE
     except NoetherDistError as exc:
         print(f"noether-ckpt: error: {exc}", file=sys.stderr)

@@ -199,53 +199,111 @@ class DistEnv:
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> DistEnv:
-        """Read torchrun's RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*, else srun's SLURM_PROCID/
-        SLURM_NTASKS/SLURM_LOCALID with the master on the first host of the node list,
-        else a single process."""
+        """Read torchrun's RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*, else the variables of an
+        ``srun`` task (SLURM_PROCID, SLURM_STEP_NUM_TASKS or SLURM_NTASKS, SLURM_LOCALID)
+        with the master on the first host of the step's node list, else a single process.
+
+        Only a task of a job step counts as SLURM-launched: a batch script also carries
+        SLURM_PROCID=0 and SLURM_NTASKS=<tasks of the allocation>, but no SLURM_STEP_ID, and a
+        trainer started there directly (not through ``srun``) is one process. Under srun the
+        master port is MASTER_PORT when set, else derived from SLURM_JOB_ID (15000-29999,
+        below the usual ephemeral range), so every task of the step computes the same one.
+        """
         env = dict(os.environ if env is None else env)
         if "RANK" in env and "WORLD_SIZE" in env:
-            return cls(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0")),
-                       env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", "29500")), "torchrun")
-        if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
-            nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"
-            job = int(env.get("SLURM_JOB_ID", "0"))
-            return cls(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", "0")),
+            return cls(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK") or 0),
+                       env.get("MASTER_ADDR") or "127.0.0.1", int(env.get("MASTER_PORT") or 29500), "torchrun")
+        in_step = bool(env.get("SLURM_STEP_ID") or env.get("SLURM_STEPID"))
+        ntasks = int(env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or 1)
+        if in_step and "SLURM_PROCID" in env and ntasks > 1:
+            nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") \
+                or "127.0.0.1"
+            job = int(env.get("SLURM_JOB_ID") or 0)
+            return cls(int(env["SLURM_PROCID"]), ntasks, int(env.get("SLURM_LOCALID") or 0),
                        env.get("MASTER_ADDR") or first_host(nodelist),
-                       int(env.get("MASTER_PORT") or 20000 + job % 20000), "slurm")
+                       int(env.get("MASTER_PORT") or 15000 + job % 15000), "slurm")
         return cls(0, 1, 0, "127.0.0.1", 0, "single")
 
 
 def first_host(nodelist: str) -> str:
-    """The first host of a SLURM node list such as ``node[01-04,07],gpu2`` -> ``node01``."""
-    head = nodelist.split(",", 1)[0] if "[" not in nodelist.split(",", 1)[0] else nodelist.split("]", 1)[0] + "]"
-    if "[" in head:
-        prefix, rest = head.split("[", 1)
-        first = rest.rstrip("]").split(",", 1)[0].split("-", 1)[0]
-        return prefix + first
-    return head
+    """The first host of a SLURM node list (hostlist expression), as
+    ``scontrol show hostnames`` would print it first.
+
+    ``node[01-04,07],gpu2`` -> ``node01``; ``gpu2,node[01-04]`` -> ``gpu2``;
+    ``rack1-node[3,1-2]`` -> ``rack1-node3``; ``node[001-004]-ib`` -> ``node001-ib``;
+    ``a[1-2]b[3-4]`` -> ``a1b3``. Zero padding is kept. A malformed list (unbalanced
+    brackets, an empty range) raises ValueError naming it.
+    """
+    text = nodelist.strip()
+    # The first host expression: up to the first comma outside brackets.
+    depth, end = 0, len(text)
+    for i, ch in enumerate(text):
+        if ch == "[":
+            depth += 1
+            if depth > 1:
+                raise ValueError(f"malformed SLURM node list {nodelist!r}: nested '['")
+        elif ch == "]":
+            depth -= 1
+            if depth < 0:
+                raise ValueError(f"malformed SLURM node list {nodelist!r}: ']' without '['")
+        elif ch == "," and depth == 0:
+            end = i
+            break
+    if depth != 0 and end == len(text):
+        raise ValueError(f"malformed SLURM node list {nodelist!r}: '[' without ']'")
+    head = text[:end].strip()
+    if not head:
+        raise ValueError(f"malformed SLURM node list {nodelist!r}: no host before ','" if text else
+                         "empty SLURM node list")
+    # Each bracket group [a-b,c,...] stands for its first member: the start of its first range.
+    out, pos = [], 0
+    while True:
+        lb = head.find("[", pos)
+        if lb < 0:
+            out.append(head[pos:])
+            break
+        rb = head.index("]", lb)
+        first = head[lb + 1:rb].split(",", 1)[0].split("-", 1)[0].strip()
+        if not first.isdigit():
+            raise ValueError(f"malformed SLURM node list {nodelist!r}: range {head[lb:rb + 1]!r}")
+        out.append(head[pos:lb] + first)
+        pos = rb + 1
+    return "".join(out)
 
 
 def init_distributed(timeout_s: float | None = None, backend: str | None = None) -> DistEnv:
     """Initialise the default process group from the environment (torchrun, srun or a plain
-    process) and return where this process sits. NCCL when CUDA is available, else gloo;
-    a plain single process gets no process group. Idempotent."""
+    process) and return where this process sits. Idempotent.
+
+    Backend: with CUDA ``cpu:gloo,cuda:nccl`` (NCCL for CUDA tensors, gloo for CPU tensors
+    in the same group), else gloo; control messages use their own gloo groups (see
+    :class:`Comm`). A plain single process gets no process group. ``timeout_s`` bounds
+    every collective of the default group (default: NOETHER_DIST_TIMEOUT_S or 600 s).
+    Under srun the torchrun variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
+    MASTER_PORT) are set from the SLURM ones for libraries that read them.
+    """
     env = DistEnv.from_env()
-    if dist.is_initialized() or env.world_size == 1 and env.launcher == "single":
+    if dist.is_initialized() or env.launcher == "single":
         return env
     if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(env.local_rank)
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    if "nccl" in backend:
+        # With one GPU visible per task (srun --gpus-per-task, CUDA_VISIBLE_DEVICES) the
+        # local rank can exceed the device count: map it onto the visible devices.
+        torch.cuda.set_device(env.local_rank % max(1, torch.cuda.device_count()))
     timeout = _dt.timedelta(seconds=float(timeout_s or DEFAULT_TIMEOUT_S))
     if env.launcher == "slurm":
-        os.environ.setdefault("MASTER_ADDR", env.master_addr)
-        os.environ.setdefault("MASTER_PORT", str(env.master_port))
-        os.environ.setdefault("RANK", str(env.rank))
-        os.environ.setdefault("WORLD_SIZE", str(env.world_size))
-        os.environ.setdefault("LOCAL_RANK", str(env.local_rank))
+        for key, value in (("MASTER_ADDR", env.master_addr), ("MASTER_PORT", str(env.master_port)),
+                           ("RANK", str(env.rank)), ("WORLD_SIZE", str(env.world_size)),
+                           ("LOCAL_RANK", str(env.local_rank))):
+            os.environ[key] = value
+        init_method = f"tcp://{env.master_addr}:{env.master_port}"
+    else:
+        init_method = "env://"
     dist.init_process_group(backend=backend, timeout=timeout, rank=env.rank, world_size=env.world_size,
-                            init_method=f"tcp://{env.master_addr}:{env.master_port}" if env.launcher == "slurm" else "env://")
-    log.info("process group ready: rank %d of %d via %s (%s)", env.rank, env.world_size, env.launcher, backend)
+                            init_method=init_method)
+    log.info("process group ready: rank %d of %d via %s (%s, master %s:%d)", env.rank, env.world_size,
+             env.launcher, backend, env.master_addr, env.master_port)
     return env
 
 

@@ -74,6 +74,10 @@ class CheckpointerConfig:
     """Writer threads per rank (DCP); more helps object stores."""
     async_mode: AsyncMode = AsyncMode.OFF
     """off, thread or process."""
+    node_local: bool = False
+    """Every node saves to its own disk at ``output_dir``: rank 0's files, the DCP metadata
+    and the commit and alias records are mirrored to the first rank of every node, so that
+    each node can resume on the same placement from its own disk."""
 
     def __post_init__(self) -> None:
         from .names import validate_model_name

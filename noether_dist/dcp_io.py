@@ -29,7 +29,7 @@ from .comm import is_distributed as _dist_ready
 from .errors import StateMismatchError
 from .storage import Storage
 
-__all__ = ["FileRecord", "save_state", "load_state", "read_metadata", "files_needed", "check_keys", "METADATA_FILE"]
+__all__ = ["FileRecord", "save_state", "load_state", "load_full", "open_checksummed", "read_metadata", "files_needed", "check_keys", "METADATA_FILE"]
 
 METADATA_FILE = ".metadata"
 
@@ -116,13 +116,15 @@ class _Reader(FsspecReader):
 
 
 def save_state(state_dict: dict[str, Any], path: str, storage: Storage, *, process_group: Any = None,
-               thread_count: int = 1) -> list[FileRecord]:
+               thread_count: int = 1, replicated_on_rank0: bool = False) -> list[FileRecord]:
     """Save ``state_dict`` as a DCP directory at ``path`` (a collective over
     ``process_group``); return the files this rank wrote (the coordinator includes
-    ``.metadata``). Replicated entries are written once (DCP's dedup)."""
+    ``.metadata``). Replicated entries are written once (DCP's dedup): by the lowest rank
+    holding them with ``replicated_on_rank0``, else by whichever rank balances the load."""
     writer = _Writer(path, storage, thread_count)
+    planner = DefaultSavePlanner(dedup_save_to_lowest_rank=replicated_on_rank0)
     with _quiet():
-        dcp.save(state_dict, storage_writer=writer, planner=DefaultSavePlanner(), process_group=process_group,
+        dcp.save(state_dict, storage_writer=writer, planner=planner, process_group=process_group,
                  no_dist=process_group is None and not _dist_ready())
     return sorted(writer.fs.records.values(), key=lambda r: r.name)
 
@@ -182,3 +184,28 @@ def files_needed(state_dict: dict[str, Any], metadata: Metadata) -> set[str]:
     return {storage_data[item.storage_index].relative_path for item in plan.items}
 
 
+
+
+def load_full(path: str, storage: Storage) -> dict[str, Any]:
+    """Load a whole DCP directory into one nested state dict in this process (no
+    collective): one copy of the state in memory, used to convert to a single file."""
+    # The public dcp.load only fills keys the caller already has; building the dict from
+    # the metadata needs DCP's own (private) planner and inner loader, as its format_utils do.
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    state: dict[str, Any] = {}
+    with _quiet():
+        _load_state_dict(state, storage_reader=_Reader(path, storage), planner=_EmptyStateDictLoadPlanner(),
+                         no_dist=True)
+    return state
+
+
+@contextlib.contextmanager
+def open_checksummed(storage: Storage, path: str) -> Generator[Any, None, None]:
+    """A binary write stream to ``path`` whose ``size`` and ``crc`` count what was written
+    (streaming: nothing is held in memory)."""
+    storage.makedirs(path.rsplit("/", 1)[0])
+    with storage.fs.open(storage._strip(path), "wb") as raw:
+        stream = _ChecksumStream(raw)
+        yield stream

@@ -27,14 +27,17 @@ from typing import Any
 
 from torch import nn
 
-from . import dcp_io
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+from . import consolidated, dcp_io
 from .comm import Comm
-from .commit import read_commit
+from .commit import ArtifactRecord
 from .config import check_known_keys
 from .errors import CheckpointNotFoundError, ConfigError, StateMismatchError
 from .layout import StageLayout
 from .names import ArtifactKind, normalize_model_info, parse_checkpoint, validate_model_name, validate_name
-from .statedict import apply_model_state, model_state
+from .select import resolve_record
+from .statedict import model_state
 from .storage import StorageOptions, open_storage
 
 __all__ = ["PreviousRunInitializer", "build_initializers", "Initializer"]
@@ -47,19 +50,26 @@ class Initializer:
     """Base of initializers: :meth:`apply` changes a fresh model's weights (collective)."""
 
     def apply(self, model: nn.Module, *, output_dir: str | None = None, timeout_s: float | None = None) -> None:
+        """Change ``model``'s weights; every rank calls it."""
         raise NotImplementedError
 
 
 @dataclass(frozen=True, kw_only=True)
 class PreviousRunInitializer(Initializer):
     """Load model weights (only) of another run's checkpoint into a fresh model, which may be
-    sharded differently (any world size)."""
+    sharded differently (any world size). Reads our committed checkpoints (sharded or
+    consolidated) and single files that Noether itself wrote."""
 
     run_id: str
+    """The previous run."""
     model_name: str
+    """The ``{model_name}`` of its files."""
     stage_name: str | None = None
+    """Its stage; None when it had no stage folder."""
     checkpoint: str = "latest"
+    """latest, last, best.<metric> or E10_U100_S200."""
     model_info: str | None = None
+    """e.g. ema_factor=0.9999 (or Noether's ema=0.9999) to start from EMA weights."""
     output_dir: str | None = None
     """Where the previous run lives; defaults to the current run's output_dir."""
     drop_keys: tuple[str, ...] = ()
@@ -67,12 +77,15 @@ class PreviousRunInitializer(Initializer):
     rename_keys: dict[str, str] = field(default_factory=dict)
     """checkpoint key prefix -> model key prefix."""
     storage: StorageOptions = field(default_factory=StorageOptions)
+    """Store options."""
 
     def __post_init__(self) -> None:
         validate_name(self.run_id, "run_id")
         validate_model_name(self.model_name)
         if self.stage_name:
             validate_name(self.stage_name, "stage_name")
+        if self.checkpoint in (None, ""):
+            object.__setattr__(self, "checkpoint", "latest")
         parse_checkpoint(self.checkpoint)
         normalize_model_info(self.model_info)
         object.__setattr__(self, "drop_keys", tuple(self.drop_keys))
@@ -84,8 +97,7 @@ class PreviousRunInitializer(Initializer):
         return model_key
 
     def apply(self, model: nn.Module, *, output_dir: str | None = None, timeout_s: float | None = None) -> None:
-        from .resume import select_checkpoint
-
+        """Load the chosen checkpoint's model weights into ``model`` (collective)."""
         out = self.output_dir or output_dir
         if not out:
             raise ConfigError("PreviousRunInitializer needs output_dir (where the previous run lives)")
@@ -93,48 +105,62 @@ class PreviousRunInitializer(Initializer):
         storage = open_storage(out, self.storage)
         layout = StageLayout(out, self.run_id, self.stage_name)
         info = normalize_model_info(self.model_info)
-        ref = parse_checkpoint(self.checkpoint)
 
-        def choose() -> str:
-            it = select_checkpoint(storage, layout, ref)
-            record = read_commit(storage, layout, it)
-            art = record.artifact(ArtifactKind.MODEL.value, info) if record else None
+        def choose() -> ArtifactRecord:
+            record = resolve_record(storage, layout, parse_checkpoint(self.checkpoint), self.model_name)
+            art = record.artifact(ArtifactKind.MODEL.value, info)
             if art is None:
-                have = [a.model_info or "(none)" for a in (record.artifacts if record else ()) if a.kind == "model"]
+                have = [a.model_info or "(none)" for a in record.artifacts if a.kind == "model"]
                 raise CheckpointNotFoundError(
-                    f"checkpoint {it} of run {self.run_id!r} has no model file with model_info {info or '(none)'!r}; "
-                    f"model files there have model_info: {have}")
-            if record.model_name != self.model_name:
-                raise CheckpointNotFoundError(f"checkpoint {it} holds model {record.model_name!r}, not {self.model_name!r}")
-            return art.name
+                    f"checkpoint {record.iteration} of run {self.run_id!r} has no model file with model_info "
+                    f"{info or '(none)'!r}; model files there have model_info: {have}")
+            return art
 
-        name = comm.on_coordinator(choose)
-        path = layout.artifact_path(name)
-        target = comm.each(lambda: self._target(model, path, storage))
-        comm.each(lambda: dcp_io.load_state(target, path, storage, process_group=comm.group))
-        full = model_state(model)
-        for model_key in full:
-            src = self._source_key(model_key)
-            if src in target:
-                full[model_key] = target[src]
-        comm.each(lambda: apply_model_state(model, full))
-        log.info("initialised %s from %s (%d tensors)", self.model_name, path, len(target))
+        art = comm.on_coordinator(choose)
+        path = layout.artifact_path(art.name)
+        if art.format == "consolidated":
+            def load_file() -> int:
+                stored = consolidated.state_dict_of(consolidated.read_file(storage, path), path)
+                wanted = self._plan(model, set(stored), path)
+                full = {model_key: stored[src] for model_key, src in wanted.items()}
+                set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, strict=False))
+                return len(full)
 
-    def _target(self, model: nn.Module, path: str, storage: Any) -> dict[str, Any]:
-        stored = set(dcp_io.read_metadata(path, storage).state_dict_metadata)
+            count = comm.each(load_file)
+        else:
+            def target() -> dict[str, Any]:
+                stored = set(dcp_io.read_metadata(path, storage).state_dict_metadata)
+                wanted = self._plan(model, stored, path)
+                current = model_state(model)
+                return {src: current[model_key] for model_key, src in wanted.items()}
+
+            loaded = comm.each(target)
+            comm.each(lambda: dcp_io.load_state(loaded, path, storage, process_group=comm.group))
+            current = model_state(model)
+            for model_key in list(current):
+                src = self._source_key(model_key)
+                if src in loaded:
+                    current[model_key] = loaded[src]
+            comm.each(lambda: set_model_state_dict(model, current, options=StateDictOptions(strict=False)))
+            count = len(loaded)
+        log.info("initialised %s from %s (%d tensors)", self.model_name, path, count)
+
+    def _plan(self, model: nn.Module, stored: set[str], path: str) -> dict[str, str]:
+        """model key -> checkpoint key for every tensor to load; errors name what does not fit."""
         for pattern in self.drop_keys:
             if not any(fnmatch.fnmatchcase(k, pattern) for k in stored):
                 raise ConfigError(f"drop_keys pattern {pattern!r} matches no key of {path}; keys: {sorted(stored)[:20]}")
         dropped = {k for k in stored if any(fnmatch.fnmatchcase(k, p) for p in self.drop_keys)}
-        wanted = {self._source_key(k): v for k, v in model_state(model).items()}
-        missing = sorted(k for k in wanted if k not in stored and k not in dropped)
-        unused = sorted(stored - dropped - set(wanted))
+        wanted = {k: self._source_key(k) for k in model.state_dict()}
+        wanted = {k: src for k, src in wanted.items() if src not in dropped}
+        missing = sorted(src for src in wanted.values() if src not in stored)
+        unused = sorted(stored - dropped - set(wanted.values()))
         if missing or unused:
             raise StateMismatchError(
                 f"{path} does not match the model: model keys missing in checkpoint: {missing or 'none'}; "
                 f"checkpoint keys the model has no place for: {unused or 'none'} (drop them with drop_keys "
                 "or map them with rename_keys)")
-        return {k: v for k, v in wanted.items() if k not in dropped}
+        return wanted
 
 
 def build_initializers(specs: list[dict[str, Any]] | None) -> list[Initializer]:

@@ -28,20 +28,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import dcp_io
-from .catalog import list_runs, list_stages
+from . import consolidated, dcp_io
 from .comm import Comm
-from .commit import CommitRecord, CorruptRecordError, list_commits, read_alias, read_commit
+from .commit import ArtifactRecord, CommitRecord, CorruptRecordError, list_commits, read_commit
 from .config import ResumeConfig
-from .errors import AmbiguousCheckpointError, CheckpointNotFoundError, ConfigError, NoetherDistError
+from .errors import CheckpointNotFoundError, ConfigError, NoetherDistError
 from .layout import StageLayout
-from .names import ArtifactKind, CheckpointRef, TrainingIteration, normalize_model_info
+from .names import ArtifactKind, TrainingIteration, normalize_model_info
+from .select import resolve_record, select_checkpoint
 from .save import TRAINER_COMMON_KEY, trainer_rank_key
 from .statedict import (apply_model_state, apply_optimizer_state, empty_like_packed, model_state,
                         optimizer_state, unpack_object)
 from .storage import Storage, open_storage
 
-__all__ = ["resume", "ResumeResult", "select_checkpoint", "load_checkpoint"]
+__all__ = ["resume", "ResumeResult", "select_checkpoint", "load_checkpoint"]  # select_checkpoint: re-export
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +104,9 @@ def resume(
     storage = storage or open_storage(config.output_dir, config.storage)
     layout = StageLayout(config.output_dir, config.resume_run_id, config.resume_stage_name)
     targets = comm.each(lambda: _targets(model, optimizer, ema))
-    record, skipped = _select_and_agree(comm, storage, layout, config, targets, model_name)
-    trainer_state, rank_state = load_checkpoint(record, layout, storage, comm, targets)
+    cache: dict[str, Any] = {}
+    record, skipped = _select_and_agree(comm, storage, layout, config, targets, model_name, cache)
+    trainer_state, rank_state = load_checkpoint(record, layout, storage, comm, targets, cache)
     log.info("resumed %s/%s at %s", config.resume_run_id, config.resume_stage_name or "-", record.iteration)
     return ResumeResult(record.iteration, record, layout, config.continue_stage_name, trainer_state, rank_state, skipped)
 
@@ -125,77 +126,28 @@ def _targets(model, optimizer, ema) -> _Targets:
     return out
 
 
-def _missing_context(storage: Storage, layout: StageLayout) -> str:
-    runs = list_runs(storage, layout.output_dir)
-    if layout.run_id not in runs:
-        return f"run {layout.run_id!r} does not exist under {layout.output_dir}; runs there: {runs or 'none'}"
-    stages = list_stages(storage, layout.run_dir) or []
-    shown = [s or "(no stage)" for s in stages]
-    if (layout.stage_name or "") not in stages:
-        return f"stage {layout.stage_name or '(no stage)'!r} does not exist in run {layout.run_id!r}; stages: {shown}"
-    return f"no committed checkpoint in {layout.checkpoints_dir}"
+@dataclass
+class _Need:
+    art: ArtifactRecord
+    role: str  # "model", "ema:<info>" or "optim"
+    state: dict[str, Any]
+    module: Any
 
 
-def select_checkpoint(storage: Storage, layout: StageLayout, ref: CheckpointRef,
-                      model_name: str | None = None) -> TrainingIteration:
-    """Resolve ``ref`` to one committed training point (no collective; the coordinator's
-    part). Raises CheckpointNotFoundError / AmbiguousCheckpointError listing what exists."""
-    if ref.kind is CheckpointRef.Kind.ITERATION:
-        assert ref.iteration is not None
-        if read_commit(storage, layout, ref.iteration) is None:
-            return _not_found(storage, layout, f"checkpoint {ref.iteration} is not committed")
-        return ref.iteration
-    if ref.is_alias:
-        alias = read_alias(storage, layout, ref.alias_name)
-        if alias is not None:
-            try:
-                if read_commit(storage, layout, alias.iteration) is not None:
-                    return alias.iteration
-            except CorruptRecordError as exc:
-                log.warning("%s", exc)
-            log.warning("alias %s names %s, which is not committed; falling back to a listing", ref.alias_name, alias.iteration)
-        if ref.kind is not CheckpointRef.Kind.LATEST:
-            return _not_found(storage, layout, f"alias {ref.alias_name} does not exist")
-        points = list_commits(storage, layout)
-        if not points:
-            return _not_found(storage, layout, "no committed checkpoint")
-        return points[-1]
-    partial = ref.partial
-    assert partial is not None
-    points = list_commits(storage, layout)
-    matches = [p for p in points if partial.matches(p)]
-    if not matches:
-        return _not_found(storage, layout, f"no committed checkpoint matches {partial}")
-    if len(matches) > 1:
-        raise AmbiguousCheckpointError(
-            f"resume_checkpoint {partial} matches {len(matches)} committed checkpoints: "
-            f"{', '.join(map(str, matches))}; use a part that names one (e.g. U{matches[-1].update})"
-        )
-    return matches[0]
-
-
-def _not_found(storage: Storage, layout: StageLayout, what: str) -> TrainingIteration:
-    points = list_commits(storage, layout)
-    if points:
-        raise CheckpointNotFoundError(f"{what} in {layout.checkpoints_dir}; committed checkpoints: {', '.join(map(str, points))}")
-    raise CheckpointNotFoundError(f"{what}: {_missing_context(storage, layout)}")
-
-
-def _needed(record: CommitRecord, targets: _Targets, model_name: str) -> list[tuple[str, Any, dict[str, Any]]]:
-    """(artifact name, kind, state to load into) for every artifact this resume reads."""
+def _needed(record: CommitRecord, targets: _Targets, model_name: str) -> list[_Need]:
+    """Every artifact this resume reads, with the state (or module) to load it into."""
     if record.model_name != model_name:
         raise ConfigError(f"checkpoint {record.iteration} holds model {record.model_name!r}, not {model_name!r}")
-    out = []
     model_art = record.artifact(ArtifactKind.MODEL.value)
     if model_art is None:
         raise CheckpointNotFoundError(f"checkpoint {record.iteration} has no model file")
-    out.append((model_art.name, "model", targets.model_sd))
-    for info, (_, sd) in targets.ema.items():
+    out = [_Need(model_art, "model", targets.model_sd, targets.model)]
+    for info, (module, sd) in targets.ema.items():
         art = record.artifact(ArtifactKind.MODEL.value, info)
         if art is None:
             have = [a.model_info for a in record.artifacts if a.kind == "model" and a.model_info]
             raise CheckpointNotFoundError(f"checkpoint {record.iteration} has no model file with model_info {info!r}; it has: {have or 'none'}")
-        out.append((art.name, f"ema:{info}", sd))
+        out.append(_Need(art, f"ema:{info}", sd, module))
     if targets.optim_sd is not None:
         art = record.artifact(ArtifactKind.OPTIM.value)
         if art is None:
@@ -203,54 +155,78 @@ def _needed(record: CommitRecord, targets: _Targets, model_name: str) -> list[tu
                 f"checkpoint {record.iteration} has no optimizer file, but full resumption needs one; "
                 "load weights only with PreviousRunInitializer instead"
             )
-        out.append((art.name, "optim", targets.optim_sd))
+        out.append(_Need(art, "optim", targets.optim_sd, targets.optimizer))
+    if any(n.art.format == "consolidated" and not isinstance(n.module, (nn.Module, torch.optim.Optimizer))
+           for n in out):
+        raise ConfigError("loading a single-file (consolidated) checkpoint needs nn.Module / optimizer targets")
     return out
 
 
-def _check_readable(storage: Storage, layout: StageLayout, record: CommitRecord,
-                    needed: list[tuple[str, Any, dict[str, Any]]]) -> str | None:
+def _check_readable(storage: Storage, layout: StageLayout, record: CommitRecord, needed: list[_Need],
+                    cache: dict[str, Any]) -> str | None:
     """None if this rank can read all it needs, else why not. Key mismatches raise."""
-    sizes = {(a.name, f.name): f.size for a in record.artifacts for f in a.files}
-    for name, what, sd in needed:
-        path = layout.artifact_path(name)
-        try:
-            metadata = dcp_io.read_metadata(path, storage)
-        except FileNotFoundError:
-            return f"{path} has no DCP metadata"
-        except NoetherDistError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - unreadable metadata is a reason to fall back
-            return f"{path}/.metadata is unreadable: {type(exc).__name__}: {exc}"
-        dcp_io.check_keys(sd, metadata, f"{what} checkpoint {name}")
-        present = {e.name: e.size for e in storage.list(path)}
-        for fname in sorted(dcp_io.files_needed(sd, metadata)):
-            if fname not in present:
-                return f"{path}/{fname} is missing"
-            want = sizes.get((name, fname))
-            if want is not None and present[fname] != want:
-                return f"{path}/{fname} has {present[fname]} bytes, the commit record says {want}"
+    for need in needed:
+        path = layout.artifact_path(need.art.name)
+        if need.art.format == "consolidated":
+            reason = _check_file(storage, path, need, cache)
+        else:
+            reason = _check_dcp(storage, path, need)
+        if reason:
+            return reason
     trainer = record.artifact(ArtifactKind.TRAINER.value)
-    if trainer is not None and not storage.exists(layout.artifact_path(trainer.name) + "/" + dcp_io.METADATA_FILE):
-        return f"{layout.artifact_path(trainer.name)} has no DCP metadata"
+    if trainer is not None:
+        probe = layout.artifact_path(trainer.name)
+        if trainer.format != "consolidated":
+            probe += "/" + dcp_io.METADATA_FILE
+        if not storage.exists(probe):
+            return f"{probe} is missing"
+    return None
+
+
+def _check_dcp(storage: Storage, path: str, need: _Need) -> str | None:
+    sizes = {f.name: f.size for f in need.art.files}
+    try:
+        metadata = dcp_io.read_metadata(path, storage)
+    except FileNotFoundError:
+        return f"{path} has no DCP metadata"
+    except NoetherDistError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - unreadable metadata is a reason to fall back
+        return f"{path}/.metadata is unreadable: {type(exc).__name__}: {exc}"
+    dcp_io.check_keys(need.state, metadata, f"{need.role} checkpoint {need.art.name}")
+    present = {e.name: e.size for e in storage.list(path)}
+    for fname in sorted(dcp_io.files_needed(need.state, metadata)):
+        if fname not in present:
+            return f"{path}/{fname} is missing"
+        if fname in sizes and present[fname] != sizes[fname]:
+            return f"{path}/{fname} has {present[fname]} bytes, the commit record says {sizes[fname]}"
+    return None
+
+
+def _check_file(storage: Storage, path: str, need: _Need, cache: dict[str, Any]) -> str | None:
+    try:
+        obj = consolidated.read_file(storage, path)
+    except FileNotFoundError:
+        return f"{path} is missing"
+    except NoetherDistError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a damaged file is a reason to fall back
+        return f"{path} is unreadable: {type(exc).__name__}: {exc}"
+    cache[path] = obj
+    if need.role != "optim":
+        consolidated.check_model_keys(need.module, consolidated.state_dict_of(obj, path),
+                                      f"{need.role} checkpoint {need.art.name}")
     return None
 
 
 def _select_and_agree(comm: Comm, storage: Storage, layout: StageLayout, config: ResumeConfig,
-                      targets: _Targets, model_name: str) -> tuple[CommitRecord, tuple[str, ...]]:
-    ref = config.checkpoint_ref
-
-    def first() -> CommitRecord:
-        it = select_checkpoint(storage, layout, ref, model_name)
-        record = read_commit(storage, layout, it)
-        if record is None:
-            raise CheckpointNotFoundError(f"checkpoint {it} vanished while resuming")
-        return record
-
-    record = comm.on_coordinator(first)
+                      targets: _Targets, model_name: str, cache: dict[str, Any]) -> tuple[CommitRecord, tuple[str, ...]]:
+    record = comm.on_coordinator(lambda: resolve_record(storage, layout, config.checkpoint_ref, model_name))
     skipped: list[str] = []
     while True:
         needed = comm.each(lambda: _needed(record, targets, model_name))
-        verdicts = comm.on_all(lambda: _check_readable(storage, layout, record, needed))
+        cache.clear()
+        verdicts = comm.on_all(lambda: _check_readable(storage, layout, record, needed, cache))
         bad = {r: v for r, v in enumerate(verdicts) if v is not None}
         if not bad:
             return record, tuple(skipped)
@@ -284,34 +260,48 @@ def _select_and_agree(comm: Comm, storage: Storage, layout: StageLayout, config:
 
 
 def load_checkpoint(record: CommitRecord, layout: StageLayout, storage: Storage, comm: Comm,
-                    targets: _Targets) -> tuple[dict[str, Any], dict[str, Any] | None]:
+                    targets: _Targets, cache: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Load the agreed checkpoint into the targets (collective); return (trainer state,
     this rank's state)."""
-    group = comm.group
-
-    def load_one(name: str, sd: dict[str, Any]) -> None:
-        dcp_io.load_state(sd, layout.artifact_path(name), storage, process_group=group)
-
+    cache = {} if cache is None else cache
     needed = _needed(record, targets, record.model_name)
-    comm.each(lambda: [load_one(name, sd) for name, _, sd in needed])
-    apply_model_state(targets.model, targets.model_sd)
-    for _, (ema_model, sd) in targets.ema.items():
-        apply_model_state(ema_model, sd)
-    if targets.optimizer is not None and targets.optim_sd is not None:
-        apply_optimizer_state(targets.model, targets.optimizer, targets.optim_sd)
+
+    def load_all() -> None:
+        for need in needed:
+            path = layout.artifact_path(need.art.name)
+            if need.art.format == "consolidated":
+                obj = cache.pop(path, None) or consolidated.read_file(storage, path)
+                if need.role == "optim":
+                    consolidated.load_optimizer_file(targets.model, targets.optimizer, obj)
+                else:
+                    consolidated.load_model_file(need.module, consolidated.state_dict_of(obj, path))
+            else:
+                dcp_io.load_state(need.state, path, storage, process_group=comm.group)
+                if need.role == "optim":
+                    apply_optimizer_state(targets.model, targets.optimizer, need.state)
+                else:
+                    apply_model_state(need.module, need.state)
+
+    comm.each(load_all)
     trainer = record.artifact(ArtifactKind.TRAINER.value)
     if trainer is None:
         return {}, None
+    path = layout.artifact_path(trainer.name)
+    if trainer.format == "consolidated":
+        def load_file() -> tuple[dict[str, Any], dict[str, Any] | None]:
+            common, ranks = consolidated.trainer_state_of(consolidated.read_file(storage, path))
+            return dict(common), ranks.get(comm.rank)
+
+        return comm.each(load_file)
 
     def load_trainer() -> tuple[dict[str, Any], dict[str, Any] | None]:
-        path = layout.artifact_path(trainer.name)
         metadata = dcp_io.read_metadata(path, storage)
         sd: dict[str, Any] = {}
         for key in (TRAINER_COMMON_KEY, trainer_rank_key(comm.rank)):
             meta = metadata.state_dict_metadata.get(key)
             if meta is not None:
                 sd[key] = empty_like_packed(meta.size[0])
-        dcp_io.load_state(sd, path, storage, process_group=group)
+        dcp_io.load_state(sd, path, storage, process_group=comm.group)
         common = unpack_object(sd[TRAINER_COMMON_KEY]) if TRAINER_COMMON_KEY in sd else {}
         own = unpack_object(sd[trainer_rank_key(comm.rank)]) if trainer_rank_key(comm.rank) in sd else None
         return dict(common.get("state") or {}), own

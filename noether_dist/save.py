@@ -19,6 +19,7 @@ from .commit import AliasRecord, ArtifactRecord, CommitRecord, read_alias, read_
 from .config import AsyncMode, CheckpointerConfig
 from .errors import CommitError, ConfigError, NoetherDistError
 from .layout import StageLayout
+from .mirror import mirror_from_coordinator
 from .names import ArtifactKind, TrainingIteration, format_artifact, normalize_model_info
 from .statedict import model_state, optimizer_state, pack_object, staging_options
 from .storage import Storage, open_storage
@@ -216,15 +217,21 @@ class Checkpointer:
                 return record, self._move_aliases(plan, record)
 
             record, aliases = comm.on_coordinator(keep)
+            if self.config.node_local:
+                self._mirror_records(comm, plan.iteration, aliases)
             return SaveResult(plan.iteration, record, aliases, reused_existing=True)
 
         def write_all() -> list[list[dcp_io.FileRecord]]:
             return [dcp_io.save_state(art.state, self.layout.artifact_path(art.name), self.storage,
-                                      process_group=group, thread_count=self.config.thread_count)
+                                      process_group=group, thread_count=self.config.thread_count,
+                                      replicated_on_rank0=self.config.node_local)
                     for art in plan.artifacts]
 
         try:
             reports = comm.on_all(write_all)
+            if self.config.node_local:
+                names = [f"{art.name}/{f.name}" for idx, art in enumerate(plan.artifacts) for f in reports[0][idx]]
+                mirror_from_coordinator(comm, self.storage, self.layout.checkpoints_dir, names)
         except NoetherDistError as exc:
             raise CommitError(f"saving {plan.iteration} failed, nothing was committed: {exc}") from exc
 
@@ -243,7 +250,15 @@ class Checkpointer:
             record, aliases = comm.on_coordinator(commit)
         except NoetherDistError as exc:
             raise CommitError(f"committing {plan.iteration} failed, nothing was committed: {exc}") from exc
+        if self.config.node_local:
+            self._mirror_records(comm, plan.iteration, aliases)
         return SaveResult(plan.iteration, record, aliases)
+
+    def _mirror_records(self, comm: Comm, iteration: TrainingIteration, aliases: tuple[str, ...]) -> None:
+        base = self.layout.checkpoints_dir
+        commit = self.layout.commit_path(iteration)[len(base) + 1:]
+        names = [commit] + [self.layout.alias_path(a)[len(base) + 1:] for a in aliases]
+        mirror_from_coordinator(comm, self.storage, base, names, once={commit})
 
     def _existing(self, plan: _Plan) -> CommitRecord:
         record = read_commit(self.storage, self.layout, plan.iteration)

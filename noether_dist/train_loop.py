@@ -68,7 +68,8 @@ class TrainLoop:
             output_dir=config.output_dir, run_id=self.run_id, stage_name=self.stage_name, model_name=m.name,
             best_metrics=t.best_metrics, storage=self.storage_options, timeout_s=self.timeout_s,
             thread_count=int(ck_cfg.get("thread_count", 1)),
-            async_mode=AsyncMode(str(ck_cfg.get("async_mode", "off")).lower())))
+            async_mode=AsyncMode(str(ck_cfg.get("async_mode", "off")).lower()),
+            node_local=bool(ck_cfg.get("node_local", False))))
 
     def _lr_factor(self, update: int) -> float:
         warm = self.config.trainer.warmup_updates

@@ -1,0 +1,142 @@
+"""Noether's single-file ("consolidated") checkpoints: write, read, and load into any model.
+
+The files, as Noether writes them with ``torch.save`` on rank 0:
+
+- model file: ``{"state_dict", "checkpoint_tag", "training_iteration": {epoch, update,
+  sample}, "run_id"}``, plus ``"ema"`` (the factor) for EMA files;
+- optim file: the optimizer state dict. Noether's own are keyed by parameter index
+  (``optimizer.state_dict()``); ours are keyed by parameter name (resharding-safe);
+- trainer file: ``{"callback_state_dicts", "training_iteration", "grad_scaler"}``; ours add
+  ``"state"`` (the whole trainer state) and ``"rank_states"`` so a round trip is exact.
+
+Files are read with ``weights_only=True`` and, on a local disk, memory-mapped, so that a
+rank touches only the pages of the tensors it keeps.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+from .errors import ConfigError, StateMismatchError
+from .names import TrainingIteration
+from .storage import Storage
+
+__all__ = ["model_file", "trainer_file", "read_file", "state_dict_of", "load_model_file", "load_optimizer_file",
+           "trainer_state_of", "save_file"]
+
+_FULL = StateDictOptions(full_state_dict=True, strict=True)
+
+
+def model_file(state_dict: dict[str, Any], iteration: TrainingIteration, run_id: str, checkpoint_tag: str,
+               ema: float | None = None) -> dict[str, Any]:
+    """The dict Noether stores in a model file."""
+    out = {"state_dict": state_dict, "checkpoint_tag": checkpoint_tag, "training_iteration": iteration.to_dict(),
+           "run_id": run_id}
+    if ema is not None:
+        out["ema"] = ema
+    return out
+
+
+def trainer_file(trainer_state: dict[str, Any], rank_states: dict[int, Any], iteration: TrainingIteration) -> dict:
+    """The dict stored in a trainer file (Noether's keys plus ours for an exact round trip)."""
+    return {"callback_state_dicts": trainer_state.get("callbacks", {}), "training_iteration": iteration.to_dict(),
+            "grad_scaler": trainer_state.get("grad_scaler"), "state": trainer_state, "rank_states": rank_states}
+
+
+def save_file(storage: Storage, path: str, obj: Any) -> int:
+    """``torch.save`` one object to ``path`` in one write; returns the bytes written."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    data = buf.getvalue()
+    storage.replace(path, data)
+    return len(data)
+
+
+def read_file(storage: Storage, path: str) -> Any:
+    """Load a consolidated file with ``weights_only=True`` (memory-mapped on local disks)."""
+    if storage.is_local:
+        return torch.load(storage._strip(path), map_location="cpu", weights_only=True, mmap=True)
+    return torch.load(io.BytesIO(storage.read(path)), map_location="cpu", weights_only=True)
+
+
+def state_dict_of(obj: Any, what: str) -> dict[str, torch.Tensor]:
+    """The model state dict inside a model file (or the file itself if it is one)."""
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        return obj["state_dict"]
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj
+    raise ConfigError(f"{what} is not a Noether model file: expected a dict with 'state_dict'")
+
+
+def iteration_of(obj: Any) -> TrainingIteration | None:
+    """The training point recorded in a Noether file, if any."""
+    if isinstance(obj, dict) and isinstance(obj.get("training_iteration"), dict):
+        return TrainingIteration.from_dict(obj["training_iteration"])
+    return None
+
+
+def check_model_keys(model: nn.Module, state_dict: dict[str, Any], what: str) -> None:
+    """StateMismatchError naming missing / unexpected keys and shape mismatches."""
+    wanted = {k: tuple(shape) for k, shape in _full_shapes(model).items()}
+    missing = sorted(set(wanted) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(wanted))
+    shapes = [f"{k} (checkpoint {list(state_dict[k].shape)}, model {list(wanted[k])})"
+              for k in sorted(set(wanted) & set(state_dict)) if tuple(state_dict[k].shape) != wanted[k]]
+    if missing or unexpected or shapes:
+        raise StateMismatchError(f"{what} does not match the state to load into: missing in checkpoint: "
+                                 f"{', '.join(missing) or 'none'}; unexpected in checkpoint: {', '.join(unexpected) or 'none'}; "
+                                 f"shape mismatch: {', '.join(shapes) or 'none'}")
+
+
+def _full_shapes(model: nn.Module) -> dict[str, torch.Size]:
+    out = {}
+    for key, value in model.state_dict().items():
+        out[key] = value.shape  # DTensor reports the global shape
+    return out
+
+
+def load_model_file(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Put a full (unsharded) state dict into a model that may be FSDP2-sharded: each rank
+    keeps its own shard."""
+    set_model_state_dict(model, state_dict, options=_FULL)
+
+
+def load_optimizer_file(model: nn.Module, optimizer: torch.optim.Optimizer, osd: dict[str, Any]) -> None:
+    """Put a full optimizer state dict into an optimizer; Noether's index-keyed state is
+    mapped to parameter names in the order of ``model.named_parameters()``."""
+    set_optimizer_state_dict(model, optimizer, _by_name(model, osd), options=StateDictOptions(full_state_dict=True))
+
+
+def _by_name(model: nn.Module, osd: dict[str, Any]) -> dict[str, Any]:
+    state = osd.get("state", {})
+    if not state or all(isinstance(k, str) for k in state):
+        return osd
+    names = [n for n, _ in model.named_parameters()]
+    groups = []
+    for group in osd["param_groups"]:
+        params = [names[i] if isinstance(i, int) else i for i in group["params"]]
+        groups.append({**group, "params": params})
+    if any(isinstance(i, int) and i >= len(names) for g in osd["param_groups"] for i in g["params"]):
+        raise StateMismatchError(f"optimizer file has {sum(len(g['params']) for g in osd['param_groups'])} "
+                                 f"parameters, the model has {len(names)}")
+    return {"state": {names[i]: v for i, v in state.items()}, "param_groups": groups}
+
+
+def trainer_state_of(obj: Any) -> tuple[dict[str, Any], dict[int, Any]]:
+    """(trainer state, per-rank states) of a trainer file, ours or Noether's."""
+    if not isinstance(obj, dict):
+        raise ConfigError("trainer file is not a dict")
+    if isinstance(obj.get("state"), dict):
+        return obj["state"], dict(obj.get("rank_states") or {})
+    return {"callbacks": obj.get("callback_state_dicts") or {}, "grad_scaler": obj.get("grad_scaler")}, {}
+
+
+def local_path(storage: Storage, path: str) -> str | None:
+    """The OS path of ``path`` on a local store, else None."""
+    return os.path.abspath(storage._strip(path)) if storage.is_local else None

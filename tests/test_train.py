@@ -1,0 +1,107 @@
+"""The reference trainer end to end: README's main job, exact continuation after SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from noether_dist.errors import ConfigError
+from noether_dist.train import TrainConfig, parse_overrides
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = str(REPO / "launch" / "configs" / "cpu_tiny.yaml")
+SMALL = ["trainer.epochs=2", "trainer.dataset_size=256", "trainer.checkpoint_every=4", "trainer.eval_every=4",
+         "trainer.log_every=1"]
+
+
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+def _torchrun(nproc: int, out: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            "-m", "noether_dist.train", "--config", CONFIG, f"output_dir={out}", *args]
+
+
+def _summary(out: Path, run_id: str) -> dict:
+    return json.loads((out / run_id / "train" / "summary.json").read_text())
+
+
+def test_readme_main_job_runs(tmp_path):
+    readme = (REPO / "README.md").read_text()
+    assert "python3 -m noether_dist.train --config launch/configs/cpu_tiny.yaml" in readme
+    proc = subprocess.run([sys.executable, "-m", "noether_dist.train", "--config", CONFIG, f"output_dir={tmp_path}",
+                           "run_id=readme", "trainer.epochs=1"], cwd=REPO, env=_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = _summary(tmp_path, "readme")
+    assert summary["finished"] and summary["checkpoint"] == "E1_U16_S512"
+    aliases = os.listdir(tmp_path / "readme" / "train" / "checkpoints" / "_aliases")
+    assert sorted(aliases) == ["best.loss.test.json", "last.json", "latest.json"]
+
+
+def test_sigkill_at_a_random_update_then_resume_gives_the_same_digest(tmp_path):
+    full = subprocess.run(_torchrun(2, tmp_path, "run_id=full", *SMALL), env=_env(), capture_output=True,
+                          text=True, timeout=180)
+    assert full.returncode == 0, full.stderr[-3000:]
+    total = 2 * 256 // 32
+    kill_at = random.Random().randint(5, total - 2)  # after the first checkpoint (U4), before the end
+    proc = subprocess.Popen(_torchrun(2, tmp_path, "run_id=cut", "auto_resume=true", "trainer.step_delay_s=0.05",
+                                      *SMALL), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    seen = []
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if f"_U{kill_at}_S" in line and "loss" in line:
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+            assert time.monotonic() < deadline, "the trainer never reached the update to kill at"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    assert not (tmp_path / "cut" / "train" / "summary.json").exists(), "".join(seen[-20:])
+    resumed = subprocess.run(_torchrun(2, tmp_path, "run_id=cut", "auto_resume=true", *SMALL), env=_env(),
+                             capture_output=True, text=True, timeout=180)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed cut/train at" in resumed.stderr
+    a, b = _summary(tmp_path, "full"), _summary(tmp_path, "cut")
+    assert b["finished"] and a["checkpoint"] == b["checkpoint"]
+    assert a["digest"] == b["digest"], f"killed at U{kill_at}"
+    assert a["callbacks"] == b["callbacks"]
+
+
+def test_new_stage_starts_from_another_stage_and_resume_keys_default(tmp_path):
+    first = subprocess.run([sys.executable, "-m", "noether_dist.train", "--config", CONFIG, f"output_dir={tmp_path}",
+                            "run_id=pre", "trainer.epochs=1"], env=_env(), capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stderr[-2000:]
+    # resume the stage under a new stage name: progress continues, files go to the new stage
+    cont = subprocess.run([sys.executable, "-m", "noether_dist.train", "--config", CONFIG, f"output_dir={tmp_path}",
+                           "run_id=pre", "resume_run_id=pre", "resume_stage_name=train", "stage_name=finetune",
+                           "resume_checkpoint=last", "trainer.epochs=2"], env=_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert cont.returncode == 0, cont.stderr[-2000:]
+    summary = json.loads((tmp_path / "pre" / "finetune" / "summary.json").read_text())
+    assert summary["finished"] and summary["checkpoint"] == "E2_U32_S1024"
+    assert "E1_U24_S768.json" in os.listdir(tmp_path / "pre" / "finetune" / "checkpoints" / "_commits")
+
+
+def test_unknown_config_keys_suggest_the_closest():
+    with pytest.raises(ConfigError, match="did you mean 'resume_checkpoint'"):
+        TrainConfig.from_dict({"resume_checkpint": "latest"})
+    with pytest.raises(ConfigError, match="did you mean 'checkpoint_every'"):
+        TrainConfig.from_dict({"trainer": {"checkpoint_evry": 3}})
+    assert parse_overrides({"trainer": {"epochs": 1}}, ["trainer.epochs=3", "run_id=x"]) == {
+        "trainer": {"epochs": 3}, "run_id": "x"}
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides({}, ["trainer.epochs"])
