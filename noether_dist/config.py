@@ -13,6 +13,7 @@ import yaml
 
 from .errors import ConfigError
 from .names import CheckpointRef, parse_resume_checkpoint, validate_name
+from .retention import RetentionPolicy
 from .storage import StorageOptions
 
 __all__ = ["AsyncMode", "CheckpointerConfig", "ResumeConfig", "load_yaml", "check_known_keys"]
@@ -74,6 +75,8 @@ class CheckpointerConfig:
     """Writer threads per rank (DCP); more helps object stores."""
     async_mode: AsyncMode = AsyncMode.OFF
     """off, thread or process."""
+    retention: RetentionPolicy | None = None
+    """Which checkpoints to keep (applied after each commit); None keeps all."""
     node_local: bool = False
     """Every node saves to its own disk at ``output_dir``: rank 0's files, the DCP metadata
     and the commit and alias records are mirrored to the first rank of every node, so that
@@ -106,6 +109,8 @@ class CheckpointerConfig:
         data = dict(data)
         if "storage" in data and not isinstance(data["storage"], StorageOptions):
             data["storage"] = StorageOptions.from_dict(data["storage"])
+        if "retention" in data and isinstance(data["retention"], dict):
+            data["retention"] = RetentionPolicy.from_dict(data["retention"])
         if "async_mode" in data and not isinstance(data["async_mode"], AsyncMode):
             try:
                 data["async_mode"] = AsyncMode(str(data["async_mode"]).lower())

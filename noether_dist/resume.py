@@ -21,6 +21,7 @@ Protocol, in order (every step is a collective over the control group):
 from __future__ import annotations
 
 import logging
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,6 +45,7 @@ from .storage import Storage, open_storage
 __all__ = ["resume", "ResumeResult", "select_checkpoint", "load_checkpoint"]  # select_checkpoint: re-export
 
 log = logging.getLogger(__name__)
+DEFAULT_VERIFY_MAX_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True)
@@ -87,13 +89,15 @@ def resume(
     model_name: str = "model",
     timeout_s: float | None = None,
     storage: Storage | None = None,
+    verify_max_bytes: int = DEFAULT_VERIFY_MAX_BYTES,
 ) -> ResumeResult:
     """Resume model, optimizer, EMA models and trainer state from a previous run (collective).
 
     ``config`` is a :class:`ResumeConfig` or a root config mapping with the user's keys
     (``output_dir``, ``resume_run_id``, ``resume_stage_name``, ``stage_name``,
     ``resume_checkpoint``). Every rank loads the same checkpoint or every rank raises the
-    same error.
+    same error. Files the load reads are checked against the commit record: sizes always,
+    CRC32 for files of at most ``verify_max_bytes`` (an extra read; 0 turns it off).
     """
     if not isinstance(config, ResumeConfig):
         parsed = ResumeConfig.from_root_config(config)
@@ -105,7 +109,7 @@ def resume(
     layout = StageLayout(config.output_dir, config.resume_run_id, config.resume_stage_name)
     targets = comm.each(lambda: _targets(model, optimizer, ema))
     cache: dict[str, Any] = {}
-    record, skipped = _select_and_agree(comm, storage, layout, config, targets, model_name, cache)
+    record, skipped = _select_and_agree(comm, storage, layout, config, targets, model_name, cache, verify_max_bytes)
     trainer_state, rank_state = load_checkpoint(record, layout, storage, comm, targets, cache)
     log.info("resumed %s/%s at %s", config.resume_run_id, config.resume_stage_name or "-", record.iteration)
     return ResumeResult(record.iteration, record, layout, config.continue_stage_name, trainer_state, rank_state, skipped)
@@ -163,27 +167,30 @@ def _needed(record: CommitRecord, targets: _Targets, model_name: str) -> list[_N
 
 
 def _check_readable(storage: Storage, layout: StageLayout, record: CommitRecord, needed: list[_Need],
-                    cache: dict[str, Any]) -> str | None:
+                    cache: dict[str, Any], verify_max_bytes: int = 0) -> str | None:
     """None if this rank can read all it needs, else why not. Key mismatches raise."""
     for need in needed:
         path = layout.artifact_path(need.art.name)
         if need.art.format == "consolidated":
-            reason = _check_file(storage, path, need, cache)
+            reason = _check_file(storage, path, need, cache, verify_max_bytes)
         else:
-            reason = _check_dcp(storage, path, need)
+            reason = _check_dcp(storage, path, need, verify_max_bytes)
         if reason:
             return reason
     trainer = record.artifact(ArtifactKind.TRAINER.value)
     if trainer is not None:
-        probe = layout.artifact_path(trainer.name)
-        if trainer.format != "consolidated":
-            probe += "/" + dcp_io.METADATA_FILE
+        path = layout.artifact_path(trainer.name)
+        probe = path if trainer.format == "consolidated" else f"{path}/{dcp_io.METADATA_FILE}"
         if not storage.exists(probe):
             return f"{probe} is missing"
+        try:
+            return _check_crcs(storage, path, trainer, [f.name for f in trainer.files], verify_max_bytes)
+        except FileNotFoundError as exc:
+            return f"{path}: a file is missing ({exc})"
     return None
 
 
-def _check_dcp(storage: Storage, path: str, need: _Need) -> str | None:
+def _check_dcp(storage: Storage, path: str, need: _Need, verify_max_bytes: int) -> str | None:
     sizes = {f.name: f.size for f in need.art.files}
     try:
         metadata = dcp_io.read_metadata(path, storage)
@@ -195,15 +202,31 @@ def _check_dcp(storage: Storage, path: str, need: _Need) -> str | None:
         return f"{path}/.metadata is unreadable: {type(exc).__name__}: {exc}"
     dcp_io.check_keys(need.state, metadata, f"{need.role} checkpoint {need.art.name}")
     present = {e.name: e.size for e in storage.list(path)}
-    for fname in sorted(dcp_io.files_needed(need.state, metadata)):
+    needed = sorted(dcp_io.files_needed(need.state, metadata) | {dcp_io.METADATA_FILE})
+    for fname in needed:
         if fname not in present:
             return f"{path}/{fname} is missing"
         if fname in sizes and present[fname] != sizes[fname]:
             return f"{path}/{fname} has {present[fname]} bytes, the commit record says {sizes[fname]}"
+    return _check_crcs(storage, path, need.art, needed, verify_max_bytes)
+
+
+def _check_crcs(storage: Storage, path: str, art: ArtifactRecord, names: list[str], limit: int) -> str | None:
+    """Compare CRC32s with the commit record for files of at most ``limit`` bytes (reading
+    them costs one extra read; bigger files are checked by size only)."""
+    for rec in art.files:
+        if rec.name in names and rec.size <= limit:
+            where = f"{path}/{rec.name}" if rec.name else path
+            data = storage.read(where)
+            if zlib.crc32(data) & 0xFFFFFFFF != rec.crc32:
+                return f"{where} is corrupt: CRC32 {zlib.crc32(data) & 0xFFFFFFFF:08x}, the commit record says {rec.crc32:08x}"
     return None
 
 
-def _check_file(storage: Storage, path: str, need: _Need, cache: dict[str, Any]) -> str | None:
+def _check_file(storage: Storage, path: str, need: _Need, cache: dict[str, Any], verify_max_bytes: int) -> str | None:
+    reason = _check_crcs(storage, path, need.art, [""], verify_max_bytes)
+    if reason:
+        return reason
     try:
         obj = consolidated.read_file(storage, path)
     except FileNotFoundError:
@@ -220,13 +243,14 @@ def _check_file(storage: Storage, path: str, need: _Need, cache: dict[str, Any])
 
 
 def _select_and_agree(comm: Comm, storage: Storage, layout: StageLayout, config: ResumeConfig,
-                      targets: _Targets, model_name: str, cache: dict[str, Any]) -> tuple[CommitRecord, tuple[str, ...]]:
+                      targets: _Targets, model_name: str, cache: dict[str, Any],
+                      verify_max_bytes: int) -> tuple[CommitRecord, tuple[str, ...]]:
     record = comm.on_coordinator(lambda: resolve_record(storage, layout, config.checkpoint_ref, model_name))
     skipped: list[str] = []
     while True:
         needed = comm.each(lambda: _needed(record, targets, model_name))
         cache.clear()
-        verdicts = comm.on_all(lambda: _check_readable(storage, layout, record, needed, cache))
+        verdicts = comm.on_all(lambda: _check_readable(storage, layout, record, needed, cache, verify_max_bytes))
         bad = {r: v for r, v in enumerate(verdicts) if v is not None}
         if not bad:
             return record, tuple(skipped)

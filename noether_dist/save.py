@@ -19,7 +19,8 @@ from .commit import AliasRecord, ArtifactRecord, CommitRecord, read_alias, read_
 from .config import AsyncMode, CheckpointerConfig
 from .errors import CommitError, ConfigError, NoetherDistError
 from .layout import StageLayout
-from .mirror import mirror_from_coordinator
+from .mirror import is_node_leader, mirror_from_coordinator
+from .retention import prune
 from .names import ArtifactKind, TrainingIteration, format_artifact, normalize_model_info
 from .statedict import model_state, optimizer_state, pack_object, staging_options
 from .storage import Storage, open_storage
@@ -252,7 +253,21 @@ class Checkpointer:
             raise CommitError(f"committing {plan.iteration} failed, nothing was committed: {exc}") from exc
         if self.config.node_local:
             self._mirror_records(comm, plan.iteration, aliases)
+        self._apply_retention(comm)
         return SaveResult(plan.iteration, record, aliases)
+
+    def _apply_retention(self, comm: Comm) -> None:
+        """After a commit: prune by the retention policy (the coordinator; with node_local
+        every node leader prunes its own disk by the same rule)."""
+        policy = self.config.retention
+        if policy is None or policy.keeps_everything:
+            return
+        leader = comm.is_coordinator or (self.config.node_local and is_node_leader())
+        try:
+            comm.on_all(lambda: prune(self.storage, self.layout, policy) if leader else None)
+        except NoetherDistError as exc:
+            # The new checkpoint is committed; a failed prune only leaves extra files behind.
+            log.error("retention after %s failed (nothing committed was lost): %s", self.layout.checkpoints_dir, exc)
 
     def _mirror_records(self, comm: Comm, iteration: TrainingIteration, aliases: tuple[str, ...]) -> None:
         base = self.layout.checkpoints_dir

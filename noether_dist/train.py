@@ -109,7 +109,7 @@ class TrainConfig:
     model: ModelSettings = field(default_factory=ModelSettings)
     trainer: TrainerSettings = field(default_factory=TrainerSettings)
     checkpointer: dict[str, Any] = field(default_factory=dict)
-    """async_mode, timeout_s, thread_count, storage, node_local."""
+    """async_mode, timeout_s, thread_count, storage, node_local, retention."""
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
@@ -122,7 +122,8 @@ class TrainConfig:
         model.pop("kind", None)
         check_known_keys(trainer, {f.name for f in fields(TrainerSettings)}, "trainer")
         ck = dict(data.pop("checkpointer", None) or {})
-        check_known_keys(ck, {"async_mode", "timeout_s", "thread_count", "storage", "node_local"}, "checkpointer")
+        check_known_keys(ck, {"async_mode", "timeout_s", "thread_count", "storage", "node_local", "retention"},
+                         "checkpointer")
         return cls(model=ModelSettings(**model), trainer=TrainerSettings(**trainer), checkpointer=ck, **data)
 
 

@@ -20,6 +20,7 @@ from .layout import StageLayout, default_run_id, join_url
 from .names import TrainingIteration
 from .preemption import PreemptionWatcher, requeue_slurm_job
 from .resume import resume
+from .retention import RetentionPolicy
 from .save import Checkpointer
 from .state import DataPosition, callback_states, capture_rng, load_callback_states, restore_rng
 from .storage import StorageOptions, open_storage
@@ -69,7 +70,8 @@ class TrainLoop:
             best_metrics=t.best_metrics, storage=self.storage_options, timeout_s=self.timeout_s,
             thread_count=int(ck_cfg.get("thread_count", 1)),
             async_mode=AsyncMode(str(ck_cfg.get("async_mode", "off")).lower()),
-            node_local=bool(ck_cfg.get("node_local", False))))
+            node_local=bool(ck_cfg.get("node_local", False)),
+            retention=RetentionPolicy.from_dict(ck_cfg.get("retention"))))
 
     def _lr_factor(self, update: int) -> float:
         warm = self.config.trainer.warmup_updates

@@ -1,0 +1,122 @@
+"""Retention: which committed checkpoints to keep, and pruning the rest.
+
+Rules that always hold: the newest committed checkpoint is kept, and so is every
+checkpoint an alias (latest, last, best.<metric>) points to. A checkpoint is deleted
+commit record first, so it stops being selectable before any of its files go; files of
+saves that never committed and are older than the newest commit (left by killed saves)
+are removed too. Works the same on local disks and S3.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from .commit import list_commits, read_alias
+from .errors import ConfigError
+from .layout import ALIASES_DIR, COMMITS_DIR, StageLayout
+from .names import TrainingIteration, parse_artifact
+from .storage import Storage
+
+__all__ = ["RetentionPolicy", "PrunePlan", "plan_prune", "prune"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetentionPolicy:
+    """What to keep besides the newest checkpoint and every alias target."""
+
+    keep_last: int | None = None
+    """Keep the k newest committed checkpoints (None: all)."""
+    keep_every: int | None = None
+    """Also keep every checkpoint whose update count is a multiple of this."""
+
+    def __post_init__(self) -> None:
+        for name in ("keep_last", "keep_every"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ConfigError(f"retention {name} must be an int >= 1 or null, got {value!r}")
+
+    @property
+    def keeps_everything(self) -> bool:
+        """True when the policy deletes nothing."""
+        return self.keep_last is None
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> RetentionPolicy | None:
+        """From a config mapping (keep_last, keep_every); None for no mapping."""
+        if not data:
+            return None
+        unknown = set(data) - {"keep_last", "keep_every"}
+        if unknown:
+            raise ConfigError(f"unknown retention key(s) {sorted(unknown)}; valid: keep_last, keep_every")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class PrunePlan:
+    """What a prune deletes and keeps."""
+
+    delete: tuple[TrainingIteration, ...]
+    keep: tuple[TrainingIteration, ...]
+    uncommitted: tuple[str, ...]
+    """Artifact names of saves that never committed and are older than the newest commit."""
+
+
+def plan_prune(storage: Storage, layout: StageLayout, policy: RetentionPolicy) -> PrunePlan:
+    """Decide (no deletion) what ``policy`` removes from one stage."""
+    points = list_commits(storage, layout)
+    if not points:
+        return PrunePlan((), (), ())
+    protected = {points[-1]}
+    for entry in storage.list(layout.aliases_dir):
+        name = StageLayout.alias_of_file(entry.name)
+        alias = read_alias(storage, layout, name) if name else None
+        if alias is not None:
+            protected.add(alias.iteration)
+    keep = set(protected)
+    if policy.keep_last is None:
+        keep.update(points)
+    else:
+        keep.update(points[-policy.keep_last:])
+    if policy.keep_every:
+        keep.update(p for p in points if p.update % policy.keep_every == 0)
+    committed = {str(p) for p in points}
+    newest = points[-1]
+    leftovers = []
+    for entry in storage.list(layout.checkpoints_dir):
+        if entry.name in (COMMITS_DIR, ALIASES_DIR):
+            continue
+        try:
+            art = parse_artifact(entry.name)
+            it = TrainingIteration.parse(art.checkpoint)
+        except ValueError:
+            continue
+        if art.checkpoint not in committed and it < newest:
+            leftovers.append(entry.name)
+    return PrunePlan(tuple(p for p in points if p not in keep), tuple(p for p in points if p in keep),
+                     tuple(sorted(leftovers)))
+
+
+def prune(storage: Storage, layout: StageLayout, policy: RetentionPolicy, *, dry_run: bool = False) -> PrunePlan:
+    """Apply ``policy`` to one stage: delete each dropped checkpoint (commit record first,
+    then its files) and leftovers of saves that never committed. Logs every deletion."""
+    plan = plan_prune(storage, layout, policy)
+    if dry_run:
+        return plan
+    names_by_point: dict[str, list[str]] = {}
+    for entry in storage.list(layout.checkpoints_dir):
+        try:
+            names_by_point.setdefault(parse_artifact(entry.name).checkpoint, []).append(entry.name)
+        except ValueError:
+            continue
+    for point in plan.delete:
+        storage.remove(layout.commit_path(point))
+        for name in names_by_point.get(str(point), []):
+            storage.remove(layout.artifact_path(name), recursive=True)
+        log.info("retention: deleted checkpoint %s of %s", point, layout.checkpoints_dir)
+    for name in plan.uncommitted:
+        storage.remove(layout.artifact_path(name), recursive=True)
+        log.info("retention: deleted %s, left by a save that never committed", name)
+    return plan

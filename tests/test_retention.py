@@ -1,0 +1,57 @@
+"""Retention: keep last k / every N-th / alias targets, prune after commit, local and S3."""
+
+from __future__ import annotations
+
+import pytest
+
+from noether_dist import Checkpointer, CheckpointerConfig, ConfigError, TrainingIteration
+from noether_dist.commit import list_commits
+from noether_dist.retention import RetentionPolicy, plan_prune, prune
+from noether_dist.storage import open_storage
+from tests.models import build, train_steps
+
+
+def _run(out: str, policy: RetentionPolicy | None, updates=range(1, 9), best_at: int = 3) -> Checkpointer:
+    model, opt, ema = build(sharded=False)
+    ck = Checkpointer(CheckpointerConfig(output_dir=out, run_id="r", stage_name="s", model_name="m",
+                                         best_metrics={"loss": "min"}, retention=policy))
+    for u in updates:
+        train_steps(model, opt, ema, 1, 0, start=u)
+        ck.save(TrainingIteration(0, u, 8 * u), model=model, optimizer=opt,
+                metrics={"loss": 0.1 if u == best_at else 1.0 + u})
+    return ck
+
+
+def test_keep_last_every_nth_and_alias_targets(tmp_path):
+    ck = _run(str(tmp_path), RetentionPolicy(keep_last=2, keep_every=4))
+    kept = [p.update for p in list_commits(ck.storage, ck.layout)]
+    assert kept == [3, 4, 7, 8]  # best.loss -> U3, every 4th, the last two
+    names = {p.name for p in (tmp_path / "r" / "s" / "checkpoints").iterdir()}
+    assert not any("_U5_" in n or "_U1_" in n for n in names)  # files went with the records
+
+
+def test_prune_removes_leftovers_and_dry_run_deletes_nothing(tmp_path):
+    ck = _run(str(tmp_path), None, updates=range(1, 5))
+    leftover = tmp_path / "r" / "s" / "checkpoints" / "m_cp=E0_U2_S17_model.th"
+    leftover.mkdir()
+    (leftover / "__0_0.distcp").write_bytes(b"half")
+    plan = prune(ck.storage, ck.layout, RetentionPolicy(keep_last=1), dry_run=True)
+    assert [p.update for p in plan.delete] == [1, 2] and plan.uncommitted == ("m_cp=E0_U2_S17_model.th",)
+    assert len(list_commits(ck.storage, ck.layout)) == 4 and leftover.exists()
+    prune(ck.storage, ck.layout, RetentionPolicy(keep_last=1))
+    assert [p.update for p in list_commits(ck.storage, ck.layout)] == [3, 4] and not leftover.exists()
+
+
+def test_retention_on_s3(s3_bucket, s3_env):
+    ck = _run(f"s3://{s3_bucket}/o", RetentionPolicy(keep_last=1), updates=range(1, 5), best_at=1)
+    st = open_storage(f"s3://{s3_bucket}/o")
+    assert [p.update for p in list_commits(st, ck.layout)] == [1, 4]
+    assert not [e for e in st.list(ck.layout.checkpoints_dir) if "_U2_" in e.name or "_U3_" in e.name]
+    assert plan_prune(st, ck.layout, RetentionPolicy(keep_last=1)).delete == ()
+
+
+def test_bad_policy():
+    with pytest.raises(ConfigError, match="keep_last must be an int >= 1"):
+        RetentionPolicy(keep_last=0)
+    with pytest.raises(ConfigError, match="unknown retention key"):
+        RetentionPolicy.from_dict({"keep": 3})
