@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import threading
 import warnings
@@ -29,7 +30,7 @@ from .comm import is_distributed as _dist_ready
 from .errors import StateMismatchError
 from .storage import Storage
 
-__all__ = ["FileRecord", "save_state", "load_state", "load_full", "open_checksummed", "read_metadata", "files_needed", "check_keys", "METADATA_FILE"]
+__all__ = ["FileRecord", "save_state", "load_state", "load_full", "open_checksummed", "save_state_in_process", "collect_sidecar", "shutdown_checkpoint_process", "read_metadata", "files_needed", "check_keys", "METADATA_FILE"]
 
 METADATA_FILE = ".metadata"
 
@@ -85,6 +86,15 @@ class _RecordingFS(_DcpFsspecFS):
     def init_path(self, path: str | os.PathLike, **kwargs: Any) -> str | os.PathLike:
         return path  # keep our filesystem instance (and its options)
 
+    def __getstate__(self) -> dict[str, Any]:  # travels to DCP's background process
+        state = dict(self.__dict__)
+        state.pop("_lock")
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     @contextlib.contextmanager
     def create_stream(self, path: str | os.PathLike, mode: str) -> Generator[io.IOBase, None, None]:
         if "w" not in mode:
@@ -102,10 +112,85 @@ class _RecordingFS(_DcpFsspecFS):
 
 
 class _Writer(FsspecWriter):
-    def __init__(self, path: str, storage: Storage, thread_count: int) -> None:
+    """DCP's fsspec writer on our filesystem, recording every file it writes.
+
+    In another process (DCP's process-based async save) the records cannot travel back in
+    memory: with ``sidecar`` each rank writes them, once its files are complete, to a small
+    JSON file ``.noether-files-<rank>.json`` in the directory, which the caller reads and
+    removes (:func:`collect_sidecar`).
+    """
+
+    def __init__(self, path: str, storage: Storage, thread_count: int, sidecar: bool = False) -> None:
         super().__init__(path, sync_files=storage.is_local, thread_count=thread_count, overwrite=True)
         self.fs = _RecordingFS(storage.fs)
         self.path = path
+        self.sidecar = sidecar
+        self._coordinator = False
+
+    def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        super().set_up_storage_writer(is_coordinator, *args, **kwargs)
+        self._coordinator = is_coordinator
+
+    def write_data(self, plan: Any, planner: Any) -> Any:
+        fut = super().write_data(plan, planner)
+        if self.sidecar and not self._coordinator:
+            fut.wait()
+            self._write_sidecar()
+        return fut
+
+    def finish(self, metadata: Metadata, results: Any) -> None:
+        super().finish(metadata, results)
+        if self.sidecar:
+            self._write_sidecar()
+
+    def _write_sidecar(self) -> None:
+        data = json.dumps([r.to_dict() for r in self.fs.records.values()]).encode()
+        with self.fs.fs.open(f"{self.path}/{_sidecar_name(self.rank)}", "wb") as fh:
+            fh.write(data)
+
+
+def _sidecar_name(rank: int | None) -> str:
+    return f".noether-files-{rank or 0}.json"
+
+
+def collect_sidecar(path: str, storage: Storage, rank: int) -> list[FileRecord]:
+    """Read and remove the file records a rank's writer left in ``path`` (process mode)."""
+    where = f"{path}/{_sidecar_name(rank)}"
+    records = [FileRecord.from_dict(d) for d in json.loads(storage.read(where))]
+    storage.remove(where)
+    return sorted(records, key=lambda r: r.name)
+
+
+class _NoStaging:
+    """An AsyncStager that hands the state dict on as is: ours is already staged."""
+
+    should_synchronize_after_execute = False
+
+    def stage(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        return state_dict
+
+    def synchronize_staging(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def save_state_in_process(state_dict: dict[str, Any], path: str, storage: Storage, *, process_group: Any,
+                          rank: int, thread_count: int = 1, replicated_on_rank0: bool = False,
+                          timeout_s: float | None = None) -> list[FileRecord]:
+    """Like :func:`save_state`, but the writing runs in DCP's checkpoint process (one per
+    rank, started on first use) so that it never holds this process's GIL. ``state_dict``
+    must already be staged (in shared memory)."""
+    from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
+
+    writer = _Writer(path, storage, thread_count, sidecar=True)
+    planner = DefaultSavePlanner(dedup_save_to_lowest_rank=replicated_on_rank0)
+    with _quiet():
+        future = dcp.async_save(state_dict, storage_writer=writer, planner=planner, process_group=process_group,
+                                async_checkpointer_type=AsyncCheckpointerType.PROCESS, async_stager=_NoStaging())
+        future.result(timeout=timeout_s)
+    return collect_sidecar(path, storage, rank)
 
 
 class _Reader(FsspecReader):
@@ -209,3 +294,14 @@ def open_checksummed(storage: Storage, path: str) -> Generator[Any, None, None]:
     with storage.fs.open(storage._strip(path), "wb") as raw:
         stream = _ChecksumStream(raw)
         yield stream
+
+
+def shutdown_checkpoint_process() -> None:
+    """Stop DCP's background checkpoint process of this process, if one was started
+    (process-mode async saves); it would otherwise live until interpreter exit."""
+    from torch.distributed.checkpoint import _async_process_executor as executor
+
+    process = executor._CHECKPOINT_PROCESS
+    if process is not None:
+        executor._CHECKPOINT_PROCESS = None
+        process.__del__()

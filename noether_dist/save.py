@@ -223,6 +223,12 @@ class Checkpointer:
             return SaveResult(plan.iteration, record, aliases, reused_existing=True)
 
         def write_all() -> list[list[dcp_io.FileRecord]]:
+            if self.config.async_mode is AsyncMode.PROCESS:
+                return [dcp_io.save_state_in_process(
+                    art.state, self.layout.artifact_path(art.name), self.storage, process_group=group,
+                    rank=comm.rank, thread_count=self.config.thread_count,
+                    replicated_on_rank0=self.config.node_local, timeout_s=self.config.timeout_s)
+                    for art in plan.artifacts]
             return [dcp_io.save_state(art.state, self.layout.artifact_path(art.name), self.storage,
                                       process_group=group, thread_count=self.config.thread_count,
                                       replicated_on_rank0=self.config.node_local)
@@ -308,7 +314,9 @@ class Checkpointer:
 
 class _Background:
     """The background side of asynchronous saves: a reusable stager and one writer thread
-    with a gloo group of its own (the training loop's groups are never used from it)."""
+    with a gloo group of its own (the training loop's groups are never used from it). In
+    process mode the thread hands each artifact to DCP's checkpoint process (staging in
+    shared memory) and runs the commit protocol when it reports back."""
 
     def __init__(self, config: CheckpointerConfig) -> None:
         from torch.distributed.checkpoint.staging import DefaultStager
@@ -317,6 +325,7 @@ class _Background:
         # Staging buffers are allocated on the first save and reused (pinned on CUDA).
         self.stager = DefaultStager(staging_options(shared=config.async_mode is AsyncMode.PROCESS))
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="noether-ckpt-writer")
+        self.process_mode = config.async_mode is AsyncMode.PROCESS
 
     def stage(self, plan: _Plan) -> _Plan:
         staged = self.stager.stage({i: art.state for i, art in enumerate(plan.artifacts)})
@@ -329,3 +338,5 @@ class _Background:
     def close(self) -> None:
         self.executor.shutdown(wait=True)
         self.stager.close()
+        if self.process_mode:
+            dcp_io.shutdown_checkpoint_process()

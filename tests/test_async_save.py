@@ -89,3 +89,30 @@ def test_background_failure_raises_on_every_rank_and_commits_nothing(tmp_path):
     ckdir = tmp_path / "run1" / "train" / "checkpoints"
     assert os.listdir(ckdir / "_commits") == ["E0_U1_S16.json"]
     assert json.loads((ckdir / "_aliases" / "latest.json").read_text())["checkpoint"] == "E0_U1_S16"
+
+
+def async_process_mode(rank: int, world_size: int, out: str) -> dict:
+    model, opt, ema = build()
+    ck = Checkpointer(CheckpointerConfig(output_dir=out, run_id="run1", stage_name="train", model_name="mlp",
+                                         async_mode=AsyncMode.PROCESS, timeout_s=60))
+    states = []
+    for update in (1, 2):
+        train_steps(model, opt, ema, 1, rank, start=update)
+        ck.save(TrainingIteration(0, update, 16 * update), model=model, optimizer=opt, ema={EMA_INFO: ema})
+        states.append(full_state(model, opt, ema))
+        train_steps(model, opt, ema, 1, rank, start=10 + update)  # changes after the call are not saved
+    result = ck.wait()
+    ck.close()
+    files = sorted(f.name for a in result.record.artifacts for f in a.files)
+    return {"states": states, "files": files}
+
+
+def test_async_process_mode_commits_exact_state_with_checksums(tmp_path):
+    out = str(tmp_path)
+    results = run_ranks(async_process_mode, 2, out, timeout_s=150)
+    assert ".metadata" in results[0]["files"] and "__1_0.distcp" in results[0]["files"]
+    ckdir = tmp_path / "run1" / "train" / "checkpoints"
+    assert not list(ckdir.glob("*/.noether-files-*"))  # sidecars were collected
+    for r in run_ranks(resume_state, 2, out):
+        assert r["cp"] == "E0_U2_S32"
+        assert_states_equal(results[0]["states"][1], r["state"])
