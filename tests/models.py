@@ -10,6 +10,8 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict)
 
+from noether_dist.train import shard_model
+
 EMA_INFO = "ema_factor=0.9"
 
 
@@ -21,13 +23,7 @@ def make_mlp(seed: int = 0) -> nn.Module:
 
 def shard(model: nn.Module) -> nn.Module:
     """FSDP2-shard every Linear and the root over the default process group."""
-    from torch.distributed.fsdp import fully_shard
-
-    for layer in model:
-        if isinstance(layer, nn.Linear):
-            fully_shard(layer)
-    fully_shard(model)
-    return model
+    return shard_model(model)
 
 
 def build(sharded: bool = True, seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer, nn.Module]:
