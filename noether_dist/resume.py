@@ -42,7 +42,7 @@ from .statedict import (apply_model_state, apply_optimizer_state, empty_like_pac
                         optimizer_state, unpack_object)
 from .storage import Storage, open_storage
 
-__all__ = ["resume", "ResumeResult", "select_checkpoint", "load_checkpoint"]  # select_checkpoint: re-export
+__all__ = ["resume", "ResumeResult", "select_checkpoint", "load_checkpoint"]
 
 log = logging.getLogger(__name__)
 DEFAULT_VERIFY_MAX_BYTES = 256 * 2**20

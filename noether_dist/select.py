@@ -10,6 +10,7 @@ described by a synthesized record (format ``consolidated``).
 from __future__ import annotations
 
 import logging
+from typing import NoReturn
 
 from .catalog import list_runs, list_stages
 from .commit import ArtifactRecord, CommitRecord, CorruptRecordError, list_commits, read_alias, read_commit
@@ -18,7 +19,7 @@ from .layout import StageLayout
 from .names import ArtifactKind, CheckpointRef, TrainingIteration, parse_artifact, parse_checkpoint
 from .storage import Storage
 
-__all__ = ["select_checkpoint", "resolve_record", "legacy_record"]
+__all__ = ["select_checkpoint", "select_record", "resolve_record", "legacy_record"]
 
 log = logging.getLogger(__name__)
 
@@ -38,41 +39,57 @@ def select_checkpoint(storage: Storage, layout: StageLayout, ref: CheckpointRef,
                       model_name: str | None = None) -> TrainingIteration:
     """Resolve ``ref`` to one committed training point (no collective; the coordinator's
     part). Raises CheckpointNotFoundError / AmbiguousCheckpointError listing what exists."""
+    return select_record(storage, layout, ref).iteration
+
+
+def select_record(storage: Storage, layout: StageLayout, ref: CheckpointRef) -> CommitRecord:
+    """The commit record ``ref`` names. ``latest`` and other aliases cost two reads (alias,
+    record); a listing only when the alias is missing or broken, or for E10/U100/S200."""
     if ref.kind is CheckpointRef.Kind.ITERATION:
-        assert ref.iteration is not None
-        if read_commit(storage, layout, ref.iteration) is None:
-            return _not_found(storage, layout, f"checkpoint {ref.iteration} is not committed")
-        return ref.iteration
+        record = read_commit(storage, layout, ref.iteration)
+        if record is None:
+            _not_found(storage, layout, f"checkpoint {ref.iteration} is not committed")
+        return record
     if ref.is_alias:
         alias = read_alias(storage, layout, ref.alias_name)
         if alias is not None:
-            try:
-                if read_commit(storage, layout, alias.iteration) is not None:
-                    return alias.iteration
-            except CorruptRecordError as exc:
-                log.warning("%s", exc)
-            log.warning("alias %s names %s, which is not committed; falling back to a listing", ref.alias_name, alias.iteration)
+            record = _read_or_warn(storage, layout, alias.iteration)
+            if record is not None:
+                return record
+            log.warning("alias %s names %s, which is not an intact commit; falling back to a listing",
+                        ref.alias_name, alias.iteration)
         if ref.kind is not CheckpointRef.Kind.LATEST:
-            return _not_found(storage, layout, f"alias {ref.alias_name} does not exist")
-        points = list_commits(storage, layout)
-        if not points:
-            return _not_found(storage, layout, "no committed checkpoint")
-        return points[-1]
+            _not_found(storage, layout, f"alias {ref.alias_name} does not exist")
+        for it in reversed(list_commits(storage, layout)):
+            record = _read_or_warn(storage, layout, it)
+            if record is not None:
+                return record
+        _not_found(storage, layout, "no committed checkpoint")
     partial = ref.partial
-    assert partial is not None
     points = list_commits(storage, layout)
     matches = [p for p in points if partial.matches(p)]
     if not matches:
-        return _not_found(storage, layout, f"no committed checkpoint matches {partial}")
+        _not_found(storage, layout, f"no committed checkpoint matches {partial}")
     if len(matches) > 1:
         raise AmbiguousCheckpointError(
             f"resume_checkpoint {partial} matches {len(matches)} committed checkpoints: "
             f"{', '.join(map(str, matches))}; use a part that names one (e.g. U{matches[-1].update})"
         )
-    return matches[0]
+    record = read_commit(storage, layout, matches[0])
+    if record is None:
+        _not_found(storage, layout, f"checkpoint {matches[0]} vanished")
+    return record
 
 
-def _not_found(storage: Storage, layout: StageLayout, what: str) -> TrainingIteration:
+def _read_or_warn(storage: Storage, layout: StageLayout, it: TrainingIteration) -> CommitRecord | None:
+    try:
+        return read_commit(storage, layout, it)
+    except CorruptRecordError as exc:
+        log.warning("%s; skipping it", exc)
+        return None
+
+
+def _not_found(storage: Storage, layout: StageLayout, what: str) -> NoReturn:
     points = list_commits(storage, layout)
     if points:
         raise CheckpointNotFoundError(f"{what} in {layout.checkpoints_dir}; committed checkpoints: {', '.join(map(str, points))}")
@@ -82,15 +99,15 @@ def _not_found(storage: Storage, layout: StageLayout, what: str) -> TrainingIter
 def resolve_record(storage: Storage, layout: StageLayout, ref: CheckpointRef, model_name: str) -> CommitRecord:
     """The record of the checkpoint ``ref`` names: a committed one, or, in a stage without
     any commit record, one that Noether wrote as single files."""
-    if not list_commits(storage, layout):
+    try:
+        return select_record(storage, layout, ref)
+    except CheckpointNotFoundError:
+        if list_commits(storage, layout):
+            raise
         legacy = legacy_record(storage, layout, ref, model_name)
-        if legacy is not None:
-            return legacy
-    it = select_checkpoint(storage, layout, ref, model_name)
-    record = read_commit(storage, layout, it)
-    if record is None:
-        raise CheckpointNotFoundError(f"checkpoint {it} vanished while resuming")
-    return record
+        if legacy is None:
+            raise
+        return legacy
 
 
 def legacy_record(storage: Storage, layout: StageLayout, ref: CheckpointRef, model_name: str) -> CommitRecord | None:
