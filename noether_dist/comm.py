@@ -11,6 +11,7 @@ Works in a plain single process too (no process group): then every step is local
 
 from __future__ import annotations
 
+import atexit
 import datetime as _dt
 import logging
 import os
@@ -302,6 +303,21 @@ def init_distributed(timeout_s: float | None = None, backend: str | None = None)
         init_method = "env://"
     dist.init_process_group(backend=backend, timeout=timeout, rank=env.rank, world_size=env.world_size,
                             init_method=init_method)
+    # Tear the groups down before the interpreter finalises: a gloo worker thread that drops
+    # its last reference to a finished collective after Py_FinalizeEx began cannot take the
+    # GIL any more and aborts the process ("terminate called without an active exception",
+    # SIGABRT, seen on ~1 exit in 20 of the trainer under torchrun). Collecting the groups
+    # now joins their worker threads (torch releases the GIL in that destructor); the short
+    # sleep lets a thread that is still finishing a collective take the GIL.
+    def _teardown_before_finalize() -> None:
+        import gc
+        import time
+
+        destroy_distributed()
+        gc.collect()
+        time.sleep(0.05)
+
+    atexit.register(_teardown_before_finalize)
     log.info("process group ready: rank %d of %d via %s (%s, master %s:%d)", env.rank, env.world_size,
              env.launcher, backend, env.master_addr, env.master_port)
     return env

@@ -30,6 +30,7 @@ class PreemptionWatcher:
         self.comm = comm
         self._flag = threading.Event()
         self.received: str | None = None
+        self._logged = False
         self._previous = {}
         for name in signals:
             sig = getattr(signal, name if name.startswith("SIG") else f"SIG{name}")
@@ -46,9 +47,14 @@ class PreemptionWatcher:
 
     def agreed(self) -> bool:
         """Collective: True on every rank when any rank was signalled."""
-        any_flag = not self.comm.all_true(not self._flag.is_set())
-        if any_flag and not self._flag.is_set():
-            log.info("another rank was signalled; stopping with it at this step")
+        mine = self._flag.is_set()
+        any_flag = not self.comm.all_true(not mine)
+        if any_flag and not self._logged:
+            self._logged = True  # (a signal handler must not log: logging takes locks)
+            if mine:
+                log.info("got %s: every rank stops at this step boundary", self.received)
+            else:
+                log.info("another rank was signalled; stopping with it at this step")
         return any_flag
 
     def restore(self) -> None:

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from . import consolidated, dcp_io
-from .comm import Comm
+from .comm import Comm, current_rank as comm_rank
 from .commit import ArtifactRecord, CommitRecord, CorruptRecordError, list_commits, read_commit
 from .config import ResumeConfig
 from .errors import CheckpointNotFoundError, ConfigError, NoetherDistError
@@ -178,19 +178,35 @@ def _check_readable(storage: Storage, layout: StageLayout, record: CommitRecord,
         if reason:
             return reason
     trainer = record.artifact(ArtifactKind.TRAINER.value)
-    if trainer is not None:
-        path = layout.artifact_path(trainer.name)
-        probe = path if trainer.format == "consolidated" else f"{path}/{dcp_io.METADATA_FILE}"
-        if not storage.exists(probe):
-            return f"{probe} is missing"
-        try:
-            return _check_crcs(storage, path, trainer, [f.name for f in trainer.files], verify_max_bytes)
-        except FileNotFoundError as exc:
-            return f"{path}: a file is missing ({exc})"
-    return None
+    if trainer is None:
+        return None
+    path = layout.artifact_path(trainer.name)
+    if trainer.format == "consolidated":
+        if not storage.exists(path):
+            return f"{path} is missing"
+        return _check_crcs(storage, path, trainer, [""], verify_max_bytes)
+    try:
+        metadata = dcp_io.read_metadata(path, storage)
+    except FileNotFoundError:
+        return f"{path} has no DCP metadata"
+    except Exception as exc:  # noqa: BLE001 - unreadable metadata is a reason to fall back
+        return f"{path}/.metadata is unreadable: {type(exc).__name__}: {exc}"
+    rank = comm_rank()
+    trainer_need = _Need(trainer, "trainer", _trainer_placeholders(metadata, rank), None)
+    return _check_dcp(storage, path, trainer_need, verify_max_bytes, exact_keys=False)
 
 
-def _check_dcp(storage: Storage, path: str, need: _Need, verify_max_bytes: int) -> str | None:
+def _trainer_placeholders(metadata: Any, rank: int) -> dict[str, Any]:
+    """What this rank loads from a trainer artifact: the common state and its own, if saved."""
+    sd: dict[str, Any] = {}
+    for key in (TRAINER_COMMON_KEY, trainer_rank_key(rank)):
+        meta = metadata.state_dict_metadata.get(key)
+        if meta is not None:
+            sd[key] = empty_like_packed(meta.size[0])
+    return sd
+
+
+def _check_dcp(storage: Storage, path: str, need: _Need, verify_max_bytes: int, *, exact_keys: bool = True) -> str | None:
     sizes = {f.name: f.size for f in need.art.files}
     try:
         metadata = dcp_io.read_metadata(path, storage)
@@ -200,7 +216,8 @@ def _check_dcp(storage: Storage, path: str, need: _Need, verify_max_bytes: int) 
         raise
     except Exception as exc:  # noqa: BLE001 - unreadable metadata is a reason to fall back
         return f"{path}/.metadata is unreadable: {type(exc).__name__}: {exc}"
-    dcp_io.check_keys(need.state, metadata, f"{need.role} checkpoint {need.art.name}")
+    if exact_keys:  # (a trainer artifact holds every rank's own state: each rank loads a part)
+        dcp_io.check_keys(need.state, metadata, f"{need.role} checkpoint {need.art.name}")
     present = {e.name: e.size for e in storage.list(path)}
     needed = sorted(dcp_io.files_needed(need.state, metadata) | {dcp_io.METADATA_FILE})
     for fname in needed:
@@ -319,12 +336,7 @@ def load_checkpoint(record: CommitRecord, layout: StageLayout, storage: Storage,
         return comm.each(load_file)
 
     def load_trainer() -> tuple[dict[str, Any], dict[str, Any] | None]:
-        metadata = dcp_io.read_metadata(path, storage)
-        sd: dict[str, Any] = {}
-        for key in (TRAINER_COMMON_KEY, trainer_rank_key(comm.rank)):
-            meta = metadata.state_dict_metadata.get(key)
-            if meta is not None:
-                sd[key] = empty_like_packed(meta.size[0])
+        sd = _trainer_placeholders(dcp_io.read_metadata(path, storage), comm.rank)
         dcp_io.load_state(sd, path, storage, process_group=comm.group)
         common = unpack_object(sd[TRAINER_COMMON_KEY]) if TRAINER_COMMON_KEY in sd else {}
         own = unpack_object(sd[trainer_rank_key(comm.rank)]) if trainer_rank_key(comm.rank) in sd else None

@@ -247,10 +247,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="YAML file with the root config")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.epochs=2 run_id=abc")
     args = parser.parse_args(argv)
-    env = init_distributed()
-    setup_logging(env.rank)
+    setup_logging()
     try:
         config = TrainConfig.from_dict(parse_overrides(load_yaml(args.config), args.overrides))
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return 2
+    env = init_distributed(timeout_s=config.checkpointer.get("timeout_s"))
+    setup_logging(env.rank)
+    try:
         summary = run(config)
     except ConfigError as exc:
         log.error("%s", exc)

@@ -165,14 +165,14 @@ class TrainLoop:
     def run(self) -> dict[str, Any]:
         """Train to the end (or to a preemption / stop_after_updates); return the summary."""
         t = self.config.trainer
+        watcher = PreemptionWatcher(self.comm)  # first: a signal during resume must not be lost
         source = self._resume_config()
         if source is not None:
             self._restore(source)
         else:
             for init in build_initializers(self.config.model.initializers):
-                init.apply(self.model, timeout_s=self.timeout_s)
+                init.apply(self.model, output_dir=self.config.output_dir, timeout_s=self.timeout_s)
             torch.manual_seed(t.seed * 7919 + self.rank * 104729)
-        watcher = PreemptionWatcher(self.comm)
         preempted = stopped = False
         last_saved = None
         started, start_update = time.monotonic(), self.update

@@ -685,6 +685,7 @@ class LocalSlurmCluster:
         args: Sequence[str],
         script_path: str | os.PathLike[str],
         env: Mapping[str, str] | None = None,
+        script_args: Sequence[str] = (),
     ) -> int:
         """Submit a batch script and return its job id.
 
@@ -693,12 +694,13 @@ class LocalSlurmCluster:
             script_path: the batch script.
             env: extra environment variables for sbatch; with the default
                 ``--export=ALL`` they are also visible inside the job.
+            script_args: arguments passed to the batch script (``$1``...).
 
         Returns:
             The numeric job id (for an array, the array's master job id).
         """
         res = self._run_client(
-            ["sbatch", "--parsable", *args, str(script_path)], env=env
+            ["sbatch", "--parsable", *args, str(script_path), *script_args], env=env
         )
         out = res.stdout.strip().splitlines()
         if not out:

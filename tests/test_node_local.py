@@ -16,7 +16,8 @@ def save_on_own_disk(rank: int, world_size: int, dirs: list) -> dict:
                                          node_local=True))
     for update in (1, 2):
         train_steps(model, opt, ema, 1, rank, start=update)
-        ck.save(TrainingIteration(0, update, 16 * update), model=model, optimizer=opt, ema={EMA_INFO: ema})
+        ck.save(TrainingIteration(0, update, 16 * update), model=model, optimizer=opt, ema={EMA_INFO: ema},
+                trainer_state={"update": update}, rank_state={"rank": rank})
     return full_state(model, opt, ema)
 
 
@@ -25,7 +26,8 @@ def resume_from_own_disk(rank: int, world_size: int, dirs: list) -> dict:
     model, opt, ema = build(seed=5)
     res = resume({"output_dir": dirs[rank], "resume_run_id": "r", "resume_stage_name": "s"}, model=model,
                  optimizer=opt, ema={EMA_INFO: ema}, model_name="mlp")
-    return {"cp": res.checkpoint, "state": full_state(model, opt, ema)}
+    return {"cp": res.checkpoint, "state": full_state(model, opt, ema), "trainer": res.trainer_state,
+            "rank_state": res.rank_state}
 
 
 def test_each_node_resumes_from_its_own_disk(tmp_path):
@@ -38,6 +40,7 @@ def test_each_node_resumes_from_its_own_disk(tmp_path):
     model_dir = "mlp_cp=E0_U2_S32_model.th"
     assert sorted(os.listdir(ck1 / model_dir)) == [".metadata", "__0_0.distcp", "__1_0.distcp"]  # rank 0's mirrored
     assert sorted(os.listdir(ck0 / model_dir)) == [".metadata", "__0_0.distcp"]  # rank 1's shard stays on node 1
-    for r in run_ranks(resume_from_own_disk, 2, dirs):
-        assert r["cp"] == "E0_U2_S32"
+    assert not (ck0 / "mlp_cp=E0_U2_S32_trainer.th" / "__1_0.distcp").exists()  # rank 1's own state
+    for rank, r in enumerate(run_ranks(resume_from_own_disk, 2, dirs)):
+        assert r["cp"] == "E0_U2_S32" and r["trainer"] == {"update": 2} and r["rank_state"] == {"rank": rank}
         assert_states_equal(saved, r["state"])
