@@ -105,3 +105,24 @@ def test_unknown_config_keys_suggest_the_closest():
         "trainer": {"epochs": 3}, "run_id": "x"}
     with pytest.raises(ConfigError, match="key=value"):
         parse_overrides({}, ["trainer.epochs"])
+
+
+def test_trainer_initializer_from_yaml_starts_fresh_with_previous_weights(tmp_path):
+    import yaml
+
+    base = subprocess.run([sys.executable, "-m", "noether_dist.train", "--config", CONFIG, f"output_dir={tmp_path}",
+                           "run_id=base", "trainer.epochs=1"], env=_env(), capture_output=True, text=True, timeout=120)
+    assert base.returncode == 0, base.stderr[-2000:]
+    config = yaml.safe_load(open(CONFIG))
+    config["model"]["initializers"] = [{"kind": "noether.core.initializers.PreviousRunInitializer", "run_id": "base",
+                                        "model_name": "mlp", "stage_name": "train", "checkpoint": "last",
+                                        "model_info": "ema_factor=0.99"}]
+    path = tmp_path / "init.yaml"
+    path.write_text(yaml.safe_dump(config))
+    run = subprocess.run([sys.executable, "-m", "noether_dist.train", "--config", str(path), f"output_dir={tmp_path}",
+                          "run_id=fine", "trainer.epochs=1"], env=_env(), capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "initialised mlp from" in run.stderr and "ema_factor=0.99_cp=E1_U16_S512_model.th" in run.stderr
+    summary = _summary(tmp_path, "fine")
+    assert summary["finished"] and summary["checkpoint"] == "E1_U16_S512"  # progress started at zero
+    assert summary["digest"]["model"] != _summary(tmp_path, "base")["digest"]["model"]
