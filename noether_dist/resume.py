@@ -46,6 +46,9 @@ __all__ = ["resume", "ResumeResult", "select_checkpoint", "load_checkpoint"]
 
 log = logging.getLogger(__name__)
 DEFAULT_VERIFY_MAX_BYTES = 256 * 2**20
+# On object stores a CRC check is a second download: by default only small files (DCP
+# metadata, trainer state) are verified there; sizes are always checked.
+DEFAULT_VERIFY_MAX_BYTES_REMOTE = 2**20
 
 
 @dataclass(frozen=True)
@@ -89,7 +92,7 @@ def resume(
     model_name: str = "model",
     timeout_s: float | None = None,
     storage: Storage | None = None,
-    verify_max_bytes: int = DEFAULT_VERIFY_MAX_BYTES,
+    verify_max_bytes: int | None = None,
 ) -> ResumeResult:
     """Resume model, optimizer, EMA models and trainer state from a previous run (collective).
 
@@ -97,7 +100,8 @@ def resume(
     (``output_dir``, ``resume_run_id``, ``resume_stage_name``, ``stage_name``,
     ``resume_checkpoint``). Every rank loads the same checkpoint or every rank raises the
     same error. Files the load reads are checked against the commit record: sizes always,
-    CRC32 for files of at most ``verify_max_bytes`` (an extra read; 0 turns it off).
+    CRC32 for files of at most ``verify_max_bytes`` (an extra read; 0 turns it off;
+    default 256 MiB on local disks, 1 MiB on object stores).
     """
     if not isinstance(config, ResumeConfig):
         parsed = ResumeConfig.from_root_config(config)
@@ -106,6 +110,8 @@ def resume(
         config = parsed
     comm = Comm(timeout_s)
     storage = storage or open_storage(config.output_dir, config.storage)
+    if verify_max_bytes is None:
+        verify_max_bytes = DEFAULT_VERIFY_MAX_BYTES if storage.is_local else DEFAULT_VERIFY_MAX_BYTES_REMOTE
     layout = StageLayout(config.output_dir, config.resume_run_id, config.resume_stage_name)
     targets = comm.each(lambda: _targets(model, optimizer, ema))
     cache: dict[str, Any] = {}

@@ -130,9 +130,8 @@ class Checkpointer:
             log.info("save %s waits for the previous save to finish (at most one save in flight)", iteration)
         self.wait()
         started = time.perf_counter()
-        plan = self.comm.each(lambda: self._capture(iteration, model, optimizer, ema, trainer_state,
-                                                    rank_state, metrics, last))
-        plan = self.comm.each(lambda: self._background.stage(plan))
+        plan = self.comm.each(lambda: self._background.stage(self._capture(
+            iteration, model, optimizer, ema, trainer_state, rank_state, metrics, last)))
         self.last_stall_s = time.perf_counter() - started
         self._pending = self._background.submit(lambda: self._write_and_commit(plan, self._background.comm))
         return self._pending
@@ -200,9 +199,10 @@ class Checkpointer:
         existing = read_commit(self.storage, self.layout, plan.iteration)
         if existing is not None:
             return False
+        present = {e.name for e in self.storage.list(self.layout.checkpoints_dir)}  # one listing
         for art in plan.artifacts:
-            path = self.layout.artifact_path(art.name)
-            if self.storage.exists(path):
+            if art.name in present:
+                path = self.layout.artifact_path(art.name)
                 log.warning("removing %s left by an earlier save that never committed", path)
                 self.storage.remove(path, recursive=True)
         return True
@@ -231,7 +231,8 @@ class Checkpointer:
                     for art in plan.artifacts]
             return [dcp_io.save_state(art.state, self.layout.artifact_path(art.name), self.storage,
                                       process_group=group, thread_count=self.config.thread_count,
-                                      replicated_on_rank0=self.config.node_local)
+                                      replicated_on_rank0=self.config.node_local,
+                                      blocking=self.config.async_mode is AsyncMode.OFF)
                     for art in plan.artifacts]
 
         try:

@@ -1,0 +1,163 @@
+"""Asynchronous (THREAD mode) saves: how long the caller is blocked, and whether memory
+grows from save to save (rank side).
+
+``async_stall``: ``saves`` async saves; before each the previous one has finished
+(``wait``), so the stall (``Checkpointer.last_stall_s``: capture + agreement + staging
+copy) is measured on its own, and right before it the baseline: one plain copy of this
+rank's state (its local shards) into preallocated, already touched memory, the least any
+staging can cost. The first save allocates the staging buffers; later saves reuse them.
+
+``async_rss``: resident memory (VmRSS) after ``warmup`` async saves and after ``saves``
+more, all finished; the growth is compared with this rank's state size.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import time
+from typing import Any
+
+from benchmarks.common import barrier, build_model, local_tensors, nbytes, proc_status_bytes, rss_bytes
+
+log = logging.getLogger(__name__)
+
+
+class CopyBaseline:
+    """One plain copy of this rank's tensors into preallocated, already touched buffers: the
+    least any staging can cost. Timed right before each save, because this machine's memory
+    bandwidth drifts: each stall is compared with the copy measured next to it."""
+
+    def __init__(self, tensors: list[Any]) -> None:
+        import torch
+
+        self.tensors = tensors
+        self.bufs = [torch.empty_like(t) for t in tensors]
+        self._copy()  # first touch: page faults are not part of the baseline
+
+    def _copy(self) -> None:
+        for b, t in zip(self.bufs, self.tensors):
+            b.copy_(t)
+
+    def time(self, repeats: int = 3) -> float:
+        """Median seconds of ``repeats`` copies (all ranks copy at the same time)."""
+        samples = []
+        for _ in range(repeats):
+            barrier()
+            start = time.perf_counter()
+            self._copy()
+            samples.append(time.perf_counter() - start)
+        return sorted(samples)[len(samples) // 2]
+
+
+def _checkpointer(out: str, run_id: str) -> Any:
+    from noether_dist import AsyncMode, Checkpointer, CheckpointerConfig
+
+    return Checkpointer(CheckpointerConfig(output_dir=out, run_id=run_id, model_name="m", timeout_s=600,
+                                           async_mode=AsyncMode.THREAD))
+
+
+def async_stall(rank: int, world_size: int, *, out: str, total_bytes: int, saves: int,
+                settle: bool = True) -> dict[str, Any]:
+    """Stall of each of ``saves`` async saves, completion time of each, and the copy baseline."""
+    from noether_dist import TrainingIteration
+    from noether_dist.statedict import model_state
+
+    model = build_model(total_bytes)
+    tensors = local_tensors(model_state(model))
+    baseline = CopyBaseline(tensors)
+    ck = _checkpointer(os.path.join(out, "async"), "stall")
+    stalls, completed, copies = [], [], []
+    for i in range(1, saves + 1):
+        ck.wait()
+        gc.collect()
+        if settle:
+            os.sync()  # the previous save's dirty pages go to disk now, not during the next stall
+        copies.append(baseline.time())
+        barrier()
+        start = time.perf_counter()
+        ck.save(TrainingIteration(0, i, i), model=model)
+        ck.wait()
+        completed.append(time.perf_counter() - start)
+        stalls.append(ck.last_stall_s)
+        if rank == 0:
+            log.info("async save %d/%d: stall %.4fs (copy %.4fs), written after %.3fs", i, saves, stalls[-1],
+                     copies[-1], completed[-1])
+    ck.close()
+    del baseline
+    return {"copy_s": copies, "stalls": stalls, "completed_s": completed, "local_bytes": nbytes(tensors),
+            "parts": stall_parts(model)}
+
+
+def stall_parts(model: Any, repeats: int = 5) -> dict[str, float]:
+    """Median seconds of each piece an async save's stall is made of, timed on their own:
+    capturing the state dict, one ``Comm.each`` agreement (the stall has two), and the
+    staging copy into already allocated buffers (DefaultStager, as the Checkpointer uses it);
+    and, for comparison, the cheapest agreement there is: an all_reduce of one int."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.staging import DefaultStager
+
+    from noether_dist.comm import Comm
+    from noether_dist.statedict import model_state, staging_options
+
+    comm = Comm(600)
+    stager = DefaultStager(staging_options())
+    stager.stage(model_state(model))  # allocate the staging buffers
+    samples: dict[str, list[float]] = {"capture_s": [], "each_s": [], "stage_s": [], "flag_allreduce_s": []}
+    flag = torch.ones(1, dtype=torch.int32)
+    for _ in range(repeats):
+        barrier()
+        t0 = time.perf_counter()
+        sd = model_state(model)
+        t1 = time.perf_counter()
+        comm.each(lambda: None)
+        t2 = time.perf_counter()
+        stager.stage(sd)
+        t3 = time.perf_counter()
+        if comm.distributed:
+            barrier()
+            t4 = time.perf_counter()
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=comm.group)
+            samples["flag_allreduce_s"].append(time.perf_counter() - t4)
+        else:
+            samples["flag_allreduce_s"].append(0.0)
+        samples["capture_s"].append(t1 - t0)
+        samples["each_s"].append(t2 - t1)
+        samples["stage_s"].append(t3 - t2)
+    stager.close()
+    return {k: sorted(v)[len(v) // 2] for k, v in samples.items()}
+
+
+def async_rss(rank: int, world_size: int, *, out: str, total_bytes: int, warmup: int, saves: int) -> dict[str, Any]:
+    """VmRSS after warm-up and after ``saves`` more async saves (all finished)."""
+    import torch
+
+    from noether_dist import TrainingIteration
+    from noether_dist.statedict import model_state
+
+    model = build_model(total_bytes)
+    local = nbytes(local_tensors(model_state(model)))
+    ck = _checkpointer(os.path.join(out, "rss"), "rss")
+    trace = []
+    for i in range(1, warmup + saves + 1):
+        with torch.no_grad():  # a training step changes the weights between saves
+            for p in model.parameters():
+                (p.to_local() if hasattr(p, "to_local") else p).mul_(0.999)
+        ck.save(TrainingIteration(0, i, i), model=model)
+        if i == warmup:
+            ck.wait()
+            gc.collect()
+            rss_warm = rss_bytes()
+        elif i > warmup:
+            trace.append(rss_bytes())
+    ck.wait()
+    gc.collect()
+    rss_end = rss_bytes()
+    ck.close()
+    if rank == 0:
+        log.info("async rss: %.1f MiB after warm-up, %.1f MiB after %d more saves (state %.1f MiB)",
+                 rss_warm / 2**20, rss_end / 2**20, saves, local / 2**20)
+    return {"rss_warm": rss_warm, "rss_end": rss_end, "rss_trace": trace, "hwm": proc_status_bytes("VmHWM"),
+            "local_bytes": local}

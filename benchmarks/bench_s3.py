@@ -1,0 +1,142 @@
+"""S3 save and load throughput against raw s3fs on the same moto server (rank side).
+
+Per repetition, in a rotating order:
+
+- ``raw_put``: every rank writes its shard bytes as ``thread_count`` objects (grouped as
+  DCP groups items into files), all at once (``fs.pipe`` of a dict: s3fs sends them
+  concurrently); ``raw_get``: reads them back the same way (``fs.cat`` of a list);
+- ``ours_save``: ``Checkpointer.save`` (sync) with ``thread_count`` writer threads per rank;
+- ``ours_save_tiny``: ``Checkpointer.save`` of a 64 KiB model: the fixed cost of a save;
+- ``ours_load``: ``noether_dist.resume`` of that checkpoint into a fresh model (defaults:
+  files up to 256 MiB are CRC32-checked first, an extra read);
+- ``ours_load_noverify``: the same with ``verify_max_bytes=0`` (sizes checked only), to
+  show what the verification read costs.
+
+``request_census`` (parent side, one process) counts the HTTP requests of one save and one
+load through the test suite's ``FaultProxy``, by method and by what they touch.
+
+The s3fs filesystem is the one ``open_storage`` makes from the same options, so both sides
+use the same client settings.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from typing import Any
+
+from benchmarks.common import as_bytes_view, barrier, build_model, local_tensors, nbytes, timed
+
+log = logging.getLogger(__name__)
+
+
+def _groups(tensors: list[Any], bins: int) -> list[list[Any]]:
+    """Greedy largest-first split into ``bins`` groups of similar size (as DCP's writer does)."""
+    groups: list[list[Any]] = [[] for _ in range(bins)]
+    sizes = [0] * bins
+    for t in sorted(tensors, key=lambda t: t.numel() * t.element_size(), reverse=True):
+        i = sizes.index(min(sizes))
+        groups[i].append(t)
+        sizes[i] += t.numel() * t.element_size()
+    return [g for g in groups if g]
+
+
+def s3_throughput(rank: int, world_size: int, *, endpoint: str, extra: dict[str, Any], bucket: str,
+                  total_bytes: int, repeats: int, thread_count: int) -> dict[str, Any]:
+    """Seconds of raw put/get and of our save/load, per repetition (slowest rank)."""
+    from noether_dist import Checkpointer, CheckpointerConfig, StorageOptions, TrainingIteration, resume
+    from noether_dist.statedict import model_state
+    from noether_dist.storage import open_storage
+
+    opts = StorageOptions(endpoint_url=endpoint, extra=dict(extra))
+    root = f"s3://{bucket}"
+    storage = open_storage(root, opts)
+    fs = storage.fs
+    model = build_model(total_bytes)
+    tensors = local_tensors(model_state(model))
+    blobs = {f"{bucket}/raw/rank{rank}_{j}.bin": b"".join(bytes(as_bytes_view(t)) for t in group)
+             for j, group in enumerate(_groups(tensors, thread_count))}
+    ck = Checkpointer(CheckpointerConfig(output_dir=f"{root}/ours", run_id="s3", model_name="m", storage=opts,
+                                         thread_count=thread_count, timeout_s=600), storage=storage)
+    target = build_model(total_bytes, seed=1)
+    cfg = {"output_dir": f"{root}/ours", "resume_run_id": "s3"}
+    counter = iter(range(1, 1_000_000))
+
+    def ours_save() -> None:
+        step = next(counter)
+        ck.save(TrainingIteration(0, step, step), model=model)
+
+    tiny = build_model(64 * 1024)
+    ck_tiny = Checkpointer(CheckpointerConfig(output_dir=f"{root}/tiny", run_id="s3", model_name="m", storage=opts,
+                                              thread_count=thread_count, timeout_s=600), storage=storage)
+
+    def ours_save_tiny() -> None:
+        step = next(counter)
+        ck_tiny.save(TrainingIteration(0, step, step), model=tiny)
+
+    def ours_load() -> None:
+        resume(cfg, model=target, model_name="m", storage=storage, timeout_s=600)
+
+    def ours_load_noverify() -> None:
+        resume(cfg, model=target, model_name="m", storage=storage, timeout_s=600, verify_max_bytes=0)
+
+    def raw_get() -> None:
+        got = fs.cat(list(blobs))
+        assert sum(len(v) for v in got.values()) == sum(len(v) for v in blobs.values())
+
+    steps = {"raw_put": lambda: fs.pipe(blobs), "ours_save": ours_save, "ours_save_tiny": ours_save_tiny,
+             "raw_get": raw_get, "ours_load": ours_load, "ours_load_noverify": ours_load_noverify}
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for rep in range(repeats):
+        # writes before reads (a load needs a save); which of raw/ours goes first alternates
+        order = ["raw_put", "ours_save", "ours_save_tiny", "raw_get", "ours_load", "ours_load_noverify"] \
+            if rep % 2 == 0 else ["ours_save_tiny", "ours_save", "raw_put", "ours_load_noverify", "ours_load", "raw_get"]
+        for name in order:
+            gc.collect()
+            seconds, _ = timed(steps[name])
+            times[name].append(seconds)
+        if rank == 0:
+            log.info("s3 rep %d/%d: %s", rep + 1, repeats, ", ".join(f"{k} {v[-1]:.3f}s" for k, v in times.items()))
+    ck.close()
+    ck_tiny.close()
+    barrier()
+    return {"times": times, "local_bytes": nbytes(tensors), "objects_per_rank": len(blobs)}
+
+
+def request_census(server: Any, *, total_bytes: int, thread_count: int) -> dict[str, Any]:
+    """HTTP requests of one sync save and one resume (one process, no process group), counted
+    by a proxy: by method, and how many move checkpoint data (``.distcp`` files)."""
+    from tests.fault_proxy import FaultProxy  # the one helper borrowed from the test suite
+
+    from noether_dist import Checkpointer, CheckpointerConfig, StorageOptions, TrainingIteration, resume
+    from noether_dist.storage import open_storage
+
+    bucket = "nd-bench-census"
+    server.create_bucket(bucket)
+    out: dict[str, Any] = {}
+    with FaultProxy(server.endpoint_url) as proxy:
+        opts = StorageOptions(endpoint_url=proxy.endpoint_url,
+                              extra={**server.storage_extra(), "skip_instance_cache": True})
+        root = f"s3://{bucket}/o"
+        storage = open_storage(root, opts)
+        model = build_model(total_bytes)
+        ck = Checkpointer(CheckpointerConfig(output_dir=root, run_id="c", model_name="m", storage=opts,
+                                             thread_count=thread_count), storage=storage)
+        ck.save(TrainingIteration(0, 1, 1), model=model)  # the first save also sets up folders: not counted
+        target = build_model(total_bytes, seed=1)
+        cfg = {"output_dir": root, "resume_run_id": "c"}
+        steps = {"save": lambda: ck.save(TrainingIteration(0, 2, 2), model=model),
+                 "load": lambda: resume(cfg, model=target, model_name="m", storage=storage),
+                 "load_noverify": lambda: resume(cfg, model=target, model_name="m", storage=storage,
+                                                 verify_max_bytes=0)}
+        for name, fn in steps.items():
+            proxy.reset_stats()
+            fn()
+            events = proxy.events
+            data = [e for e in events if ".distcp" in e[1] and e[0] in ("PUT", "GET")]
+            out[name] = {"requests": len(events), "by_method": proxy.stats["by_method"],
+                         "data_requests": len(data), "other_requests": len(events) - len(data)}
+            log.info("s3 census %-13s %3d requests (%d move .distcp data) %s", name, len(events), len(data),
+                     proxy.stats["by_method"])
+        ck.close()
+    return out

@@ -1,0 +1,438 @@
+"""Run the noether_dist benchmarks; print a table of ratios and write them as JSON.
+
+    python benchmarks/run.py                      # default sizes, a few minutes on 2 cores
+    python benchmarks/run.py --tiny               # every benchmark at a tiny size, seconds
+    python benchmarks/run.py --world-size 4 --size-mib 1024 --only sync,async
+
+Every figure is a ratio of two things measured side by side in this run on this machine
+(see benchmarks/README.md for what each means and its goal). Multi-rank parts run real
+processes (gloo on CPU, OMP_NUM_THREADS=1).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported, here and in every rank
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import math  # noqa: E402
+import platform  # noqa: E402
+import shutil  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from typing import Any  # noqa: E402
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` and `noether_dist` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import MiB, Figure, median, ratio  # noqa: E402
+
+log = logging.getLogger("benchmarks")
+
+BENCHMARKS = ("rss", "sync", "async", "dedup", "s3", "resume", "scaling")
+"""In the order they run (``rss`` first: its process has not run anything else yet)."""
+
+FIGURE_KEYS = (
+    "sync_save_throughput_vs_raw_write",
+    "sync_save_time_vs_dcp_save",
+    "sync_writer_time_vs_dcp_save",
+    "sync_save_throughput_vs_raw_write_without_zip_crc",
+    "async_stall_vs_copy",
+    "async_first_stall_vs_copy",
+    "async_rss_growth_vs_state",
+    "dedup_bytes_vs_unique",
+    "s3_save_throughput_vs_raw_put",
+    "s3_load_throughput_vs_raw_get",
+    "resume_select_requests",
+    "resume_select_and_read_requests",
+    "resume_requests_vs_commit_listing",
+    "resume_requests_vs_dir_listing",
+    "scaling_save_time_vs_ws1",
+    "scaling_load_time_vs_ws1",
+)
+"""Every figure a full run reports (one per key; scaling keys are for the largest world size)."""
+
+TINY = {"size_mib": 2, "s3_size_mib": 2, "rss_size_mib": 1, "scaling_size_mib": 2, "repeats": 1,
+        "async_saves": 3, "rss_saves": 20, "checkpoints": 200}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--world-size", type=int, default=2, help="ranks for the multi-rank benchmarks (default 2)")
+    p.add_argument("--size-mib", type=float, default=512,
+                   help="total state of the sync, async and dedup benchmarks (default 512)")
+    p.add_argument("--rss-size-mib", type=float, default=128, help="total state of the memory benchmark (default 128)")
+    p.add_argument("--s3-size-mib", type=float, default=128, help="total state of the S3 benchmark (default 128)")
+    p.add_argument("--scaling-size-mib", type=float, default=256, help="total state of the scaling table (default 256)")
+    p.add_argument("--scaling-world-sizes", default="1,2,4", help="world sizes of the scaling table (default 1,2,4)")
+    p.add_argument("--repeats", type=int, default=5, help="repetitions of each timed step; medians are reported")
+    p.add_argument("--async-saves", type=int, default=6, help="async saves in the stall benchmark (default 6)")
+    p.add_argument("--rss-saves", type=int, default=20, help="async saves after warm-up in the memory benchmark")
+    p.add_argument("--checkpoints", type=int, default=200, help="committed checkpoints for the resume benchmark")
+    p.add_argument("--thread-count", type=int, default=4, help="writer threads per rank and objects per rank on S3")
+    p.add_argument("--tiny", action="store_true", help="every benchmark at a tiny size (seconds; for smoke tests)")
+    p.add_argument("--only", default=",".join(BENCHMARKS), help=f"comma list out of {','.join(BENCHMARKS)}")
+    p.add_argument("--out", default=None, help="JSON file to write (default runs/benchmarks/results-<time>.json)")
+    p.add_argument("--dir", default=None, help="where checkpoints are written (default: a temp folder, removed)")
+    p.add_argument("--profile", action="store_true", help="also cProfile one sync save per rank (written beside the JSON)")
+    p.add_argument("--timeout", type=float, default=None, help="seconds allowed per launch of ranks (default 900, tiny 180)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    args = p.parse_args(argv)
+    if args.tiny:
+        for key, value in TINY.items():
+            setattr(args, key, value)
+    args.only = [b.strip() for b in args.only.split(",") if b.strip()]
+    unknown = sorted(set(args.only) - set(BENCHMARKS))
+    if unknown:
+        p.error(f"unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}")
+    args.scaling_world_sizes = [int(x) for x in args.scaling_world_sizes.split(",") if x.strip()]
+    if args.world_size < 1 or args.repeats < 1 or args.async_saves < 2 or args.rss_saves < 1:
+        p.error("need --world-size >= 1, --repeats >= 1, --async-saves >= 2, --rss-saves >= 1")
+    if args.timeout is None:
+        args.timeout = 180.0 if args.tiny else 900.0
+    return args
+
+
+class Runner:
+    """Runs the selected benchmarks in order and turns their raw results into figures."""
+
+    def __init__(self, args: argparse.Namespace, work: str) -> None:
+        self.args = args
+        self.work = work
+        self.figures: dict[str, Figure] = {}
+        self.raw: dict[str, Any] = {}
+        self.scaling_rows: list[dict[str, Any]] = []
+        self.raw_profile: list[str] = []
+        self.loadavg: dict[str, float] = {"before_run": os.getloadavg()[0]}
+        """1-minute load average before the run and when each benchmark started (this run's
+        own ranks count too): other work on the machine makes figures less reliable."""
+        self._step = 0
+        self._steps = len(args.only)
+
+    def add(self, fig: Figure) -> None:
+        self.figures[fig.key] = fig
+
+    def progress(self, name: str, what: str) -> float:
+        self._step += 1
+        load = os.getloadavg()[0]
+        self.loadavg[name] = load
+        busy = f" (load average {load:.1f} on {os.cpu_count()} cores: other work is running)" \
+            if load > busy_threshold(self.args) else ""
+        log.info("[%d/%d] %s: %s%s", self._step, self._steps, name, what, busy)
+        return time.perf_counter()
+
+    def done(self, name: str, started: float, keys: list[str]) -> None:
+        shown = ", ".join(f"{k}={self.figures[k].value:.3g}" for k in keys if k in self.figures)
+        log.info("[%d/%d] %s: done in %.1fs %s", self._step, self._steps, name, time.perf_counter() - started, shown)
+
+    def run(self) -> None:
+        a = self.args
+        local_jobs = []
+        if "rss" in a.only:
+            from benchmarks.bench_async import async_rss
+            local_jobs.append(("rss", async_rss, {"out": self.work, "total_bytes": int(a.rss_size_mib * MiB),
+                                                  "warmup": 2, "saves": a.rss_saves}))
+        if "sync" in a.only:
+            from benchmarks.bench_sync import sync_save
+            local_jobs.append(("sync", sync_save, {"out": self.work, "total_bytes": int(a.size_mib * MiB),
+                                                   "repeats": a.repeats, "profile_top": a.profile,
+                                                   "settle": not a.tiny}))
+        if "async" in a.only:
+            from benchmarks.bench_async import async_stall
+            local_jobs.append(("async", async_stall, {"out": self.work, "total_bytes": int(a.size_mib * MiB),
+                                                      "saves": a.async_saves, "settle": not a.tiny}))
+        if "dedup" in a.only:
+            from benchmarks.bench_dedup import dedup
+            local_jobs.append(("dedup", dedup, {"out": self.work, "total_bytes": int(a.size_mib * MiB)}))
+        if local_jobs:
+            self._local(local_jobs)
+        if "s3" in a.only or "resume" in a.only:
+            self._s3()
+        if "scaling" in a.only:
+            self._scaling()
+
+    # -- groups ----------------------------------------------------------------------
+    def _local(self, jobs: list[tuple[str, Any, dict[str, Any]]]) -> None:
+        from benchmarks.ranks import run_jobs
+
+        names = [n for n, _, _ in jobs]
+        started = self.progress(",".join(names), f"{len(jobs)} benchmark(s) on {self.args.world_size} ranks "
+                                                 f"(one launch; {', '.join(names)} in this order)")
+        self._step -= 1
+        results = run_jobs([(fn, kw) for _, fn, kw in jobs], self.args.world_size, timeout_s=self.args.timeout)
+        for name, per_rank in zip(names, results):
+            self._step += 1
+            self.raw[name] = per_rank
+            getattr(self, f"_figures_{name}")(per_rank)
+            self.done(name, started, [k for k in self.figures if k.startswith(name.replace("rss", "async_rss"))])
+
+    def _s3(self) -> None:
+        from benchmarks.s3 import MotoServer, moto_available
+
+        ok, why = moto_available()
+        if not ok:
+            raise RuntimeError(f"the s3 and resume benchmarks need a moto server: {why}")
+        with MotoServer() as server:
+            if "s3" in self.args.only:
+                from benchmarks.bench_s3 import s3_throughput
+                from benchmarks.ranks import run_jobs
+
+                started = self.progress("s3", f"save/load {self.args.s3_size_mib:g} MiB on {self.args.world_size} "
+                                              f"ranks against raw s3fs, moto at {server.endpoint_url}")
+                bucket = "nd-bench-s3"
+                server.create_bucket(bucket)
+                kw = {"endpoint": server.endpoint_url, "extra": server.storage_extra(), "bucket": bucket,
+                      "total_bytes": int(self.args.s3_size_mib * MiB), "repeats": self.args.repeats,
+                      "thread_count": self.args.thread_count}
+                per_rank = run_jobs([(s3_throughput, kw)], self.args.world_size, timeout_s=self.args.timeout)[0]
+                self.raw["s3"] = per_rank
+                from benchmarks.bench_s3 import request_census
+
+                self.raw["s3_census"] = request_census(server, total_bytes=int(self.args.s3_size_mib * MiB)
+                                                       // self.args.world_size, thread_count=self.args.thread_count)
+                self._figures_s3(per_rank)
+                self.done("s3", started, ["s3_save_throughput_vs_raw_put", "s3_load_throughput_vs_raw_get"])
+            if "resume" in self.args.only:
+                from benchmarks.bench_resume import resume_requests
+
+                started = self.progress("resume", f"requests to select among {self.args.checkpoints} committed "
+                                                  "checkpoints on S3, counted by an HTTP proxy")
+                res = resume_requests(server, checkpoints=self.args.checkpoints)
+                self.raw["resume"] = res
+                self._figures_resume(res)
+                self.done("resume", started, [k for k in self.figures if k.startswith("resume")])
+
+    def _scaling(self) -> None:
+        from benchmarks.bench_scaling import scaling
+        from benchmarks.ranks import run_jobs
+
+        started = self.progress("scaling", f"save/load {self.args.scaling_size_mib:g} MiB at world sizes "
+                                           f"{self.args.scaling_world_sizes}")
+        cores = os.cpu_count() or 1
+        for ws in self.args.scaling_world_sizes:
+            kw = {"out": self.work, "total_bytes": int(self.args.scaling_size_mib * MiB), "repeats": self.args.repeats,
+                  "settle": not self.args.tiny}
+            per_rank = run_jobs([(scaling, kw)], ws, timeout_s=self.args.timeout)[0]
+            if not all(r["loaded_equal"] for r in per_rank):
+                raise RuntimeError(f"scaling ws={ws}: the loaded state differs from the saved one")
+            save_s, load_s = median(per_rank[0]["save_s"]), median(per_rank[0]["load_s"])
+            total = self.args.scaling_size_mib * MiB
+            self.scaling_rows.append({"world_size": ws, "save_s": save_s, "load_s": load_s,
+                                      "save_gb_s": total / save_s / 1e9, "load_gb_s": total / load_s / 1e9,
+                                      "oversubscribed": ws > cores, "cores": cores})
+        base = self.scaling_rows[0]
+        last = self.scaling_rows[-1]
+        note = f"ws={last['world_size']} vs ws={base['world_size']}" + \
+               (f"; ws={last['world_size']} oversubscribes {cores} cores" if last["oversubscribed"] else "")
+        self.add(Figure("scaling_save_time_vs_ws1", ratio(last["save_s"], base["save_s"]), "info",
+                        f"save {last['save_s']:.3f}s at ws={last['world_size']}",
+                        f"save {base['save_s']:.3f}s at ws={base['world_size']}", note))
+        self.add(Figure("scaling_load_time_vs_ws1", ratio(last["load_s"], base["load_s"]), "info",
+                        f"load {last['load_s']:.3f}s at ws={last['world_size']}",
+                        f"load {base['load_s']:.3f}s at ws={base['world_size']}", note))
+        self.done("scaling", started, ["scaling_save_time_vs_ws1", "scaling_load_time_vs_ws1"])
+
+    # -- figures ---------------------------------------------------------------------
+    def _figures_sync(self, per_rank: list[dict[str, Any]]) -> None:
+        samples = per_rank[0]["times"]  # timed() gives the slowest rank's time on every rank
+        times = {k: median(v) for k, v in samples.items()}
+        total = sum(r["local_bytes"] for r in per_rank)
+        gbs = {k: total / v / 1e9 for k, v in times.items()}
+
+        def paired(a: str, b: str) -> tuple[float, str]:
+            """Median over repetitions of a/b within each repetition, and its range."""
+            rs = [x / y for x, y in zip(samples[a], samples[b])]
+            return median(rs), f"per repetition {min(rs):.2f}..{max(rs):.2f}"
+
+        v, spread = paired("raw", "ours")
+        self.add(Figure("sync_save_throughput_vs_raw_write", v, ">= 0.85",
+                        f"Checkpointer.save {gbs['ours']:.2f} GB/s ({times['ours']:.3f}s)",
+                        f"raw write+fsync {gbs['raw']:.2f} GB/s ({times['raw']:.3f}s)",
+                        f"{total / MiB:.0f} MiB over {len(per_rank)} ranks, median of {self.args.repeats}; {spread}; "
+                        f"torch.save+fsync alone {times['torch_save']:.3f}s"))
+        v, spread = paired("ours", "dcp")
+        self.add(Figure("sync_save_time_vs_dcp_save", v, "<= 1.10",
+                        f"Checkpointer.save {times['ours']:.3f}s", f"dcp.save {times['dcp']:.3f}s",
+                        f"{spread}; fixed cost of one save (64 KiB state): {times['ours_tiny'] * 1000:.0f} ms"))
+        v, spread = paired("writer", "dcp")
+        self.add(Figure("sync_writer_time_vs_dcp_save", v, "info",
+                        f"dcp_io.save_state {times['writer']:.3f}s", f"dcp.save {times['dcp']:.3f}s",
+                        f"our DCP writer (fsspec + CRC32) without the commit protocol; {spread}"))
+        v, spread = paired("raw", "ours_no_zip_crc")
+        self.add(Figure("sync_save_throughput_vs_raw_write_without_zip_crc", v, "info",
+                        f"Checkpointer.save, torch's zip CRC32 off {gbs['ours_no_zip_crc']:.2f} GB/s",
+                        f"raw write+fsync {gbs['raw']:.2f} GB/s",
+                        f"what-if of a proposed change (our CRC32 in the commit record stays); {spread}"))
+        self.raw_profile = [r.get("profile") for r in per_rank if r.get("profile")]
+
+    def _figures_async(self, per_rank: list[dict[str, Any]]) -> None:
+        n = len(per_rank[0]["stalls"])
+        stalls = [max(r["stalls"][i] for r in per_rank) for i in range(n)]
+        copies = [max(r["copy_s"][i] for r in per_rank) for i in range(n)]
+        ratios = [s / c for s, c in zip(stalls, copies)]
+        local = max(r["local_bytes"] for r in per_rank)
+        parts = per_rank[0]["parts"]
+        self.add(Figure("async_stall_vs_copy", median(ratios[1:]), "<= 1.2",
+                        f"stall {median(stalls[1:]) * 1000:.1f} ms (saves 2..{n})",
+                        f"copy {median(copies[1:]) * 1000:.1f} ms of {local / MiB:.0f} MiB/rank",
+                        "median of per-save ratios (each stall / the copy timed just before it); stalls "
+                        + ", ".join(f"{s * 1000:.1f}" for s in stalls) + " ms; copies "
+                        + ", ".join(f"{c * 1000:.1f}" for c in copies) + " ms; parts alone: capture "
+                        f"{parts['capture_s'] * 1000:.1f} ms, one agreement (Comm.each) {parts['each_s'] * 1000:.1f} ms "
+                        f"(the stall has 2; a 1-int all_reduce takes {parts['flag_allreduce_s'] * 1000:.1f} ms), staging copy "
+                        f"{parts['stage_s'] * 1000:.1f} ms"))
+        self.add(Figure("async_first_stall_vs_copy", ratios[0], "info",
+                        f"first stall {stalls[0] * 1000:.1f} ms", f"copy {copies[0] * 1000:.1f} ms",
+                        "the first save allocates the staging buffers"))
+
+    def _figures_rss(self, per_rank: list[dict[str, Any]]) -> None:
+        growth = [ratio(r["rss_end"] - r["rss_warm"], r["local_bytes"]) for r in per_rank]
+        worst = max(range(len(per_rank)), key=lambda i: growth[i])
+        r = per_rank[worst]
+        self.add(Figure("async_rss_growth_vs_state", growth[worst], "<= 0.05",
+                        f"RSS growth {(r['rss_end'] - r['rss_warm']) / MiB:.1f} MiB over {self.args.rss_saves} saves",
+                        f"state {r['local_bytes'] / MiB:.1f} MiB/rank",
+                        f"rank {worst}; RSS after warm-up {r['rss_warm'] / MiB:.0f} MiB"))
+
+    def _figures_dedup(self, per_rank: list[dict[str, Any]]) -> None:
+        r = per_rank[0]
+        self.add(Figure("dedup_bytes_vs_unique", ratio(r["data_bytes"], r["unique_bytes"]), "== 1.0",
+                        f"data files {r['data_bytes'] / MiB:.2f} MiB", f"unique {r['unique_bytes'] / MiB:.2f} MiB",
+                        f"{len(per_rank)} ranks; without dedup {r['naive_bytes'] / MiB:.2f} MiB; "
+                        f".metadata {r['metadata_bytes']} B"))
+
+    def _figures_s3(self, per_rank: list[dict[str, Any]]) -> None:
+        samples = per_rank[0]["times"]
+        times = {k: median(v) for k, v in samples.items()}
+        total = sum(r["local_bytes"] for r in per_rank)
+        mbs = {k: total / v / 1e6 for k, v in times.items()}
+        census = self.raw.get("s3_census", {})
+
+        def paired(a: str, b: str) -> tuple[float, str]:
+            rs = [x / y for x, y in zip(samples[a], samples[b])]
+            return median(rs), f"per repetition {min(rs):.2f}..{max(rs):.2f}"
+
+        def reqs(name: str) -> str:
+            c = census.get(name)
+            return f"{c['requests']} requests, {c['data_requests']} of them data" if c else "not counted"
+
+        common = f"{total / MiB:.0f} MiB over {len(per_rank)} ranks, {self.args.thread_count} objects/threads per rank"
+        v, spread = paired("raw_put", "ours_save")
+        self.add(Figure("s3_save_throughput_vs_raw_put", v, ">= 0.9",
+                        f"Checkpointer.save {mbs['ours_save']:.0f} MB/s", f"s3fs put {mbs['raw_put']:.0f} MB/s",
+                        f"{common}; {spread}; fixed cost of one save (64 KiB state): "
+                        f"{times['ours_save_tiny'] * 1000:.0f} ms; one save at 1 rank: {reqs('save')}"))
+        v, spread = paired("raw_get", "ours_load")
+        nv, _ = paired("raw_get", "ours_load_noverify")
+        self.add(Figure("s3_load_throughput_vs_raw_get", v, ">= 0.9",
+                        f"resume {mbs['ours_load']:.0f} MB/s", f"s3fs get {mbs['raw_get']:.0f} MB/s",
+                        f"{common}; {spread}; without the CRC32 read (verify_max_bytes=0): {nv:.2f} "
+                        f"({mbs['ours_load_noverify']:.0f} MB/s); one load at 1 rank: {reqs('load')}, "
+                        f"without verification {reqs('load_noverify')}"))
+
+    def _figures_resume(self, res: dict[str, Any]) -> None:
+        n = res["checkpoints"]
+        req = {k: v["requests"] for k, v in res.items() if isinstance(v, dict)}
+        ours, resolve = req["ours"], req["ours_resolve_record"]
+        self.add(Figure("resume_select_requests", float(ours), "<= 3", f"{ours} requests (select_checkpoint)",
+                        "1 (a count, not a ratio)",
+                        f"{n} committed checkpoints; {res['ours']['by_method']}; with Storage.read as one GET: "
+                        f"{req['ours_one_get_read']}"))
+        self.add(Figure("resume_select_and_read_requests", float(resolve), "<= 3",
+                        f"{resolve} requests (resolve_record, as resume runs it)", "1 (a count)",
+                        f"{res['ours_resolve_record']['by_method']}; with Storage.read as one GET: "
+                        f"{req['ours_resolve_record_one_get_read']}"))
+        self.add(Figure("resume_requests_vs_commit_listing", ratio(ours, req["commit_listing"]), "info",
+                        f"{ours} requests", f"{req['commit_listing']} requests: list _commits/ + read newest",
+                        f"select only from the listing: {req['commit_listing_select_only']} request(s), "
+                        f"returning {n} keys"))
+        self.add(Figure("resume_requests_vs_dir_listing", ratio(ours, req["dir_listing"]), "info", f"{ours} requests",
+                        f"{req['dir_listing']} requests: list folders + .metadata check each (torchtitan style)"))
+
+
+def busy_threshold(args: argparse.Namespace) -> float:
+    """A 1-min load average above this means work other than this run's own ranks."""
+    return (os.cpu_count() or 1) + max(args.world_size, *args.scaling_world_sizes) / 2
+
+
+def machine_info() -> dict[str, Any]:
+    import torch
+
+    return {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            "platform": platform.platform(), "cuda": torch.cuda.is_available()}
+
+
+def print_table(figures: dict[str, Figure], scaling_rows: list[dict[str, Any]], out: Any = None) -> None:
+    out = out or sys.stdout
+    rows = [("figure", "value", "goal", "met", "numerator / denominator")]
+    for f in figures.values():
+        met = {True: "yes", False: "NO", None: "-"}[f.met]
+        rows.append((f.key, f"{f.value:.3f}" if math.isfinite(f.value) else "nan", f.goal, met,
+                     f"{f.numerator} / {f.denominator}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for i, r in enumerate(rows):
+        print("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4], file=out)
+        if i == 0:
+            print("  ".join("-" * w for w in widths) + "  " + "-" * 23, file=out)
+    for f in figures.values():
+        if f.note:
+            print(f"  {f.key}: {f.note}", file=out)
+    if scaling_rows:
+        print("\nscaling (one fixed total state):", file=out)
+        print("  world size  save s   load s   save GB/s  load GB/s", file=out)
+        for r in scaling_rows:
+            over = f"  (oversubscribed: {r['world_size']} ranks on {r['cores']} cores)" if r["oversubscribed"] else ""
+            print(f"  {r['world_size']:>10}  {r['save_s']:7.3f}  {r['load_s']:7.3f}  {r['save_gb_s']:9.3f}  "
+                  f"{r['load_gb_s']:9.3f}{over}", file=out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("noether_dist").setLevel(logging.WARNING)
+    out = args.out or os.path.join("runs", "benchmarks", f"results-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    work = args.dir or tempfile.mkdtemp(prefix="nd-bench-")
+    os.makedirs(work, exist_ok=True)
+    started = time.perf_counter()
+    runner = Runner(args, work)
+    try:
+        runner.run()
+    finally:
+        if args.dir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    duration = time.perf_counter() - started
+    print_table(runner.figures, runner.scaling_rows)
+    busy = {k: v for k, v in runner.loadavg.items()
+            if v > (busy_threshold(args) if k != "before_run" else (os.cpu_count() or 1) / 2)}
+    if busy:
+        print(f"\nnote: other work was running ({os.cpu_count()} cores; 1-min load average: "
+              + ", ".join(f"{k} {v:.1f}" for k, v in busy.items()) + "); those figures are less reliable")
+    result = {
+        "command": [sys.executable, *sys.argv] if argv is None else ["benchmarks/run.py", *argv],
+        "config": {k: v for k, v in vars(args).items()},
+        "machine": machine_info(),
+        "duration_s": duration,
+        "loadavg": runner.loadavg,
+        "figures": {k: f.to_dict() for k, f in runner.figures.items()},
+        "scaling": runner.scaling_rows,
+        "raw": runner.raw,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w", encoding="utf-8") as fh:
+        json.dump(result, fh, indent=1, default=str)
+    if runner.raw_profile:
+        prof_path = os.path.splitext(out)[0] + "-profile.txt"
+        with open(prof_path, "w", encoding="utf-8") as fh:
+            fh.write("\n\n".join(runner.raw_profile))
+        log.info("profile of one sync save per rank: %s", prof_path)
+    log.info("wrote %s (%.1fs in all)", out, duration)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
