@@ -12,6 +12,7 @@ import contextlib
 import io
 import json
 import os
+import pickle
 import threading
 import warnings
 import zlib
@@ -24,6 +25,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint._fsspec_filesystem import FileSystem as _DcpFsspecFS
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION as _DCP_VERSION
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
 from .comm import is_distributed as _dist_ready
@@ -125,11 +127,29 @@ class _Writer(FsspecWriter):
         self.fs = _RecordingFS(storage.fs)
         self.path = path
         self.sidecar = sidecar
+        self.local = storage.is_local
         self._coordinator = False
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         super().set_up_storage_writer(is_coordinator, *args, **kwargs)
         self._coordinator = is_coordinator
+
+    def prepare_local_plan(self, plan: Any) -> Any:
+        if self.local:
+            return super().prepare_local_plan(plan)
+        # Object stores: no folders to make, and the Checkpointer already removed what an
+        # uncommitted save left (DCP's check would cost a HEAD and a LIST per rank).
+        return plan
+
+    def _write_metadata(self, metadata: Metadata, results: Any) -> None:
+        # DCP writes .metadata.tmp and renames it: on an object store a rename is a copy and
+        # a delete. The commit record, not this file, makes the checkpoint visible, so one
+        # PUT of the final name is enough there.
+        metadata.version = _DCP_VERSION
+        metadata.storage_data = {wr.index: wr.storage_data for wr_list in results for wr in wr_list}
+        metadata.storage_meta = self.storage_meta()
+        with self.fs.create_stream(f"{self.path}/{METADATA_FILE}", "wb") as stream:
+            pickle.dump(metadata, stream)
 
     def write_data(self, plan: Any, planner: Any) -> Any:
         fut = super().write_data(plan, planner)
@@ -139,7 +159,10 @@ class _Writer(FsspecWriter):
         return fut
 
     def finish(self, metadata: Metadata, results: Any) -> None:
-        super().finish(metadata, results)
+        if self.local:
+            super().finish(metadata, results)
+        else:
+            self._write_metadata(metadata, results)
         if self.sidecar:
             self._write_sidecar()
 
