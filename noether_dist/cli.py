@@ -1,6 +1,15 @@
-"""noether-ckpt: look at and manage checkpoints on local paths and s3://.
+"""noether-ckpt: look at, check and manage checkpoints on local paths and s3://.
 
-Exit codes: 0 success, 1 a check found a problem, 2 bad usage or input, 3 store error.
+Subcommands: list, inspect, verify, prune, convert. Every subcommand takes --json for
+scripts. URL is a local path, file:// or s3://bucket/prefix (endpoint from --endpoint-url
+or AWS_ENDPOINT_URL_S3 / the AWS config; credentials from the AWS environment).
+
+exit codes:
+  0  success (verify: no damage found)
+  1  a problem was found (verify: damage; a corrupt commit record; an unreadable file)
+  2  bad usage or input (unknown subcommand or option, a path or bucket that does not
+     exist, a bad name, a checkpoint that does not exist)
+  3  storage error (permission denied, the store unreachable after retries)
 """
 
 from __future__ import annotations
@@ -12,20 +21,34 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .catalog import StageSummary, list_runs, list_stages, summarize_stage
-from .errors import ConfigError, InvalidNameError, NoetherDistError, StorageError
-from .commit import CommitRecord, list_commits, read_commit
-from .convert import convert_stage
-from .layout import CHECKPOINTS_DIR, COMMITS_DIR, StageLayout, join_url
-from .names import TrainingIteration
-from .storage import Storage, StorageOptions, open_storage
+import torch
+from torch.distributed.checkpoint.api import CheckpointException as _DcpError
 
-__all__ = ["main", "build_parser"]
+from . import consolidated, dcp_io
+from .catalog import StageSummary, list_runs, list_stages, summarize_stage
+from .commit import CommitRecord, CorruptRecordError, list_commits, read_alias, read_commit
+from .convert import convert_stage
+from .errors import (AmbiguousCheckpointError, CheckpointNotFoundError, ConfigError, InvalidNameError,
+                     NoetherDistError, StorageError)
+from .layout import CHECKPOINTS_DIR, COMMITS_DIR, StageLayout, join_url
+from .names import CheckpointRef, TrainingIteration, parse_artifact
+from .retention import RetentionPolicy, prune
+from .select import resolve_record
+from .storage import Storage, StorageOptions, open_storage
+from .verify import VerifyReport, parse_checkpoint_arg, verify_stage
+
+__all__ = ["main", "build_parser", "Progress", "EXIT_OK", "EXIT_PROBLEM", "EXIT_USAGE", "EXIT_STORAGE"]
 
 EXIT_OK, EXIT_PROBLEM, EXIT_USAGE, EXIT_STORAGE = 0, 1, 2, 3
 
 
-def _human(n: int) -> str:
+class ProblemFound(NoetherDistError):
+    """A check found something wrong (exit code 1)."""
+
+
+def _human(n: int | None) -> str:
+    if n is None:
+        return "-"
     size = float(n)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if size < 1024 or unit == "TiB":
@@ -34,17 +57,31 @@ def _human(n: int) -> str:
     return f"{n} B"
 
 
-def _stages_under(storage: Storage, url: str) -> list[StageLayout]:
-    """Stages under an output dir, a run dir, or a stage dir."""
-    url = url.rstrip("/")
+def _stage_of_checkpoints_dir(storage: Storage, url: str) -> StageLayout:
+    """The layout whose checkpoints folder is ``<url>/checkpoints``: a stage folder or a run
+    without stages. A parsable commit record says which; the paths are the same either way."""
     parent, _, last = url.rpartition("/")
+    for entry in storage.list(join_url(url, CHECKPOINTS_DIR, COMMITS_DIR)):
+        if not entry.name.endswith(".json") or entry.is_dir:
+            continue
+        try:
+            record = CommitRecord.from_json(storage.read(entry.path))
+        except (CorruptRecordError, FileNotFoundError):
+            continue  # verify reports it; the folder structure still tells where it is
+        if record.stage_name and record.stage_name == last and record.run_id == parent.rpartition("/")[2]:
+            return StageLayout(parent.rpartition("/")[0] or ".", record.run_id, record.stage_name)
+        break
+    return StageLayout(parent or ".", last, None)
+
+
+def _stages_under(storage: Storage, url: str) -> list[StageLayout]:
+    """Stages under an output dir, a run dir, a stage dir, or a checkpoints dir."""
+    url = url.rstrip("/") or "/"
+    parent, _, last = url.rpartition("/")
+    if last == CHECKPOINTS_DIR and any(e.name == COMMITS_DIR for e in storage.list(url)):
+        return [_stage_of_checkpoints_dir(storage, parent)]
     if any(e.name == CHECKPOINTS_DIR and e.is_dir for e in storage.list(url)):
-        # A stage folder or a run without stages: a commit record says which.
-        commits = storage.list(join_url(url, CHECKPOINTS_DIR, COMMITS_DIR))
-        record = CommitRecord.from_json(storage.read(commits[0].path)) if commits else None
-        if record is not None and record.stage_name:
-            return [StageLayout(parent.rpartition("/")[0] or ".", record.run_id, record.stage_name)]
-        return [StageLayout(parent or ".", last, None)]
+        return [_stage_of_checkpoints_dir(storage, url)]
     stages = list_stages(storage, url)
     if stages:
         return [StageLayout(parent or ".", last, s or None) for s in stages]
@@ -52,6 +89,20 @@ def _stages_under(storage: Storage, url: str) -> list[StageLayout]:
             for run in list_runs(storage, url) for stage in list_stages(storage, join_url(url, run)) or []]
 
 
+def _one_stage(storage: Storage, url: str, what: str) -> StageLayout:
+    stages = _stages_under(storage, url)
+    if len(stages) != 1:
+        names = [f"{s.run_id}/{s.stage_name or '-'}" for s in stages]
+        raise ConfigError(f"{what} needs one stage folder (or a run without stages); {url} holds {len(stages)}"
+                          + (f": {names}" if names else " (no checkpoints folder)"))
+    return stages[0]
+
+
+def _name(layout: StageLayout) -> str:
+    return f"{layout.run_id}/{layout.stage_name or '(no stage)'}"
+
+
+# -- list ---------------------------------------------------------------------------------
 def _summary_json(summary: StageSummary) -> dict[str, Any]:
     layout = summary.layout
     return {
@@ -66,7 +117,12 @@ def _summary_json(summary: StageSummary) -> dict[str, Any]:
 
 def cmd_list(args: argparse.Namespace, storage: Storage) -> int:
     """List runs, stages and checkpoints with state, size and aliases."""
-    summaries = [summarize_stage(storage, layout) for layout in _stages_under(storage, args.url)]
+    layouts = _stages_under(storage, args.url)
+    progress = Progress(len(layouts), enabled=_progress_on(args) and len(layouts) > 1)
+    summaries = []
+    for layout in layouts:
+        progress(_name(layout))
+        summaries.append(summarize_stage(storage, layout))
     if args.json:
         print(json.dumps([_summary_json(s) for s in summaries], indent=1))
         return EXIT_OK
@@ -75,7 +131,7 @@ def cmd_list(args: argparse.Namespace, storage: Storage) -> int:
         return EXIT_OK
     for summary in summaries:
         layout = summary.layout
-        print(f"{layout.run_id}/{layout.stage_name or '(no stage)'}  [{layout.checkpoints_dir}]")
+        print(f"{_name(layout)}  [{layout.checkpoints_dir}]")
         if not summary.checkpoints:
             print("  (no checkpoints)")
         for cp in summary.checkpoints:
@@ -86,92 +142,378 @@ def cmd_list(args: argparse.Namespace, storage: Storage) -> int:
     return EXIT_OK
 
 
+# -- inspect ------------------------------------------------------------------------------
+def _legacy_model_name(storage: Storage, layout: StageLayout) -> str:
+    """The model name of Noether's own single files in a stage without commit records."""
+    names = set()
+    for entry in storage.list(layout.checkpoints_dir):
+        try:
+            names.add(parse_artifact(entry.name).model_name)
+        except ValueError:
+            continue
+    if len(names) > 1:
+        raise ConfigError(f"the stage holds files of several models {sorted(names)}; choose one with --model-name")
+    return names.pop() if names else "model"
+
+
+def _tensor_entry(key: str, value: Any) -> dict[str, Any]:
+    if isinstance(value, torch.Tensor):
+        return {"key": key, "shape": list(value.shape), "dtype": str(value.dtype).replace("torch.", ""),
+                "bytes": value.numel() * value.element_size()}
+    return {"key": key, "shape": None, "dtype": type(value).__name__, "bytes": None}
+
+
+def _flatten(obj: Any, prefix: str = "") -> list[dict[str, Any]]:
+    if isinstance(obj, dict):
+        out = []
+        for k, v in obj.items():
+            out.extend(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    if isinstance(obj, (list, tuple)) and obj and any(isinstance(v, (dict, torch.Tensor)) for v in obj):
+        out = []
+        for i, v in enumerate(obj):
+            out.extend(_flatten(v, f"{prefix}.{i}" if prefix else str(i)))
+        return out
+    return [_tensor_entry(prefix, obj)]
+
+
+def _dcp_keys(storage: Storage, path: str) -> list[dict[str, Any]]:
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    metadata = dcp_io.read_metadata(path, storage)
+    stored: dict[str, int] = {}
+    for index, info in (metadata.storage_data or {}).items():
+        stored[index.fqn] = stored.get(index.fqn, 0) + int(getattr(info, "length", 0) or 0)
+    out = []
+    for key, meta in sorted(metadata.state_dict_metadata.items()):
+        if isinstance(meta, TensorStorageMetadata):
+            dtype = meta.properties.dtype
+            numel = 1
+            for dim in meta.size:
+                numel *= int(dim)
+            out.append({"key": key, "shape": list(meta.size), "dtype": str(dtype).replace("torch.", ""),
+                        "bytes": numel * torch.empty((), dtype=dtype).element_size()})
+        else:
+            out.append({"key": key, "shape": None, "dtype": "object", "bytes": stored.get(key)})
+    return out
+
+
+def _file_keys(storage: Storage, path: str, kind: str) -> list[dict[str, Any]]:
+    obj = consolidated.read_file(storage, path)
+    if kind == "model":
+        return sorted(_flatten(consolidated.state_dict_of(obj, path)), key=lambda e: e["key"])
+    if not isinstance(obj, dict):
+        raise ProblemFound(f"{path} is not a Noether {kind} file: expected a dict, got {type(obj).__name__}")
+    return _flatten(obj)
+
+
+def _artifact_json(storage: Storage, layout: StageLayout, art) -> dict[str, Any]:
+    path = layout.artifact_path(art.name)
+    try:
+        if art.format == "consolidated":
+            keys = _file_keys(storage, path, art.kind)
+        else:
+            keys = _dcp_keys(storage, path)
+    except FileNotFoundError as exc:
+        raise ProblemFound(f"{path} is missing ({exc}); run noether-ckpt verify") from None
+    except ConfigError as exc:  # the file is not what its name says
+        raise ProblemFound(str(exc)) from exc
+    except (NoetherDistError, OSError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - an unreadable (or unsafe) file is a finding, not a crash
+        raise ProblemFound(f"{path} cannot be read: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                           ) from exc
+    nbytes = art.total_bytes if art.files else storage.size(path)
+    return {"name": art.name, "kind": art.kind, "model_info": art.model_info, "format": art.format,
+            "files": len(art.files), "bytes": nbytes, "keys": keys}
+
+
+def cmd_inspect(args: argparse.Namespace, storage: Storage) -> int:
+    """One checkpoint: artifacts, keys, shapes, dtypes, bytes, world size, training point, metrics."""
+    layout = _one_stage(storage, args.url, "inspect")
+    ref = parse_checkpoint_arg(args.checkpoint or "latest", "--checkpoint")
+    committed = bool(list_commits(storage, layout))
+    model_name = args.model_name or ("model" if committed else _legacy_model_name(storage, layout))
+    if ref.kind is CheckpointRef.Kind.ITERATION and committed:
+        record = read_commit(storage, layout, ref.iteration)
+        if record is None:
+            raise CheckpointNotFoundError(f"checkpoint {ref.iteration} is not committed in {layout.checkpoints_dir}; "
+                                          f"committed: {', '.join(map(str, list_commits(storage, layout)))}")
+    else:
+        record = resolve_record(storage, layout, ref, model_name)
+    aliases = []
+    for entry in storage.list(layout.aliases_dir):
+        name = StageLayout.alias_of_file(entry.name)
+        alias = read_alias(storage, layout, name) if name and not entry.name.startswith(".") else None
+        if alias is not None and alias.iteration == record.iteration:
+            aliases.append(name)
+    progress = Progress(len(record.artifacts), enabled=_progress_on(args))
+    artifacts = []
+    for art in record.artifacts:
+        progress(art.name)
+        artifacts.append(_artifact_json(storage, layout, art))
+    out = {"path": layout.checkpoints_dir, "run_id": record.run_id, "stage_name": record.stage_name,
+           "checkpoint": record.checkpoint, "committed": committed, "training_iteration": record.iteration.to_dict(),
+           "world_size": record.world_size if committed else None, "model_name": record.model_name,
+           "metrics": record.metrics, "created_at": record.created_at or None, "aliases": sorted(aliases),
+           "bytes": sum(a["bytes"] or 0 for a in artifacts), "artifacts": artifacts}
+    if args.json:
+        print(json.dumps(out, indent=1))
+        return EXIT_OK
+    it = record.iteration
+    ws = f"saved on {record.world_size} rank(s)" if committed else "no commit record (Noether single files)"
+    print(f"{_name(layout)}  {record.checkpoint}  {'committed' if committed else 'uncommitted'}  {ws}  "
+          f"{_human(out['bytes'])}  aliases: {', '.join(sorted(aliases)) or '-'}")
+    print(f"  training point: epoch {it.epoch}, update {it.update}, sample {it.sample}"
+          + (f"   created {record.created_at}" if record.created_at else ""))
+    if record.metrics:
+        print("  metrics: " + ", ".join(f"{k}={v:g}" for k, v in sorted(record.metrics.items())))
+    for art in artifacts:
+        info = f", {art['model_info']}" if art["model_info"] else ""
+        print(f"  {art['name']}  ({art['kind']}{info}, {art['format']}, {art['files']} file(s), {_human(art['bytes'])})")
+        for key in art["keys"]:
+            shape = "x".join(map(str, key["shape"])) if key["shape"] else ("scalar" if key["shape"] == [] else "-")
+            print(f"    {key['key']:<40} {key['dtype']:<9} {shape:<14} {_human(key['bytes']):>10}")
+    return EXIT_OK
+
+
+# -- verify -------------------------------------------------------------------------------
+def cmd_verify(args: argparse.Namespace, storage: Storage) -> int:
+    """Check every file of every commit record (size and CRC32, read in full); report
+    leftovers without a record, corrupt records and bad aliases. Exit 1 on any damage."""
+    if args.checkpoint:
+        parse_checkpoint_arg(args.checkpoint, "--checkpoint")
+        layouts = [_one_stage(storage, args.url, "verify --checkpoint")]
+    else:
+        layouts = _stages_under(storage, args.url)
+    if not layouts:
+        raise ConfigError(f"no checkpoints folder under {args.url}")
+    reports = []
+    for layout in layouts:
+        progress = Progress(0, enabled=_progress_on(args), prefix=_name(layout) + " ")
+        reports.append(verify_stage(storage, layout, checkpoint=args.checkpoint, progress=progress))
+    report = VerifyReport(tuple(reports))
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=1))
+    else:
+        for stage in report.stages:
+            files = sum(c.files for c in stage.checkpoints)
+            nbytes = sum(c.bytes for c in stage.checkpoints)
+            print(f"{_name(stage.layout)}  [{stage.layout.checkpoints_dir}]  {len(stage.checkpoints)} checkpoint(s), "
+                  f"{files} file(s), {_human(nbytes)} read")
+            for check in stage.checkpoints:
+                state = "ok" if check.ok else ("UNCOMMITTED" if not check.committed and all(
+                    d.kind.value == "uncommitted" for d in check.damages) else "DAMAGED")
+                print(f"  {check.checkpoint:<24} {state}")
+                for damage in check.damages:
+                    print(f"    {damage}")
+            for damage in stage.alias_damages:
+                print(f"  alias {damage.checkpoint}: {damage}")
+        if report.ok:
+            print("verify: no damage found")
+        else:
+            print(f"verify: {len(report.damages)} problem(s) found", file=sys.stderr)
+    return EXIT_OK if report.ok else EXIT_PROBLEM
+
+
+# -- prune --------------------------------------------------------------------------------
+def cmd_prune(args: argparse.Namespace, storage: Storage) -> int:
+    """Apply a retention policy: keep the last K (and every N-th update), always the newest
+    and every alias target; remove leftovers of saves that never committed."""
+    policy = RetentionPolicy(keep_last=args.keep_last, keep_every=args.keep_every)
+    layouts = _stages_under(storage, args.url)
+    if not layouts:
+        raise ConfigError(f"no checkpoints folder under {args.url}")
+    progress = Progress(len(layouts), enabled=_progress_on(args) and len(layouts) > 1)
+    results = []
+    for layout in layouts:
+        progress(_name(layout))
+        plan = prune(storage, layout, policy, dry_run=args.dry_run)
+        results.append((layout, plan))
+    if args.json:
+        print(json.dumps({"dry_run": args.dry_run, "keep_last": args.keep_last, "keep_every": args.keep_every,
+                          "stages": [{"run_id": lay.run_id, "stage_name": lay.stage_name, "path": lay.checkpoints_dir,
+                                      "deleted": [str(p) for p in plan.delete], "kept": [str(p) for p in plan.keep],
+                                      "uncommitted_removed": list(plan.uncommitted)} for lay, plan in results]},
+                         indent=1))
+        return EXIT_OK
+    verb = "would delete" if args.dry_run else "deleted"
+    for layout, plan in results:
+        print(f"{_name(layout)}  [{layout.checkpoints_dir}]")
+        print(f"  {verb}: {', '.join(map(str, plan.delete)) or 'nothing'}")
+        print(f"  kept: {', '.join(map(str, plan.keep)) or 'nothing'}")
+        if plan.uncommitted:
+            print(f"  {verb} leftovers of saves that never committed: {', '.join(plan.uncommitted)}")
+    return EXIT_OK
+
+
+# -- convert ------------------------------------------------------------------------------
 class Progress:
-    """A one-line progress display on stderr: ``[3/8] E1_U10_S80 model``; quiet when not a TTY
-    unless forced."""
+    """A one-line progress display on stderr: ``[3/8] E1_U10_S80 model``. On a TTY the line
+    is redrawn; otherwise every tenth step is printed."""
 
-    def __init__(self, total: int, enabled: bool = True) -> None:
-        self.total, self.done, self.enabled = total, 0, enabled
+    def __init__(self, total: int, enabled: bool = True, prefix: str = "") -> None:
+        self.total, self.done, self.enabled, self.prefix = total, 0, enabled, prefix
 
-    def __call__(self, label: str) -> None:
-        self.done += 1
-        if not self.enabled:
+    def __call__(self, label: str, done: int | None = None, total: int | None = None) -> None:
+        self.done = self.done + 1 if done is None else done
+        if total is not None:
+            self.total = total
+        if not self.enabled or self.total <= 0:
             return
+        text = f"{self.prefix}[{self.done}/{self.total}] {label}"
         if sys.stderr.isatty():
             end = "\n" if self.done >= self.total else "\r"
-            print(f"[{self.done}/{self.total}] {label}".ljust(70), end=end, file=sys.stderr, flush=True)
+            print(text[:110].ljust(110), end=end, file=sys.stderr, flush=True)
         elif self.done == self.total or self.done % max(1, self.total // 10) == 0:
-            print(f"[{self.done}/{self.total}] {label}", file=sys.stderr, flush=True)
+            print(text, file=sys.stderr, flush=True)
 
 
 def cmd_convert(args: argparse.Namespace, storage: Storage) -> int:
     """Convert a stage's checkpoints to consolidated files or back to sharded DCP."""
-    stages = _stages_under(storage, args.url)
-    if len(stages) != 1:
-        names = [f"{s.run_id}/{s.stage_name or '-'}" for s in stages]
-        raise ConfigError(f"convert needs one stage folder; {args.url} holds {len(stages)}: {names}")
-    src_layout = stages[0]
+    src_layout = _one_stage(storage, args.url, "convert")
+    for name in args.checkpoint or []:
+        TrainingIteration.parse(name)  # a clear error before anything is written
     dst = open_storage(args.dest, _options(args))
     dst_layout = StageLayout(args.dest, src_layout.run_id, src_layout.stage_name)
     points = args.checkpoint or [str(p) for p in list_commits(storage, src_layout)]
     record0 = read_commit(storage, src_layout, TrainingIteration.parse(points[0])) if points else None
     per_point = len(record0.artifacts) if record0 else 1
     report = convert_stage(storage, src_layout, dst, dst_layout, args.to, args.checkpoint,
-                           progress=Progress(len(points) * per_point, enabled=not args.json))
+                           progress=Progress(len(points) * per_point, enabled=_progress_on(args)))
     if args.json:
         print(json.dumps({"converted": list(report.checkpoints), "bytes": report.bytes_written,
-                          "destination": dst_layout.checkpoints_dir}))
+                          "destination": dst_layout.checkpoints_dir, "format": args.to}))
     else:
         print(f"converted {len(report.checkpoints)} checkpoint(s) to {args.to} in {dst_layout.checkpoints_dir} "
               f"({_human(report.bytes_written)})")
     return EXIT_OK
 
 
+# -- plumbing -----------------------------------------------------------------------------
 def _options(args: argparse.Namespace) -> StorageOptions:
     return StorageOptions(endpoint_url=args.endpoint_url, profile=args.profile, region=args.region)
 
 
+def _progress_on(args: argparse.Namespace) -> bool:
+    return not args.json and not args.no_progress
+
+
+def _require_exists(storage: Storage, url: str) -> None:
+    """ConfigError (exit 2) when the path, or the S3 bucket, does not exist; other store
+    errors (403, unreachable) raise StorageError (exit 3)."""
+    if storage.protocol in ("s3", "s3a"):
+        bucket = storage._strip(url).split("/", 1)[0]
+        if not bucket:
+            raise ConfigError(f"{url} names no bucket; use s3://bucket/prefix")
+        try:
+            storage.check_root(url)
+        except StorageError as exc:
+            if "does not exist" in str(exc):
+                raise ConfigError(str(exc)) from None
+            raise
+    if not storage.exists(url):
+        raise ConfigError(f"{url} does not exist")
+
+
+def _add_common(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """Options accepted before and after the subcommand (the later one wins)."""
+    default = (lambda value: value) if top else (lambda value: argparse.SUPPRESS)
+    parser.add_argument("--endpoint-url", default=default(None),
+                        help="S3 endpoint (default: AWS_ENDPOINT_URL_S3 / AWS config)")
+    parser.add_argument("--profile", default=default(None), help="AWS credentials profile")
+    parser.add_argument("--region", default=default(None), help="AWS region")
+    parser.add_argument("--json", action="store_true", default=default(False),
+                        help="machine-readable output on stdout")
+    parser.add_argument("--no-progress", action="store_true", default=default(False),
+                        help="no progress display on stderr")
+    parser.add_argument("-v", "--verbose", action="store_true", default=default(False), help="log what is done")
+
+
+_EPILOG = """exit codes: 0 ok, 1 problem found (verify: damage), 2 usage or bad input (missing path or
+bucket, bad name, unknown checkpoint), 3 storage error (permission, store unreachable)."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of noether-ckpt."""
-    parser = argparse.ArgumentParser(prog="noether-ckpt", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL_S3 / AWS config)")
-    parser.add_argument("--profile", help="AWS credentials profile")
-    parser.add_argument("--region", help="AWS region")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p_list = sub.add_parser("list", help="runs, stages and checkpoints: committed or not, size, aliases")
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="noether-ckpt", description=__doc__, formatter_class=fmt)
+    _add_common(parser, top=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{list,inspect,verify,prune,convert}")
+
+    def add(name: str, help_text: str, func) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=f"{help_text}.\n\n{_EPILOG}", formatter_class=fmt)
+        _add_common(p, top=False)
+        p.set_defaults(func=func)
+        return p
+
+    p_list = add("list", "runs, stages and checkpoints: committed or not, size, aliases", cmd_list)
     p_list.add_argument("url", help="output dir, run dir or stage dir (local path, file:// or s3://)")
-    p_list.add_argument("--json", action="store_true", help="machine-readable output")
-    p_list.set_defaults(func=cmd_list)
-    p_conv = sub.add_parser("convert", help="sharded (DCP) <-> consolidated (single torch.save files)")
+
+    p_insp = add("inspect", "one checkpoint: artifacts, keys, shapes, dtypes, bytes, world size, training point, "
+                 "metrics", cmd_inspect)
+    p_insp.add_argument("url", help="stage dir (or run dir of a run without stages)")
+    p_insp.add_argument("--checkpoint", help="latest (default), last, best.<metric>, E.._U.._S.., or one of E<n>, "
+                        "U<n>, S<n>")
+    p_insp.add_argument("--model-name", help="model name of Noether's own single files (default: the only one)")
+
+    p_ver = add("verify", "check sizes and CRC32s of every committed file (read in full), leftovers without a "
+                "commit record, corrupt records and bad aliases; exit 1 on damage", cmd_verify)
+    p_ver.add_argument("url", help="output dir, run dir or stage dir")
+    p_ver.add_argument("--checkpoint", help="only this checkpoint (latest, best.<metric>, E.._U.._S.., E<n>, ...)")
+
+    p_prune = add("prune", "delete committed checkpoints by retention policy (never the newest or an alias "
+                  "target) and leftovers of saves that never committed", cmd_prune)
+    p_prune.add_argument("url", help="output dir, run dir or stage dir")
+    p_prune.add_argument("--keep-last", type=int, required=True, metavar="K", help="keep the K newest checkpoints")
+    p_prune.add_argument("--keep-every", type=int, metavar="N", help="also keep every checkpoint whose update count "
+                         "is a multiple of N")
+    p_prune.add_argument("--dry-run", action="store_true", help="only say what would be deleted")
+
+    p_conv = add("convert", "sharded (DCP) <-> consolidated (single torch.save files)", cmd_convert)
     p_conv.add_argument("url", help="stage dir (or run dir of a run without stages) to convert")
     p_conv.add_argument("dest", help="output dir to write the converted run/stage under")
     p_conv.add_argument("--to", required=True, choices=["consolidated", "sharded"], help="target format")
     p_conv.add_argument("--checkpoint", action="append", help="E.._U.._S.. to convert (repeatable; default all)")
-    p_conv.add_argument("--json", action="store_true", help="machine-readable output")
-    p_conv.set_defaults(func=cmd_convert)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``noether-ckpt``; returns the exit code."""
+    """Entry point of ``noether-ckpt``; returns the exit code (argparse's 2 for bad usage)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2): return it, do not exit the caller
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         storage = open_storage(args.url, _options(args))
-        storage.check_root(args.url)
+        _require_exists(storage, args.url)
         return args.func(args, storage)
-    except (ConfigError, InvalidNameError) as exc:
+    except (CorruptRecordError, ProblemFound) as exc:
+        print(f"noether-ckpt: problem: {exc}", file=sys.stderr)
+        return EXIT_PROBLEM
+    except (ConfigError, InvalidNameError, CheckpointNotFoundError, AmbiguousCheckpointError) as exc:
         print(f"noether-ckpt: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except (StorageError, OSError) as exc:
         print(f"noether-ckpt: storage error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_STORAGE
     except NoetherDistError as exc:
-        print(f"noether-ckpt: error: {exc}", file=sys.stderr)
+        print(f"noether-ckpt: problem: {exc}", file=sys.stderr)
         return EXIT_PROBLEM
+    except _DcpError as exc:  # DCP could not read a checkpoint (derives from BaseException)
+        print(f"noether-ckpt: problem: DCP failed: {_dcp_reason(exc)}", file=sys.stderr)
+        return EXIT_PROBLEM
+
+
+def _dcp_reason(exc: BaseException) -> str:
+    failures = getattr(exc, "failures", None) or {}
+    reasons = []
+    for rank, failure in sorted(failures.items()):
+        err = failure[0] if isinstance(failure, tuple) else failure
+        reasons.append(f"rank {rank}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+    return "; ".join(reasons) or str(exc).splitlines()[0]
 
 
 if __name__ == "__main__":

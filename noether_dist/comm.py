@@ -48,11 +48,26 @@ class _Outcome:
     error_text: str = ""
 
 
+def _describe(exc: BaseException) -> str:
+    """One line per cause: DCP's CheckpointException carries a traceback per failed rank;
+    keep each rank's last line (the error itself) instead."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        parts = []
+        for rank, failure in sorted(failures.items()):
+            err = getattr(failure, "exception", None)  # DCP wraps (exception, traceback)
+            if err is None and isinstance(failure, tuple) and failure and isinstance(failure[0], BaseException):
+                err = failure[0]
+            parts.append(f"rank {rank}: {type(err).__name__}: {err}" if err is not None else f"rank {rank}: {failure}")
+        return "; ".join(parts)
+    return f"{type(exc).__name__}: {exc}"
+
+
 def _capture(rank: int, fn: Callable[[], Any]) -> _Outcome:
     try:
         return _Outcome(rank, True, fn())
     except (Exception, _DcpError) as exc:  # noqa: BLE001 - re-raised on every rank below
-        text = f"{type(exc).__name__}: {exc}"
+        text = _describe(exc)
         try:
             pickle.dumps(exc)
             return _Outcome(rank, False, error=exc, error_text=text)

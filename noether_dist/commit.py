@@ -6,7 +6,9 @@ object, written last (after every rank reported success) and exactly once
 It lists every artifact with every file each rank wrote (size, CRC32).
 
 Aliases (``latest``, ``last``, ``best.<metric>``) are small JSON objects replaced in one
-write; they name a training point and are only ever written after that point committed.
+write; they name a training point. ``last`` and ``best.<metric>`` are written after that
+point committed; ``latest`` just before its record, and selection ignores an alias whose
+point has no commit record.
 Finding ``latest`` costs two reads (alias, commit record); a listing of ``_commits/`` is
 the fallback when an alias is missing or broken.
 """

@@ -26,7 +26,7 @@ from torch.distributed.checkpoint import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint._fsspec_filesystem import FileSystem as _DcpFsspecFS
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION as _DCP_VERSION
-from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
 from .comm import is_distributed as _dist_ready
 from .errors import StateMismatchError
@@ -216,11 +216,36 @@ def save_state_in_process(state_dict: dict[str, Any], path: str, storage: Storag
     return collect_sidecar(path, storage, rank)
 
 
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP metadata and nothing else: DCP's own classes, torch.Size, dtypes and
+    the layout helper. A crafted ``.metadata`` cannot run code (plain pickle would)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module.startswith("torch.distributed.checkpoint."):
+            return super().find_class(module, name)
+        if module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)):
+            return getattr(torch, name)
+        if (module, name) in (("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+                              ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice")):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"DCP metadata may not reference {module}.{name}")
+
+
 class _Reader(FsspecReader):
     def __init__(self, path: str, storage: Storage) -> None:
         super().__init__(path)
         self.fs = _RecordingFS(storage.fs)
         self.path = path
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        with self.fs.create_stream(f"{self.path}/{METADATA_FILE}", "rb") as stream:
+            metadata = _MetadataUnpickler(stream).load()
+        if not isinstance(metadata, Metadata):
+            raise pickle.UnpicklingError(f"{self.path}/{METADATA_FILE} holds {type(metadata).__name__}, not DCP metadata")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
 
 
 @contextlib.contextmanager

@@ -177,7 +177,10 @@ def build_initializers(specs: list[dict[str, Any]] | None) -> list[Initializer]:
             cls = getattr(importlib.import_module(module_name), cls_name)
         except (ImportError, AttributeError, ValueError) as exc:
             raise ConfigError(f"initializer kind {kind!r} does not import: {exc}") from None
-        if isinstance(cls, type) and issubclass(cls, PreviousRunInitializer):
+        if not (isinstance(cls, type) and issubclass(cls, Initializer)):
+            raise ConfigError(f"initializer kind {kind!r} is not an Initializer "
+                              "(e.g. noether_dist.initializers.PreviousRunInitializer)")
+        if issubclass(cls, PreviousRunInitializer):
             check_known_keys(spec, {f.name for f in fields(cls)}, kind)
             if "storage" in spec and not isinstance(spec["storage"], StorageOptions):
                 spec["storage"] = StorageOptions.from_dict(spec["storage"])

@@ -86,8 +86,9 @@ class StageLayout:
         return join_url(self.checkpoints_dir, ALIASES_DIR)
 
     def artifact_path(self, artifact_name: str) -> str:
-        """Path of one artifact (a DCP directory or a consolidated file)."""
-        return join_url(self.checkpoints_dir, artifact_name)
+        """Path of one artifact (a DCP directory or a consolidated file). The name may come
+        from a stored record: it must be one safe path component (InvalidNameError)."""
+        return join_url(self.checkpoints_dir, validate_name(artifact_name, "artifact name"))
 
     def commit_path(self, iteration: TrainingIteration) -> str:
         """Path of the commit record of one training point."""
@@ -96,7 +97,7 @@ class StageLayout:
     def alias_path(self, ref: CheckpointRef | str) -> str:
         """Path of an alias record (latest, last, best.<metric>)."""
         name = ref.alias_name if isinstance(ref, CheckpointRef) else ref
-        return join_url(self.aliases_dir, f"{name}{_RECORD_SUFFIX}")
+        return join_url(self.aliases_dir, f"{validate_name(name, 'alias name')}{_RECORD_SUFFIX}")
 
     @staticmethod
     def iteration_of_commit_file(filename: str) -> TrainingIteration | None:

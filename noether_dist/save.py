@@ -25,7 +25,7 @@ from .names import ArtifactKind, TrainingIteration, format_artifact, normalize_m
 from .statedict import model_state, optimizer_state, pack_object, staging_options
 from .storage import Storage, open_storage
 
-__all__ = ["Checkpointer", "SaveResult", "TRAINER_COMMON_KEY", "trainer_rank_key"]
+__all__ = ["Checkpointer", "SaveResult", "AliasUpdateError", "TRAINER_COMMON_KEY", "trainer_rank_key"]
 
 log = logging.getLogger(__name__)
 TRAINER_COMMON_KEY = "noether.trainer"
@@ -46,6 +46,10 @@ class SaveResult:
     reused_existing: bool = False
     """True when this training point had already committed (e.g. after resuming from an
     older checkpoint): the existing checkpoint was kept and nothing was rewritten."""
+
+
+class AliasUpdateError(CommitError):
+    """The checkpoint committed, but an alias (last, best.<metric>) could not be moved."""
 
 
 @dataclass
@@ -77,8 +81,10 @@ class Checkpointer:
        name; replicated tensors once), recording size and CRC32 of each file it writes;
     4. the ranks exchange their reports; if any rank failed, every rank raises
        :class:`CommitError` and nothing is committed;
-    5. the coordinator writes the commit record (once, never overwritten), then moves
-       ``latest`` (and ``last``, ``best.<metric>`` when they apply) to the new point.
+    5. the coordinator points ``latest`` at the new point, writes the commit record (once,
+       never overwritten), then moves ``last`` and ``best.<metric>`` when they apply. A
+       ``latest`` that names an uncommitted point is skipped by selection, so a crash at
+       any moment leaves ``latest`` resolving to the newest committed checkpoint.
 
     A failure at any step leaves earlier committed checkpoints and aliases untouched.
     """
@@ -250,12 +256,30 @@ class Checkpointer:
                 arts.append(ArtifactRecord(art.name, art.kind.value, art.model_info, "dcp", tuple(files)))
             record = CommitRecord(plan.iteration, self.config.run_id, self.config.stage_name or None,
                                   self.config.model_name, comm.world_size, tuple(arts), plan.metrics)
-            write_commit(self.storage, self.layout, record)
+            # `latest` moves just BEFORE the record: a crash in between leaves it naming a point
+            # that is not committed, which selection skips (one listing finds the newest
+            # committed). Moved after, a crash in between would leave it one checkpoint behind.
+            previous = read_alias(self.storage, self.layout, "latest")
+            moved_latest = previous is None or previous.iteration <= plan.iteration
+            if moved_latest:
+                write_alias(self.storage, self.layout, AliasRecord("latest", plan.iteration))
+            try:
+                write_commit(self.storage, self.layout, record)
+            except BaseException:
+                if moved_latest and previous is not None:
+                    write_alias(self.storage, self.layout, previous)
+                raise
             log.info("committed %s (%d artifacts, %d bytes)", plan.iteration, len(arts), record.total_bytes)
-            return record, self._move_aliases(plan, record)
+            try:
+                others = self._move_aliases(plan, record, include_latest=False)
+            except Exception as exc:  # noqa: BLE001 - reported as such, on every rank
+                raise AliasUpdateError(f"{plan.iteration} is committed, but moving its aliases failed: {exc}") from exc
+            return record, (("latest",) if moved_latest else ()) + others
 
         try:
             record, aliases = comm.on_coordinator(commit)
+        except AliasUpdateError:
+            raise
         except NoetherDistError as exc:
             raise CommitError(f"committing {plan.iteration} failed, nothing was committed: {exc}") from exc
         if self.config.node_local:
@@ -288,9 +312,11 @@ class Checkpointer:
             raise CommitError(f"commit record of {plan.iteration} vanished")
         return record
 
-    def _move_aliases(self, plan: _Plan, record: CommitRecord) -> tuple[str, ...]:
+    def _move_aliases(self, plan: _Plan, record: CommitRecord, *, include_latest: bool = True) -> tuple[str, ...]:
         moved = []
         for alias in plan.aliases:
+            if alias == "latest" and not include_latest:
+                continue
             current = read_alias(self.storage, self.layout, alias)
             if alias == "latest" and current is not None and current.iteration > plan.iteration:
                 continue  # never move latest backwards

@@ -49,7 +49,7 @@ _TRANSIENT_MARKERS = (
 class RetryPolicy:
     """How transient storage errors are retried."""
 
-    attempts: int = 6
+    attempts: int = 4
     """Tries in all, the first included."""
     base_delay_s: float = 0.1
     """Delay after the first failure; doubles each time, with jitter."""
@@ -105,7 +105,7 @@ class StorageOptions:
             config_kwargs = dict(kwargs.pop("config_kwargs", {}) or {})
             config_kwargs.setdefault("retries", {"total_max_attempts": 3, "mode": "standard"})
             config_kwargs.setdefault("connect_timeout", 10)
-            config_kwargs.setdefault("read_timeout", 60)
+            config_kwargs.setdefault("read_timeout", 30)
             kwargs["config_kwargs"] = config_kwargs
             client_kwargs = dict(kwargs.pop("client_kwargs", {}) or {})
             if self.endpoint_url:
@@ -322,4 +322,8 @@ def open_storage(url: str, options: StorageOptions | None = None) -> Storage:
         fs, _ = fsspec.url_to_fs(url, **options.fsspec_kwargs(protocol))
     except (ValueError, ImportError) as exc:
         raise ConfigError(f"cannot open storage {url!r}: {exc}; use a local path, file:// or s3://bucket/prefix") from exc
+    if protocol in ("s3", "s3a"):
+        # s3fs wraps botocore's retries in its own loop (5 by default), and ours wraps both:
+        # against a store that stalls, the product of the three is hours. Keep s3fs's short.
+        fs.retries = 2
     return Storage(fs, options, protocol)

@@ -1,0 +1,408 @@
+"""Integrity checks: every file of a commit record against the store, byte for byte.
+
+A commit record lists every file each rank wrote, with its size and the CRC32 computed
+while writing (:mod:`noether_dist.dcp_io`). :func:`verify_stage` reads each of those files
+in full (streamed in chunks: a file is never held in memory) and compares; it also reports
+what is around the committed checkpoints that resume would trip over or silently skip:
+
+``missing``         a file the record lists is not in the store
+``size``            a file has another size than the record says
+``crc``             a file has the recorded size but another CRC32 (bit rot, torn write)
+``corrupt_record``  a commit record exists but cannot be parsed (or names unsafe files)
+``bad_alias``       an alias is unparsable, names another alias, or points to a training
+                    point that is not committed (or whose record is corrupt)
+``uncommitted``     artifacts without a commit record: a save that died (or is still
+                    running); resume never selects them, retention removes them
+
+Nothing here writes. Every read goes through :class:`~noether_dist.storage.Storage`
+(retries with backoff; a permanent store error raises :class:`StorageError`).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .commit import AliasRecord, CommitRecord, CorruptRecordError
+from .errors import AmbiguousCheckpointError, CheckpointNotFoundError, ConfigError, InvalidNameError
+from .layout import ALIASES_DIR, COMMITS_DIR, StageLayout, join_url
+from .names import CheckpointRef, TrainingIteration, parse_artifact, parse_checkpoint, parse_resume_checkpoint
+from .storage import Storage
+
+__all__ = ["DamageKind", "Damage", "CheckpointCheck", "StageReport", "VerifyReport", "file_crc32",
+           "verify_record", "verify_stage", "parse_checkpoint_arg", "CHUNK_BYTES"]
+
+CHUNK_BYTES = 8 * 2**20
+"""Bytes read per request while checksumming a file."""
+
+Progress = Callable[[str, int, int], None]
+"""``progress(label, done, total)``: called once per file checked."""
+
+
+class DamageKind(str, enum.Enum):
+    """What is wrong; the value is the spelling in reports and JSON."""
+
+    MISSING = "missing"
+    SIZE = "size"
+    CRC = "crc"
+    CORRUPT_RECORD = "corrupt_record"
+    BAD_ALIAS = "bad_alias"
+    UNCOMMITTED = "uncommitted"
+
+
+@dataclass(frozen=True)
+class Damage:
+    """One problem: where, what kind, and the details (expected vs. found)."""
+
+    path: str
+    kind: DamageKind
+    details: str
+    checkpoint: str | None = None
+    """The training point (or alias name) the damage belongs to, if any."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {"path": self.path, "kind": self.kind.value, "details": self.details, "checkpoint": self.checkpoint}
+
+    def __str__(self) -> str:
+        return f"{self.kind.value}: {self.path}: {self.details}"
+
+
+@dataclass(frozen=True)
+class CheckpointCheck:
+    """The outcome for one training point."""
+
+    checkpoint: str
+    committed: bool
+    """True when a parsable commit record exists."""
+    files: int = 0
+    """Files read and compared."""
+    bytes: int = 0
+    """Bytes read."""
+    damages: tuple[Damage, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing is wrong with this point."""
+        return not self.damages
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {"checkpoint": self.checkpoint, "committed": self.committed, "ok": self.ok, "files": self.files,
+                "bytes": self.bytes, "damages": [d.to_dict() for d in self.damages]}
+
+
+@dataclass(frozen=True)
+class StageReport:
+    """The outcome for one stage: each checkpoint checked, plus alias problems."""
+
+    layout: StageLayout
+    checkpoints: tuple[CheckpointCheck, ...] = ()
+    alias_damages: tuple[Damage, ...] = ()
+
+    @property
+    def damages(self) -> tuple[Damage, ...]:
+        """Every damage of the stage, checkpoints first."""
+        return tuple(d for c in self.checkpoints for d in c.damages) + self.alias_damages
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing is wrong in this stage."""
+        return not self.damages
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {"run_id": self.layout.run_id, "stage_name": self.layout.stage_name,
+                "path": self.layout.checkpoints_dir, "ok": self.ok,
+                "files": sum(c.files for c in self.checkpoints), "bytes": sum(c.bytes for c in self.checkpoints),
+                "checkpoints": [c.to_dict() for c in self.checkpoints],
+                "damages": [d.to_dict() for d in self.damages]}
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """The outcome over several stages (what ``noether-ckpt verify`` prints)."""
+
+    stages: tuple[StageReport, ...] = field(default_factory=tuple)
+
+    @property
+    def damages(self) -> tuple[Damage, ...]:
+        """Every damage found."""
+        return tuple(d for s in self.stages for d in s.damages)
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing is wrong anywhere."""
+        return not self.damages
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form; ``damages`` is the flat list (with run and stage) for scripts."""
+        flat = [{**d.to_dict(), "run_id": s.layout.run_id, "stage_name": s.layout.stage_name}
+                for s in self.stages for d in s.damages]
+        return {"ok": self.ok, "files": sum(c.files for s in self.stages for c in s.checkpoints),
+                "bytes": sum(c.bytes for s in self.stages for c in s.checkpoints),
+                "stages": [s.to_dict() for s in self.stages], "damages": flat}
+
+
+def file_crc32(storage: Storage, path: str, *, chunk_bytes: int = CHUNK_BYTES) -> tuple[int, int]:
+    """(size, CRC32) of the file at ``path``, read in chunks of ``chunk_bytes`` (never whole).
+    FileNotFoundError if it does not exist; a transient error restarts the read."""
+    stripped = storage._strip(path)
+    kwargs: dict[str, Any] = {} if storage.is_local else {"block_size": chunk_bytes, "cache_type": "none"}
+
+    def read() -> tuple[int, int]:
+        size, crc = 0, 0
+        with storage.fs.open(stripped, "rb", **kwargs) as fh:
+            while True:
+                chunk = fh.read(chunk_bytes)
+                if not chunk:
+                    break
+                crc = zlib.crc32(chunk, crc)
+                size += len(chunk)
+        return size, crc & 0xFFFFFFFF
+
+    return storage.retry("read", path, read)
+
+
+def _safe_file_name(name: str) -> bool:
+    """A file name inside an artifact: empty (the artifact is the file) or one plain component."""
+    return name == "" or ("/" not in name and "\\" not in name and name not in (".", "..") and ".." not in name)
+
+
+def _safe_artifact_name(name: str) -> bool:
+    try:
+        parse_artifact(name)
+    except (InvalidNameError, ValueError):
+        return False
+    return "/" not in name and "\\" not in name and ".." not in name
+
+
+def verify_record(storage: Storage, layout: StageLayout, record: CommitRecord, *,
+                  progress: Progress | None = None, done: int = 0, total: int = 0,
+                  chunk_bytes: int = CHUNK_BYTES) -> CheckpointCheck:
+    """Read every file ``record`` lists and compare size and CRC32 (no early exit: every
+    damaged file is named)."""
+    cp = record.checkpoint
+    damages: list[Damage] = []
+    files = nbytes = 0
+    for art in record.artifacts:
+        if not _safe_artifact_name(art.name):
+            damages.append(Damage(layout.commit_path(record.iteration), DamageKind.CORRUPT_RECORD,
+                                  f"the record names an artifact {art.name!r} that is not a Noether file name", cp))
+            continue
+        base = layout.artifact_path(art.name)
+        for rec in art.files:
+            if not _safe_file_name(rec.name):
+                damages.append(Damage(layout.commit_path(record.iteration), DamageKind.CORRUPT_RECORD,
+                                      f"the record names a file {rec.name!r} outside {art.name}", cp))
+                continue
+            path = join_url(base, rec.name) if rec.name else base
+            if progress is not None:
+                progress(f"{cp} {art.name}/{rec.name}" if rec.name else f"{cp} {art.name}", done + files + 1, total)
+            files += 1
+            try:
+                size, crc = file_crc32(storage, path, chunk_bytes=chunk_bytes)
+            except (FileNotFoundError, IsADirectoryError):
+                damages.append(Damage(path, DamageKind.MISSING, f"listed in the commit record ({rec.size} bytes) "
+                                      "but not in the store", cp))
+                continue
+            nbytes += size
+            if size != rec.size:
+                damages.append(Damage(path, DamageKind.SIZE, f"{size} bytes, the commit record says {rec.size}", cp))
+            elif crc != rec.crc32:
+                damages.append(Damage(path, DamageKind.CRC, f"CRC32 {crc:08x}, the commit record says {rec.crc32:08x}",
+                                      cp))
+    return CheckpointCheck(cp, True, files, nbytes, tuple(damages))
+
+
+@dataclass
+class _Scan:
+    """One stage's folders as listed: commit records, artifacts by point, alias files."""
+
+    commit_files: dict[TrainingIteration, str]
+    artifacts: dict[str, list[str]]
+    alias_files: dict[str, str]
+
+
+def _scan(storage: Storage, layout: StageLayout) -> _Scan:
+    commit_files = {}
+    for entry in storage.list(layout.commits_dir):
+        it = StageLayout.iteration_of_commit_file(entry.name)
+        if it is not None and not entry.is_dir:
+            commit_files[it] = entry.path
+    artifacts: dict[str, list[str]] = {}
+    for entry in storage.list(layout.checkpoints_dir):
+        if entry.name in (COMMITS_DIR, ALIASES_DIR):
+            continue
+        try:
+            art = parse_artifact(entry.name)
+        except (InvalidNameError, ValueError):
+            continue
+        try:
+            point = str(parse_checkpoint(art.checkpoint))
+        except InvalidNameError:
+            point = art.checkpoint
+        artifacts.setdefault(point, []).append(entry.name)
+    alias_files = {}
+    for entry in storage.list(layout.aliases_dir):
+        name = StageLayout.alias_of_file(entry.name)
+        if name and not entry.is_dir and not entry.name.startswith("."):
+            alias_files[name] = entry.path
+    return _Scan(commit_files, artifacts, alias_files)
+
+
+def _read_record(storage: Storage, layout: StageLayout, it: TrainingIteration) -> CommitRecord:
+    path = layout.commit_path(it)
+    record = CommitRecord.from_json(storage.read(path), where=f"commit record {path}")
+    if record.iteration != it:
+        raise CorruptRecordError(f"commit record {path} names {record.iteration}, not {it}")
+    return record
+
+
+def _check_alias(storage: Storage, layout: StageLayout, name: str, path: str, scan: _Scan,
+                 records: dict[TrainingIteration, CommitRecord | None]) -> tuple[TrainingIteration | None, Damage | None]:
+    """(the point the alias names, a damage if it is bad)."""
+    try:
+        alias = AliasRecord.from_json(storage.read(path), where=f"alias {path}")
+    except FileNotFoundError:
+        return None, None
+    except CorruptRecordError as exc:
+        return None, Damage(path, DamageKind.BAD_ALIAS, f"unparsable: {exc}", name)
+    if alias.name != name:
+        return None, Damage(path, DamageKind.BAD_ALIAS, f"the file of alias {name!r} names alias {alias.name!r}", name)
+    if alias.iteration not in scan.commit_files:
+        return None, Damage(path, DamageKind.BAD_ALIAS, f"points to {alias.iteration}, which is not committed", name)
+    if alias.iteration in records and records[alias.iteration] is None:
+        return None, Damage(path, DamageKind.BAD_ALIAS,
+                            f"points to {alias.iteration}, whose commit record is corrupt", name)
+    return alias.iteration, None
+
+
+def parse_checkpoint_arg(text: object, what: str = "checkpoint") -> CheckpointRef:
+    """A checkpoint as a tool argument: latest, last, best.<metric>, E.._U.._S.., or one of
+    E<n>, U<n>, S<n>. InvalidNameError otherwise (so ``../x`` never becomes a path)."""
+    try:
+        return parse_checkpoint(text, what=what)
+    except InvalidNameError:
+        try:
+            return parse_resume_checkpoint(text)
+        except ConfigError:
+            raise InvalidNameError(f"{what} {text!r} is not valid: use latest, last, best.<metric>, "
+                                   "E<epoch>_U<update>_S<sample>, or one of E<n>, U<n>, S<n>") from None
+
+
+def _select(storage: Storage, layout: StageLayout, checkpoint: str, scan: _Scan,
+            records: dict[TrainingIteration, CommitRecord | None],
+            alias_damages: list[Damage]) -> str | None:
+    """The point name ``checkpoint`` stands for, as resume would pick it (None when an alias
+    other than latest is bad: the damage says why)."""
+    ref = parse_checkpoint_arg(checkpoint)
+    committed = sorted(scan.commit_files)
+    if ref.kind is CheckpointRef.Kind.ITERATION:
+        name = str(ref.iteration)
+        if ref.iteration not in scan.commit_files and name not in scan.artifacts:
+            raise CheckpointNotFoundError(f"checkpoint {name} does not exist in {layout.checkpoints_dir}; committed: "
+                                          f"{', '.join(map(str, committed)) or 'none'}")
+        return name
+    if ref.is_alias:
+        alias_name = ref.alias_name
+        path = scan.alias_files.get(alias_name)
+        if path is not None:
+            it, damage = _check_alias(storage, layout, alias_name, path, scan, records)
+            if damage is not None:
+                alias_damages.append(damage)
+            elif it is not None:
+                return str(it)
+        elif ref.kind is not CheckpointRef.Kind.LATEST:
+            raise CheckpointNotFoundError(f"alias {alias_name} does not exist in {layout.checkpoints_dir}; aliases: "
+                                          f"{', '.join(sorted(scan.alias_files)) or 'none'}")
+        if ref.kind is not CheckpointRef.Kind.LATEST:
+            return None
+        for it in reversed(committed):  # what resume falls back to: the newest parsable record
+            if records.get(it) is not None:
+                return str(it)
+        if committed:
+            return str(committed[-1])
+        raise CheckpointNotFoundError(f"no committed checkpoint in {layout.checkpoints_dir}")
+    matches = [p for p in committed if ref.partial.matches(p)]
+    if not matches:
+        raise CheckpointNotFoundError(f"no committed checkpoint matches {ref.partial} in {layout.checkpoints_dir}; "
+                                      f"committed: {', '.join(map(str, committed)) or 'none'}")
+    if len(matches) > 1:
+        raise AmbiguousCheckpointError(f"{ref.partial} matches {len(matches)} committed checkpoints: "
+                                       f"{', '.join(map(str, matches))}")
+    return str(matches[0])
+
+
+def verify_stage(storage: Storage, layout: StageLayout, *, checkpoint: str | None = None,
+                 progress: Progress | None = None, chunk_bytes: int = CHUNK_BYTES) -> StageReport:
+    """Verify one stage: every committed checkpoint (or only ``checkpoint``: a training
+    point, an alias such as latest or best.loss, or one of E10/U100/S200), leftovers
+    without a commit record, and every alias (with ``checkpoint``: the alias it names).
+
+    Raises CheckpointNotFoundError / AmbiguousCheckpointError when ``checkpoint`` names
+    nothing (or several); store errors raise StorageError.
+    """
+    scan = _scan(storage, layout)
+    records: dict[TrainingIteration, CommitRecord | None] = {}
+    record_damages: dict[TrainingIteration, Damage] = {}
+    for it, path in scan.commit_files.items():
+        try:
+            records[it] = _read_record(storage, layout, it)
+        except FileNotFoundError:  # removed since the listing (retention): not committed any more
+            continue
+        except CorruptRecordError as exc:
+            records[it] = None
+            record_damages[it] = Damage(path, DamageKind.CORRUPT_RECORD, str(exc), str(it))
+    alias_damages: list[Damage] = []
+    if checkpoint is None:
+        names = sorted({str(it) for it in scan.commit_files} | set(scan.artifacts), key=_order)
+        for alias_name, path in sorted(scan.alias_files.items()):
+            _, damage = _check_alias(storage, layout, alias_name, path, scan, records)
+            if damage is not None:
+                alias_damages.append(damage)
+    else:
+        chosen = _select(storage, layout, checkpoint, scan, records, alias_damages)
+        names = [chosen] if chosen is not None else []
+    by_name = {str(it): it for it in scan.commit_files}
+    total = sum(len(a.files) for n in names if n in by_name and records.get(by_name[n]) is not None
+                for a in records[by_name[n]].artifacts)
+    done = 0
+    checks = []
+    for name in names:
+        it = by_name.get(name)
+        if it is not None and it in record_damages:
+            checks.append(CheckpointCheck(name, False, damages=(record_damages[it],)))
+        elif it is not None and records.get(it) is not None:
+            check = verify_record(storage, layout, records[it], progress=progress, done=done, total=total,
+                                  chunk_bytes=chunk_bytes)
+            done += check.files
+            checks.append(check)
+        else:
+            why = (_UNCOMMITTED if scan.commit_files else
+                   "no commit record: written by Noether itself (resume reads such files only in a stage without "
+                   "any commit record) or by a save that did not finish; sizes and CRC32s cannot be checked")
+            damages = tuple(Damage(layout.artifact_path(a), DamageKind.UNCOMMITTED, why, name)
+                            for a in sorted(scan.artifacts.get(name, [])))
+            checks.append(CheckpointCheck(name, False, damages=damages))
+    return StageReport(layout, tuple(checks), tuple(alias_damages))
+
+
+_UNCOMMITTED = ("no commit record: a save that did not finish (or is still running); resume never selects it; the "
+                "next save of this point removes it, so do retention and noether-ckpt prune once a newer one committed")
+
+
+def _order(name: str) -> tuple:
+    try:
+        return (0, TrainingIteration.parse(name), name)
+    except InvalidNameError:
+        return (1, TrainingIteration(0, 0, 0), name)
+
+
+def report_json(report: VerifyReport) -> str:
+    """The report as indented JSON."""
+    return json.dumps(report.to_dict(), indent=1)
