@@ -38,3 +38,44 @@ def s3_bucket(s3_server, s3_env):
     name = f"nd-{uuid.uuid4().hex[:12]}"
     s3_server.create_bucket(name)
     return name
+
+
+@pytest.fixture
+def report(pytestconfig):
+    """Write a line into pytest's output even when the test passes (figures such as trial
+    counts belong in the CI log)."""
+
+    def write(text: str) -> None:
+        reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
+        capman = pytestconfig.pluginmanager.get_plugin("capturemanager")
+        if reporter is None or capman is None:
+            print(text)
+            return
+        with capman.global_and_fixture_disabled():
+            reporter.write_line(text)
+
+    return write
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A one-node SLURM cluster on localhost for a test module (skips where SLURM cannot run)."""
+    from tests.slurm_cluster import LocalSlurmCluster, slurm_available
+
+    ok, why = slurm_available()
+    if not ok:
+        pytest.skip(why)
+    with LocalSlurmCluster() as c:
+        yield c
+
+
+@pytest.fixture
+def two_hosts():
+    """Two network-namespace hosts joined by a veth pair (skips where ip netns cannot run)."""
+    from tests.netns_hosts import TwoHosts, netns_available
+
+    ok, why = netns_available()
+    if not ok:
+        pytest.skip(why)
+    with TwoHosts() as hosts:
+        yield hosts

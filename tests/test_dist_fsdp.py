@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 
-import torch
 
 from noether_dist import Checkpointer, CheckpointerConfig, TrainingIteration, resume
 from tests.distributed import run_ranks

@@ -37,17 +37,6 @@ TIMEOUT_S = 6.0
 MODES = ("bytes", "bytes", "timer", "timer", "before_commit", "after_commit", "after_alias")
 
 
-def _report(pytestconfig, text: str) -> None:
-    """A line in pytest's output even when the test passes (output capture is bypassed)."""
-    reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
-    capman = pytestconfig.pluginmanager.get_plugin("capturemanager")
-    if reporter is None or capman is None:
-        print(text)
-        return
-    with capman.global_and_fixture_disabled():
-        reporter.write_line(text)
-
-
 def _it(update: int) -> TrainingIteration:
     return TrainingIteration(0, update, 16 * update)
 
@@ -201,13 +190,13 @@ def _on_disk(folder: str) -> tuple[list[str], str | None]:
     return [str(p) for p in list_commits(st, layout)], (str(alias.iteration) if alias else None)
 
 
-def test_random_kills_during_save_then_resume_is_exact(tmp_path, pytestconfig, record_property):
+def test_random_kills_during_save_then_resume_is_exact(tmp_path, pytestconfig, report, record_property):
     count = int(os.environ.get("NOETHER_DIST_KILL_TRIALS", "10"))
     seed = int(os.environ.get("NOETHER_DIST_KILL_SEED", str(random.randrange(2**31))))
     record_property("kill_trials", count)
     record_property("kill_seed", seed)
     trials = _trials(count, seed, tmp_path)
-    _report(pytestconfig, f"\n[kill] {count} trials, seed {seed} (NOETHER_DIST_KILL_TRIALS / NOETHER_DIST_KILL_SEED)")
+    report(f"\n[kill] {count} trials, seed {seed} (NOETHER_DIST_KILL_TRIALS / NOETHER_DIST_KILL_SEED)")
     started = time.perf_counter()
     prev = None
     summary: dict[str, int] = {}
@@ -253,7 +242,7 @@ def test_random_kills_during_save_then_resume_is_exact(tmp_path, pytestconfig, r
                 "killed_point": killed, "states": states, "where": where}
     elapsed = time.perf_counter() - started
     record_property("kill_outcomes", summary)
-    _report(pytestconfig, f"[kill] {count} trials in {elapsed:.0f}s; slowest survivor failure {worst_fail_s:.1f}s "
+    report(f"[kill] {count} trials in {elapsed:.0f}s; slowest survivor failure {worst_fail_s:.1f}s "
                           f"(timeout {TIMEOUT_S:.0f}s); slowest process pair {slowest_call[0]:.0f}s; outcomes: "
                           + "; ".join(f"{k} x{v}" for k, v in sorted(summary.items())))
 
@@ -319,7 +308,7 @@ def resume_with_dead_peer(rank: int, world_size: int, out: str, how: str) -> dic
     return {"outcome": outcome, "elapsed": elapsed}
 
 
-def test_dead_or_hung_rank_during_resume_agreement(tmp_path, pytestconfig):
+def test_dead_or_hung_rank_during_resume_agreement(tmp_path, report):
     for how in ("kill", "stop"):
         results = run_ranks(resume_with_dead_peer, 2, str(tmp_path / how), how, timeout_s=60, expect_dead={1})
         assert results[1] is None
@@ -327,7 +316,7 @@ def test_dead_or_hung_rank_during_resume_agreement(tmp_path, pytestconfig):
         assert kind == DistributedTimeoutError.__name__, (how, kind, message)
         assert "did not complete within" in message and "a rank died or is stuck" in message
         assert results[0]["elapsed"] < TIMEOUT_S + 4, (how, results[0]["elapsed"])
-        _report(pytestconfig, f"[kill] resume agreement, peer {how}: rank 0 raised {kind} after "
+        report(f"[kill] resume agreement, peer {how}: rank 0 raised {kind} after "
                               f"{results[0]['elapsed']:.1f}s (timeout {TIMEOUT_S:.0f}s)")
 
 
@@ -356,12 +345,12 @@ def save_with_hung_peer(rank: int, world_size: int, out: str) -> dict:
     return {"outcome": outcome, "elapsed": elapsed}
 
 
-def test_hung_rank_during_save_fails_the_others_in_bounded_time(tmp_path, pytestconfig):
+def test_hung_rank_during_save_fails_the_others_in_bounded_time(tmp_path, report):
     results = run_ranks(save_with_hung_peer, 2, str(tmp_path), timeout_s=90, expect_dead={1})
     kind, message = results[0]["outcome"]
     assert kind == "CommitError" and "nothing was committed" in message, (kind, message)
     assert results[0]["elapsed"] < 3 * TIMEOUT_S + 5, results[0]["elapsed"]
     committed, latest = _on_disk(str(tmp_path))
     assert committed == [str(_it(1))] and latest == str(_it(1))
-    _report(pytestconfig, f"[kill] save, peer hung mid-write: rank 0 raised {kind} after {results[0]['elapsed']:.1f}s "
+    report(f"[kill] save, peer hung mid-write: rank 0 raised {kind} after {results[0]['elapsed']:.1f}s "
                           f"(timeout {TIMEOUT_S:.0f}s)")

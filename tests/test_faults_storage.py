@@ -26,16 +26,6 @@ RUN, STAGE, MODEL = "run1", "train", "mlp"
 TIMEOUT_S = 20.0
 
 
-def _report(pytestconfig, text: str) -> None:
-    reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
-    capman = pytestconfig.pluginmanager.get_plugin("capturemanager")
-    if reporter is None or capman is None:
-        print(text)
-        return
-    with capman.global_and_fixture_disabled():
-        reporter.write_line(text)
-
-
 @pytest.fixture
 def proxy(s3_server):
     """A fault proxy in front of the session's S3 server; faults off until set."""
@@ -101,7 +91,7 @@ def _faults(proxy: FaultProxy) -> str:
     return f"{stats['faults']} faults in {stats['requests']} requests {dict(sorted(stats['by_kind'].items()))}"
 
 
-def test_transient_faults_are_retried_and_the_save_commits(s3_bucket, proxy, proxy_env, pytestconfig):
+def test_transient_faults_are_retried_and_the_save_commits(s3_bucket, proxy, proxy_env, report):
     out = f"s3://{s3_bucket}/exp"
     proxy.set_faults(rate=0.12, kinds=("slowdown", "error500", "reset", "stall"), stall_seconds=0.3, seed=7)
     results = run_ranks(save_then_resume, 2, out, [1, 2], env=proxy_env, timeout_s=150)
@@ -113,9 +103,9 @@ def test_transient_faults_are_retried_and_the_save_commits(s3_bucket, proxy, pro
         assert_states_equal(results[0]["states"]["E0_U2_S32"], got["state"])
     assert stats["faults"] >= 10 and len(stats["by_kind"]) >= 3, stats
     proxy.clear_faults()
-    report = verify_stage(open_storage(out), StageLayout(out, RUN, STAGE))
-    assert report.ok and len(report.checkpoints) == 2, [str(d) for d in report.damages]
-    _report(pytestconfig, f"\n[storage] 2 saves + resume on 2 ranks through {_faults(proxy)}: committed, resumed "
+    verdict = verify_stage(open_storage(out), StageLayout(out, RUN, STAGE))
+    assert verdict.ok and len(verdict.checkpoints) == 2, [str(d) for d in verdict.damages]
+    report(f"\n[storage] 2 saves + resume on 2 ranks through {_faults(proxy)}: committed, resumed "
                           "exactly, verify clean")
 
 
@@ -123,7 +113,7 @@ def test_transient_faults_are_retried_and_the_save_commits(s3_bucket, proxy, pro
                                           ("rank 1's model shard", "E0_U2_S32_model.th/__1_")],
                          ids=["all-puts", "rank1-shard"])
 def test_permanent_403_on_put_fails_every_rank_and_keeps_latest(s3_bucket, proxy, proxy_env, scope, target,
-                                                                pytestconfig):
+                                                                report):
     out = f"s3://{s3_bucket}/exp"
     # U1 saves normally; every PUT under U2's names (or only rank 1's model shard) is refused
     proxy.set_faults(kinds=("forbidden",), methods=("PUT",), path_contains=target, permanent=True)
@@ -146,6 +136,6 @@ def test_permanent_403_on_put_fails_every_rank_and_keeps_latest(s3_bucket, proxy
     assert [e.name for e in st.list(layout.commits_dir)] == ["E0_U1_S16.json"]
     assert json.loads(st.read(layout.alias_path("latest")))["checkpoint"] == "E0_U1_S16"
     assert json.loads(st.read(layout.alias_path("best.loss")))["checkpoint"] == "E0_U1_S16"
-    _report(pytestconfig, f"[storage] permanent 403 on {scope}: CommitError on both ranks after "
+    report(f"[storage] permanent 403 on {scope}: CommitError on both ranks after "
                           f"{max(r['outcomes'][2][2] for r in results):.1f}s, nothing committed, latest kept, "
                           "resume exact")

@@ -21,8 +21,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.netns_hosts import TwoHosts, netns_available
-from tests.slurm_cluster import LocalSlurmCluster, slurm_available
 
 logger = logging.getLogger(__name__)
 
@@ -43,14 +41,6 @@ def _wait_for_file(path: Path, timeout: float, what: str) -> None:
 
 # --------------------------------------------------------------------- Slurm
 
-
-@pytest.fixture(scope="module")
-def cluster():
-    ok, why = slurm_available()
-    if not ok:
-        pytest.skip(why)
-    with LocalSlurmCluster() as c:
-        yield c
 
 
 def test_sbatch_simple_job(cluster, tmp_path):
@@ -152,14 +142,6 @@ def test_usr1_reaches_batch_script(cluster, tmp_path, flag):
 
 # -------------------------------------------------------------------- netns
 
-
-@pytest.fixture
-def two_hosts():
-    ok, why = netns_available()
-    if not ok:
-        pytest.skip(why)
-    with TwoHosts() as hosts:
-        yield hosts
 
 
 def test_netns_http_between_hosts(two_hosts, tmp_path):

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from noether_dist.comm import first_host
-from tests.slurm_cluster import LocalSlurmCluster, slurm_available
+from tests.slurm_cluster import LocalSlurmCluster
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "launch" / "configs" / "cpu_small.yaml"
@@ -35,14 +35,6 @@ TOTAL_UPDATES = 24  # cpu_small.yaml: 3 epochs x 256 / 32
 SLOW = "trainer.step_delay_s=0.15"  # time for a signal to land mid-run (24 updates: ~4 s)
 _COMMIT = re.compile(r"E(\d+)_U(\d+)_S(\d+)\.json$")
 
-
-@pytest.fixture(scope="module")
-def cluster():
-    ok, why = slurm_available()
-    if not ok:
-        pytest.skip(why)
-    with LocalSlurmCluster() as c:
-        yield c
 
 
 _REFERENCE: dict[str, dict] = {}

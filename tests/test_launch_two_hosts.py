@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.netns_hosts import TwoHosts, netns_available
+from tests.netns_hosts import TwoHosts
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "launch" / "configs" / "cpu_small.yaml"
@@ -32,14 +32,6 @@ MULTI_NODE = REPO / "launch" / "torchrun" / "multi_node.sh"
 TOTAL_UPDATES = 24  # cpu_small.yaml: 3 epochs x 256 / 32
 _COMMIT = re.compile(r"(E\d+_U(\d+)_S\d+)\.json$")
 
-
-@pytest.fixture
-def two_hosts():
-    ok, why = netns_available()
-    if not ok:
-        pytest.skip(why)
-    with TwoHosts() as hosts:
-        yield hosts
 
 
 def launch(hosts: TwoHosts, idx: int, *, nnodes: int, port: int, rdzv_id: str, output_dir: str, log: Path,

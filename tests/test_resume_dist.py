@@ -7,7 +7,6 @@ import os
 import shutil
 import signal
 
-import pytest
 import torch
 
 from noether_dist import Checkpointer, CheckpointerConfig, CommitError, TrainingIteration, resume

@@ -10,7 +10,7 @@ from noether_dist import Checkpointer, CheckpointerConfig, StorageError, Storage
 from noether_dist.cli import main as cli_main
 from noether_dist.storage import open_storage
 from tests.distributed import run_ranks
-from tests.models import EMA_INFO, assert_states_equal, build, full_state, train_steps
+from tests.models import EMA_INFO, assert_states_equal, build, train_steps
 from tests.test_dist_fsdp import resume_job, save_job
 
 
