@@ -180,7 +180,9 @@ def _check_readable(storage: Storage, layout: StageLayout, record: CommitRecord,
         if need.art.format == "consolidated":
             reason = _check_file(storage, path, need, cache, verify_max_bytes)
         else:
-            reason = _check_dcp(storage, path, need, verify_max_bytes)
+            metadata, reason = _metadata_or_reason(storage, path)
+            if not reason:
+                reason = _check_dcp(storage, path, need, metadata, verify_max_bytes)
         if reason:
             return reason
     trainer = record.artifact(ArtifactKind.TRAINER.value)
@@ -191,15 +193,11 @@ def _check_readable(storage: Storage, layout: StageLayout, record: CommitRecord,
         if not storage.exists(path):
             return f"{path} is missing"
         return _check_crcs(storage, path, trainer, [""], verify_max_bytes)
-    try:
-        metadata = dcp_io.read_metadata(path, storage)
-    except FileNotFoundError:
-        return f"{path} has no DCP metadata"
-    except Exception as exc:  # noqa: BLE001 - unreadable metadata is a reason to fall back
-        return f"{path}/.metadata is unreadable: {type(exc).__name__}: {exc}"
-    rank = comm_rank()
-    trainer_need = _Need(trainer, "trainer", _trainer_placeholders(metadata, rank), None)
-    return _check_dcp(storage, path, trainer_need, verify_max_bytes, exact_keys=False)
+    metadata, reason = _metadata_or_reason(storage, path)
+    if reason:
+        return reason
+    trainer_need = _Need(trainer, "trainer", _trainer_placeholders(metadata, comm_rank()), None)
+    return _check_dcp(storage, path, trainer_need, metadata, verify_max_bytes, exact_keys=False)
 
 
 def _trainer_placeholders(metadata: Any, rank: int) -> dict[str, Any]:
@@ -212,16 +210,21 @@ def _trainer_placeholders(metadata: Any, rank: int) -> dict[str, Any]:
     return sd
 
 
-def _check_dcp(storage: Storage, path: str, need: _Need, verify_max_bytes: int, *, exact_keys: bool = True) -> str | None:
-    sizes = {f.name: f.size for f in need.art.files}
+def _metadata_or_reason(storage: Storage, path: str) -> tuple[Any, str | None]:
+    """(DCP metadata, None), or (None, why this rank cannot read it)."""
     try:
-        metadata = dcp_io.read_metadata(path, storage)
+        return dcp_io.read_metadata(path, storage), None
     except FileNotFoundError:
-        return f"{path} has no DCP metadata"
+        return None, f"{path} has no DCP metadata"
     except NoetherDistError:
         raise
     except Exception as exc:  # noqa: BLE001 - unreadable metadata is a reason to fall back
-        return f"{path}/.metadata is unreadable: {type(exc).__name__}: {exc}"
+        return None, f"{path}/.metadata is unreadable: {type(exc).__name__}: {exc}"
+
+
+def _check_dcp(storage: Storage, path: str, need: _Need, metadata: Any, verify_max_bytes: int, *,
+               exact_keys: bool = True) -> str | None:
+    sizes = {f.name: f.size for f in need.art.files}
     if exact_keys:  # (a trainer artifact holds every rank's own state: each rank loads a part)
         dcp_io.check_keys(need.state, metadata, f"{need.role} checkpoint {need.art.name}")
     present = {e.name: e.size for e in storage.list(path)}
