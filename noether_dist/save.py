@@ -6,7 +6,7 @@ import logging
 import math
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -21,7 +21,7 @@ from .errors import CommitError, ConfigError, NoetherDistError
 from .layout import StageLayout
 from .mirror import is_node_leader, mirror_from_coordinator
 from .retention import prune
-from .names import ArtifactKind, TrainingIteration, format_artifact, normalize_model_info
+from .names import ArtifactKind, TrainingIteration, format_artifact, normalize_model_info, parse_checkpoint
 from .statedict import model_state, optimizer_state, pack_object, staging_options
 from .storage import Storage, open_storage
 
@@ -113,6 +113,7 @@ class Checkpointer:
         rank_state: dict[str, Any] | None = None,
         metrics: Mapping[str, float] | None = None,
         last: bool = False,
+        aliases: Sequence[str] = (),
     ) -> SaveResult | Future[SaveResult]:
         """Save and commit one checkpoint at ``iteration`` (collective).
 
@@ -126,18 +127,20 @@ class Checkpointer:
         ``trainer_state`` is the same on every rank (rank 0's is kept); ``rank_state`` is
         this rank's own (RNG, data position); ``metrics`` (rank 0's) decide the
         ``best.<metric>`` aliases configured in ``best_metrics``; ``last=True`` also moves
-        the ``last`` alias (end of training). Raises on every rank alike on failure.
+        the ``last`` alias (end of training). ``aliases`` names further aliases (``last``,
+        ``best.<metric>``) to point at this checkpoint unconditionally: the caller has already
+        decided (e.g. Noether's BestCheckpointCallback). Raises on every rank alike on failure.
         """
         if self.config.async_mode is AsyncMode.OFF:
             plan = self.comm.each(lambda: self._capture(iteration, model, optimizer, ema, trainer_state,
-                                                        rank_state, metrics, last))
+                                                        rank_state, metrics, last, aliases))
             return self._write_and_commit(plan, self.comm)
         if self._pending is not None and not self._pending.done():
             log.info("save %s waits for the previous save to finish (at most one save in flight)", iteration)
         self.wait()
         started = time.perf_counter()
         plan = self.comm.each(lambda: self._background.stage(self._capture(
-            iteration, model, optimizer, ema, trainer_state, rank_state, metrics, last)))
+            iteration, model, optimizer, ema, trainer_state, rank_state, metrics, last, aliases)))
         self.last_stall_s = time.perf_counter() - started
         self._pending = self._background.submit(lambda: self._write_and_commit(plan, self._background.comm))
         return self._pending
@@ -166,7 +169,8 @@ class Checkpointer:
         self.close()
 
     # -- steps ---------------------------------------------------------------------
-    def _capture(self, iteration, model, optimizer, ema, trainer_state, rank_state, metrics, last) -> _Plan:
+    def _capture(self, iteration, model, optimizer, ema, trainer_state, rank_state, metrics, last,
+                 extra_aliases=()) -> _Plan:
         if not isinstance(iteration, TrainingIteration):
             raise ConfigError(f"iteration must be a TrainingIteration, got {type(iteration).__name__}")
         cp = str(iteration)
@@ -198,6 +202,12 @@ class Checkpointer:
                 log.warning("metric %s=%s is not finite; it cannot make a best checkpoint", key, value)
             clean_metrics[str(key)] = value
         aliases = ("latest", "last") if last else ("latest",)
+        for alias in extra_aliases:
+            ref = parse_checkpoint(alias, what="alias")
+            if not ref.is_alias or ref.alias_name == "latest":
+                raise ConfigError(f"alias {alias!r} cannot be moved on request; use last or best.<metric>")
+            if ref.alias_name not in aliases:
+                aliases += (ref.alias_name,)
         return _Plan(iteration, arts, clean_metrics, aliases)
 
     def _prepare(self, plan: _Plan) -> bool:

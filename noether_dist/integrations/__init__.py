@@ -1,0 +1,1 @@
+"""Integrations of noether_dist with training frameworks (each imports its framework)."""

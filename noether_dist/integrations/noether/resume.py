@@ -1,0 +1,172 @@
+"""Resuming a Noether run through noether_dist, driven by Noether's own resume keys.
+
+``HydraRunner`` turns ``resume_run_id`` / ``resume_stage_name`` / ``resume_checkpoint`` into a
+``ResumeInitializerConfig`` on ``trainer.initializer``; the adapter's trainer puts this
+initializer in its place. The order of calls is Noether's:
+
+1. ``start_checkpoint()`` - inside ``BaseTrainer.__init__``, before the model exists: rank 0
+   selects the checkpoint (alias or partial spec, committed points only), every rank checks
+   that it can read the checkpoint's files, and the ranks agree (falling back together to an
+   older committed point only when none was asked for by name). The choice is pinned here;
+   Noether builds its update counter and data position from it.
+2. ``init_trainer(trainer)`` - remembers the trainer.
+3. ``init_weights(model)`` - loads the PINNED checkpoint (model, all optimizers, every EMA,
+   trainer state; keys and shapes checked on every rank first), no fallback any more.
+4. ``init_optimizer(model)`` - nothing left to do (loaded in 3).
+5. ``init_callbacks(callbacks, model)`` - callback states and grad scaler go back through
+   ``trainer.load_state_dict`` as Noether expects; EMA tensors go into the EmaCallbacks.
+   RNG states and the data position are restored by the trainer right before training.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from noether.core.initializers import InitializerBase
+from noether.core.utils.common import select_with_path
+from noether.core.utils.training import TrainingIteration as NoetherIteration
+
+from ...comm import Comm
+from ...commit import CommitRecord, list_commits, read_commit
+from ...config import ResumeConfig
+from ...errors import CheckpointNotFoundError, ConfigError
+from ...layout import StageLayout
+from ...names import CheckpointRef, TrainingIteration, parse_resume_checkpoint
+from ...resume import ResumeResult, resume
+from ...select import resolve_record
+from ...storage import open_storage
+from .block import checkpointer_config
+from .models import ema_targets, torch_optimizers
+
+__all__ = ["NoetherDistResumeInitializer", "checkpoint_ref_of_tag"]
+
+log = logging.getLogger(__name__)
+
+
+def checkpoint_ref_of_tag(tag: str | dict | None) -> tuple[CheckpointRef, bool]:
+    """(what to select, asked for by name) for Noether's ``checkpoint_tag``: a string
+    (latest, last, best_model.<metric>, ...) or a dict of epoch/update/sample."""
+    if tag is None or tag == "latest":
+        return CheckpointRef.latest(), False
+    if isinstance(tag, dict):
+        given = {k: v for k, v in tag.items() if v is not None}
+        if set(given) == {"epoch", "update", "sample"}:
+            return CheckpointRef.at(TrainingIteration(int(given["epoch"]), int(given["update"]),
+                                                      int(given["sample"]))), True
+        if len(given) != 1 or not set(given) <= {"epoch", "update", "sample"}:
+            raise ConfigError(f"checkpoint_tag {tag!r} must name one of epoch, update, sample (or all three)")
+        (key, value), = given.items()
+        return parse_resume_checkpoint(f"{key[0].upper()}{int(value)}"), True
+    return parse_resume_checkpoint(str(tag)), True
+
+
+class NoetherDistResumeInitializer(InitializerBase):
+    """Noether's ResumeInitializer, reading noether_dist checkpoints (see the module doc)."""
+
+    def __init__(self, noether_config: Any, *, path_provider: Any, block: dict[str, Any] | None,
+                 output_dir: str) -> None:
+        super().__init__(path_provider=path_provider)
+        self.run_id = noether_config.run_id
+        self.stage_name = noether_config.stage_name
+        self.model_name = noether_config.model_name
+        self.ref, self.explicit = checkpoint_ref_of_tag(noether_config.checkpoint_tag)
+        # The same store options and timeout as the run's own saves.
+        self.config = checkpointer_config(block, output_dir=output_dir, run_id=self.run_id,
+                                          stage_name=self.stage_name, model_name=self.model_name)
+        self.layout = StageLayout(self.config.output_dir, self.run_id, self.stage_name)
+        self.record: CommitRecord | None = None
+        self.result: ResumeResult | None = None
+        self.trainer: Any = None
+        self.ema: dict[str, tuple[Any, str | None, float, dict[str, Any]]] = {}
+
+    # -- 1. select and agree ------------------------------------------------------------
+    def start_checkpoint(self) -> NoetherIteration:
+        """Select and agree on the checkpoint (collective); Noether starts counting from it."""
+        comm = Comm(self.config.timeout_s)
+        storage = open_storage(self.config.output_dir, self.config.storage)
+        record = comm.on_coordinator(lambda: resolve_record(storage, self.layout, self.ref, self.model_name))
+        skipped: list[str] = []
+        while True:
+            verdicts = comm.on_all(lambda: self._unreadable(storage, record))
+            bad = {r: v for r, v in enumerate(verdicts) if v}
+            if not bad:
+                break
+            detail = "; ".join(f"rank {r}: {v}" for r, v in sorted(bad.items()))
+            if self.explicit:
+                raise CheckpointNotFoundError(f"checkpoint {record.iteration} cannot be read by every rank: {detail}")
+            log.warning("checkpoint %s cannot be read by every rank (%s); all ranks fall back", record.iteration, detail)
+            skipped.append(str(record.iteration))
+            record = comm.on_coordinator(lambda: self._older(storage, record.iteration, skipped, detail))
+        self.record = record
+        it = record.iteration
+        log.info("resuming %s/%s from %s (pinned)", self.run_id, self.stage_name or "-", it)
+        return NoetherIteration(epoch=it.epoch, update=it.update, sample=it.sample)
+
+    def _unreadable(self, storage: Any, record: CommitRecord) -> str | None:
+        for art in record.artifacts:
+            path = self.layout.artifact_path(art.name)
+            probe = path if art.format == "consolidated" else f"{path}/.metadata"
+            if not storage.exists(probe):
+                return f"{probe} is missing"
+        return None
+
+    def _older(self, storage: Any, current: TrainingIteration, skipped: list[str], detail: str) -> CommitRecord:
+        for it in reversed(list_commits(storage, self.layout)):
+            if it < current:
+                rec = read_commit(storage, self.layout, it)
+                if rec is not None:
+                    return rec
+        raise CheckpointNotFoundError(f"no committed checkpoint in {self.layout.checkpoints_dir} can be read by every "
+                                      f"rank; tried {', '.join(skipped)}; last problem: {detail}")
+
+    # -- 2.-5. load the pinned checkpoint -----------------------------------------------
+    def init_trainer(self, trainer: Any) -> None:
+        """Remember the trainer (its state is applied in :meth:`init_callbacks`)."""
+        self.trainer = trainer
+
+    def init_weights(self, model: Any) -> None:
+        """Load model, optimizers, EMA and trainer state of the pinned checkpoint (collective)."""
+        if self.record is None:
+            raise ConfigError("start_checkpoint() must run before init_weights()")
+        callbacks = self.trainer.callbacks if self.trainer is not None else []
+        have = {a.model_info for a in self.record.artifacts if a.kind == "model" and a.model_info}
+        targets = ema_targets(callbacks, model)
+        for info in sorted(set(targets) - have):
+            log.warning("checkpoint %s has no EMA %s; that EMA starts from the model weights, as Noether does",
+                        self.record.iteration, info)
+        self.ema = {info: t for info, t in targets.items() if info in have}
+        optims = torch_optimizers(model)
+        # U<update> names exactly one committed point of a stage: the pinned one, asked for by
+        # name, so any rank that cannot load it raises on every rank (no fallback any more).
+        config = ResumeConfig(output_dir=self.config.output_dir, resume_run_id=self.run_id,
+                              resume_stage_name=self.stage_name, resume_checkpoint=f"U{self.record.iteration.update}",
+                              storage=self.config.storage)
+        self.result = resume(config, model=model, optimizer=optims or None,  # type: ignore[arg-type]
+                             ema={info: t[3] for info, t in self.ema.items()} or None,
+                             model_name=self.model_name, timeout_s=self.config.timeout_s)
+        if self.result.iteration != self.record.iteration:
+            raise CheckpointNotFoundError(f"resume loaded {self.result.iteration}, not the pinned {self.record.iteration}")
+
+    def init_optimizer(self, model: Any) -> None:
+        """Nothing to do: the optimizers were loaded with the weights."""
+
+    def init_callbacks(self, callbacks: list[Any], model: Any) -> None:
+        """Callback states and grad scaler through ``trainer.load_state_dict``; EMA tensors."""
+        if self.result is None:
+            raise ConfigError("init_weights() must run before init_callbacks()")
+        state = self.result.trainer_state
+        noether_state: dict[str, Any] = {"callback_state_dicts": state.get("callbacks") or {}}
+        if state.get("grad_scaler") is not None:
+            noether_state["grad_scaler"] = state["grad_scaler"]
+        self.trainer.load_state_dict(noether_state)
+        for cb, path, factor, tensors in self.ema.values():
+            names = {n for n, _ in select_with_path(obj=model, path=path).named_parameters()}
+            cb.parameters[(path, factor)] = {n: t for n, t in tensors.items() if n in names}
+            cb.buffers[path] = {n: t for n, t in tensors.items() if n not in names}
+            cb._was_resumed = True  # EmaCallback.before_training must not re-initialise it
+
+    @property
+    def rank_state(self) -> dict[str, Any] | None:
+        """This rank's saved RNG states and data position (None: no such rank was saved)."""
+        return self.result.rank_state if self.result is not None else None

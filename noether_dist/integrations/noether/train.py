@@ -1,0 +1,62 @@
+"""Launch a Noether run with noether_dist: ``noether-train``, made to work under torchrun too.
+
+Noether starts its distributed setup only under SLURM (``SLURM_PROCID``); started by torchrun,
+every process believes it is alone (and, on CPU, Noether would not even sync gradients). This
+entry point sets the process group up from torchrun's variables BEFORE Noether looks, so that
+Noether's own rank, world size, seeds, samplers and DDP see the real job, then runs Noether's
+``noether-train`` unchanged::
+
+    torchrun --nproc-per-node=4 -m noether_dist.integrations.noether.train configs/train.yaml [overrides]
+    torchrun --nnodes=2 --nproc-per-node=8 --rdzv-backend=c10d --rdzv-endpoint=$HEAD:29500 \\
+        -m noether_dist.integrations.noether.train configs/train.yaml
+    srun --ntasks-per-node=8 python -m noether_dist.integrations.noether.train configs/train.yaml
+
+Under srun (no torchrun) Noether's own SLURM path sets everything up; this entry point only
+passes through. With torchrun, leave ``devices`` unset in the config (one device per
+process: ``CUDA_VISIBLE_DEVICES`` is narrowed to this process's local rank).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+__all__ = ["prepare_torchrun", "main"]
+
+log = logging.getLogger(__name__)
+
+
+def prepare_torchrun(env: dict[str, str] | None = None) -> bool:
+    """Set the process group up from torchrun's variables (idempotent); True when this is
+    a torchrun worker of a job with more than one process."""
+    env = os.environ if env is None else env
+    if "TORCHELASTIC_RUN_ID" not in env and not ("RANK" in env and "WORLD_SIZE" in env and "SLURM_PROCID" not in env):
+        return False
+    if int(env.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    # torchrun inside a SLURM allocation: Noether would take the SLURM path and start its own
+    # process group; this process belongs to torchrun's job.
+    env.pop("SLURM_PROCID", None)
+    local = int(env.get("LOCAL_RANK", "0"))
+    visible = [d for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    # Noether expects exactly one visible device per process (set before CUDA initialises).
+    if len(visible) > 1:
+        env["CUDA_VISIBLE_DEVICES"] = visible[local % len(visible)]
+    elif not visible and "CUDA_VISIBLE_DEVICES" not in env:
+        env["CUDA_VISIBLE_DEVICES"] = str(local)
+    from ...comm import init_distributed
+
+    init_distributed()
+    return True
+
+
+def main() -> None:
+    """Entry point: prepare torchrun, then run Noether's ``noether-train``."""
+    prepare_torchrun()
+    from noether.training.cli import main_train  # rewrites sys.argv for hydra on import
+
+    main_train.main()
+
+
+if __name__ == "__main__":
+    main()

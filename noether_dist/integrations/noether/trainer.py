@@ -1,0 +1,180 @@
+"""The trainer mixin: a Noether trainer that checkpoints through noether_dist.
+
+Use it by putting :class:`NoetherDistTrainer` before a Noether trainer class::
+
+    class MyTrainer(NoetherDistTrainer, MyNoetherTrainer):
+        pass
+
+and pointing ``trainer.kind`` at it; the trainer config then takes a ``checkpointer:`` block.
+
+When a gathered training point is committed (see ``gather.py``), and why it is exact:
+
+- after a round of periodic callbacks (``_run_periodic_callbacks``), on every rank: all
+  callbacks of the point ran, the model and EMA are unchanged until the next forward pass;
+- except when another round follows at the same point (the after-update round of an epoch's
+  last update is followed by the after-epoch round) or training stops there (finished, early
+  exit): then the point stays open and the next round, ``call_after_training`` (which gathers
+  Noether's ``last`` saves into the same point) or, as a safety net, the next ``update``
+  (before its forward pass) commits it;
+- never when a callback raised: that may happen on some ranks only, and a collective then
+  could hang; the gathered point is dropped there and the newest commit stays the one to resume.
+
+Every decision above depends only on the update counter and on what all ranks computed alike,
+so all ranks flush at the same moments; what rank 0 alone gathered (EMA) travels in the flush.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, get_type_hints
+
+import pydantic
+import torch
+from noether.core.distributed import is_distributed
+from noether.core.schemas import BaseTrainerConfig
+from noether.core.schemas.initializers import ResumeInitializerConfig
+from noether.training.trainers import BaseTrainer
+from torch.nn.parallel import DistributedDataParallel
+
+from ...errors import StateMismatchError
+from ...state import restore_rng
+from .block import checkpointer_config
+from .gather import GatheringCheckpointWriter, to_iteration
+from .initializer import install_previous_run_bridges
+from .resume import NoetherDistResumeInitializer
+
+__all__ = ["NoetherDistTrainer", "config_class_with_checkpointer"]
+
+log = logging.getLogger(__name__)
+
+
+def _noether_config_class(cls: type) -> type:
+    """The config class a Noether trainer class is built from (its ``_config_class``, else
+    the first BaseTrainerConfig in an ``__init__`` type hint along the MRO)."""
+    for klass in cls.__mro__:
+        if klass is NoetherDistTrainer or klass is object:
+            continue
+        own = klass.__dict__.get("_config_class")
+        if own is not None and not getattr(own, "_noether_dist_block", False):
+            return own
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        try:
+            hints = get_type_hints(init)
+        except Exception:  # noqa: BLE001 - unresolvable hints: look further up
+            continue
+        for hint in hints.values():
+            if isinstance(hint, type) and issubclass(hint, BaseTrainerConfig):
+                return hint
+    return BaseTrainerConfig
+
+
+def config_class_with_checkpointer(base: type) -> type:
+    """``base`` (a trainer config class) plus a ``checkpointer`` field (the adapter's block)."""
+    model = pydantic.create_model(f"{base.__name__}WithCheckpointer", __base__=base,
+                                  checkpointer=(dict[str, Any] | None, None))
+    model._noether_dist_block = True  # type: ignore[attr-defined]
+    return model
+
+
+class NoetherDistTrainer:
+    """Mixin over a Noether trainer: checkpoints go through noether_dist (one committed save
+    per training point, sharded, any store), resume follows Noether's ``resume_*`` keys, Noether's
+    PreviousRunInitializer entries read noether_dist checkpoints, and multi-process CPU runs
+    keep their replicas in sync. Overrides no method Noether forbids (``train``, ``wrap_model``)."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # Noether finds a trainer's config class through `_config_class`: give the subclass one
+        # that accepts the `checkpointer:` block on top of its Noether config.
+        cls._config_class = config_class_with_checkpointer(_noether_config_class(cls))
+
+    def __init__(self, config: Any, **kwargs: Any) -> None:
+        path_provider = kwargs["path_provider"]
+        block = getattr(config, "checkpointer", None)
+        output_dir = str(path_provider.output_root)
+        # Validate the block now: a bad key fails at start-up, not at the first save.
+        nd_config = checkpointer_config(block, output_dir=output_dir, run_id=path_provider.run_id,
+                                        stage_name=path_provider.stage_name, model_name="model")
+        self._nd_output_dir, self._nd_timeout_s = nd_config.output_dir, nd_config.timeout_s
+        original = config.initializer
+        if isinstance(original, ResumeInitializerConfig):
+            # Noether's Factory hands an already built object through unchanged, so
+            # BaseTrainer.__init__ calls our start_checkpoint() where it would call Noether's.
+            config.initializer = NoetherDistResumeInitializer(original, path_provider=path_provider, block=block,
+                                                              output_dir=output_dir)
+        try:
+            super().__init__(config, **kwargs)
+        finally:
+            config.initializer = original
+        # BaseTrainer built its own CheckpointWriter; callbacks receive the writer when train()
+        # builds them, so replacing it here reaches every one of them.
+        self.checkpoint_writer = GatheringCheckpointWriter(trainer=self, block=block, output_dir=output_dir)
+        self._nd_open_point = False
+
+    # -- model ----------------------------------------------------------------------------
+    def _prepare_model(self, model: Any) -> Any:
+        self.checkpoint_writer.model = model
+        install_previous_run_bridges(model, output_dir=self._nd_output_dir, timeout_s=self._nd_timeout_s)
+        return super()._prepare_model(model)  # type: ignore[misc]
+
+    def wrap_ddp(self, model: Any) -> Any:
+        """Noether leaves CPU models unwrapped, so the ranks of a multi-process CPU run train
+        diverging replicas that no checkpoint can hold once; wrap them in DDP (gloo) too."""
+        trainable = any(p.requires_grad for p in model.parameters())
+        if is_distributed() and model.device == torch.device("cpu") and trainable:
+            return DistributedDataParallel(model, find_unused_parameters=self.config.find_unused_params,
+                                           static_graph=self.config.static_graph)
+        return super().wrap_ddp(model)  # type: ignore[misc]
+
+    # -- when gathered points are committed (see the module doc) -----------------------
+    def _run_periodic_callbacks(self, periodic_callbacks: list[Any], model: Any, dist_model: Any, data_iter: Any,
+                                batch_size: int, end_of_epoch: bool = False) -> bool:
+        try:
+            early_exit = super()._run_periodic_callbacks(  # type: ignore[misc]
+                periodic_callbacks=periodic_callbacks, model=model, dist_model=dist_model, data_iter=data_iter,
+                batch_size=batch_size, end_of_epoch=end_of_epoch)
+        except BaseException:
+            if self.checkpoint_writer.has_pending:
+                log.error("a callback raised at %s: the checkpoint gathered there is not committed",
+                          self.update_counter.cur_iteration)
+            self.checkpoint_writer.discard()
+            self._nd_open_point = False
+            raise
+        counter = self.update_counter
+        epoch_round_follows = not end_of_epoch and counter.is_full_epoch
+        if early_exit or counter.is_finished or epoch_round_follows:
+            self._nd_open_point = True
+        else:
+            self._nd_open_point = False
+            self.checkpoint_writer.flush()
+        return early_exit
+
+    def update(self, *args: Any, **kwargs: Any) -> Any:
+        if self._nd_open_point:  # safety net: nothing has changed since the point's callbacks
+            self._nd_open_point = False
+            self.checkpoint_writer.flush()
+        return super().update(*args, **kwargs)  # type: ignore[misc]
+
+    def call_after_training(self, callbacks: list[Any]) -> None:
+        super().call_after_training(callbacks)  # type: ignore[misc]
+        self._nd_open_point = False
+        self.checkpoint_writer.flush()
+        self.checkpoint_writer.close()
+
+    def call_before_training(self, callbacks: list[Any]) -> None:
+        super().call_before_training(callbacks)  # type: ignore[misc]
+        initializer = self.initializer
+        if not isinstance(initializer, NoetherDistResumeInitializer):
+            return
+        own = initializer.rank_state
+        if own is None:
+            log.warning("the checkpoint holds no state of this rank (other world size): RNG states not restored")
+            return
+        # Last thing before the loop: what ran since the load (data loader, callbacks'
+        # before_training) must not shift the random streams.
+        restore_rng(own["rng"])
+        saved, start = own.get("data_position"), to_iteration(self.start_checkpoint).to_dict()
+        if saved != start:
+            raise StateMismatchError(f"data position {saved} saved with the checkpoint differs from Noether's start {start}")

@@ -1,0 +1,94 @@
+"""The project's code, referenced from its YAML by ``kind`` (Noether builds everything)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from noether.core.callbacks.periodic import PeriodicCallback
+from noether.core.models import Model
+from noether.core.schemas.dataset import DatasetBaseConfig
+from noether.core.schemas.models import ModelBaseConfig
+from noether.data import Dataset
+from noether.training.trainers import BaseTrainer
+
+from noether_dist.integrations.noether import NoetherDistTrainer
+
+METRIC_KEY = "loss/val"
+
+
+def metric_value(update: int) -> float:
+    """The validation metric logged at ``update``: best at update 8, worse afterwards, so
+    that BestCheckpointCallback's decisions are known in advance (lower is better)."""
+    return {8: 5.0, 16: 6.0, 24: 7.0}.get(update, 10.0 + update)
+
+
+class SyntheticDatasetConfig(DatasetBaseConfig):
+    """Config of :class:`SyntheticDataset`."""
+
+    num_samples: int = 32
+
+
+class SyntheticDataset(Dataset):
+    """``x`` (4 features) and ``y`` (3 targets), fixed per index: a linear map plus a wave."""
+
+    def __init__(self, dataset_config: SyntheticDatasetConfig, **kwargs: Any) -> None:
+        super().__init__(dataset_config=dataset_config, **kwargs)
+        g = torch.Generator().manual_seed(1234)
+        self.x = torch.randn(dataset_config.num_samples, 4, generator=g)
+        w = torch.randn(4, 3, generator=g)
+        self.y = self.x @ w + torch.sin(self.x[:, :3])
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def getitem_x(self, idx: int) -> torch.Tensor:
+        return self.x[idx]
+
+    def getitem_y(self, idx: int) -> torch.Tensor:
+        return self.y[idx]
+
+
+class TinyNetConfig(ModelBaseConfig):
+    """Config of :class:`TinyNet`."""
+
+    width: int = 16
+
+
+class TinyNet(Model):
+    """Two linear layers and a LayerNorm (weights, biases, norm parameters: Noether's optimizer
+    puts them in two parameter groups)."""
+
+    def __init__(self, model_config: TinyNetConfig, **kwargs: Any) -> None:
+        super().__init__(model_config=model_config, **kwargs)
+        self.inp = nn.Linear(4, model_config.width)
+        self.norm = nn.LayerNorm(model_config.width)
+        self.out = nn.Linear(model_config.width, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.norm(self.inp(x))))
+
+
+class TinyTrainer(NoetherDistTrainer, BaseTrainer):
+    """Mean squared error on ``y``; checkpoints through noether_dist."""
+
+    def loss_compute(self, forward_output: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
+        return nn.functional.mse_loss(forward_output, targets["y"])
+
+
+class PlainTinyTrainer(BaseTrainer):
+    """The same trainer without the adapter (Noether's own CheckpointWriter)."""
+
+    def loss_compute(self, forward_output: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
+        return nn.functional.mse_loss(forward_output, targets["y"])
+
+
+class ValMetricCallback(PeriodicCallback):
+    """Logs :func:`metric_value` under ``loss/val`` (what BestCheckpointCallback follows)."""
+
+    def periodic_callback(self, *, interval_type: str, update_counter: Any, **_: Any) -> None:
+        if interval_type == "eval":
+            return
+        self.writer.add_scalar(METRIC_KEY, metric_value(update_counter.cur_iteration.update))
