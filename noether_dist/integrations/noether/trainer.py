@@ -39,6 +39,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ...errors import StateMismatchError
 from ...state import restore_rng
 from .block import checkpointer_config
+from .data import EpochCountingSampler
 from .gather import GatheringCheckpointWriter, to_iteration
 from .initializer import install_previous_run_bridges
 from .resume import NoetherDistResumeInitializer
@@ -127,6 +128,24 @@ class NoetherDistTrainer:
             return DistributedDataParallel(model, find_unused_parameters=self.config.find_unused_params,
                                            static_graph=self.config.static_graph)
         return super().wrap_ddp(model)  # type: ignore[misc]
+
+    def get_data_loader(self, iterator_callbacks: list[Any], batch_size: int, evaluation: bool = False) -> Any:
+        start = self.start_checkpoint.update or 0
+        if evaluation or start % self.updates_per_epoch == 0:
+            return super().get_data_loader(iterator_callbacks, batch_size, evaluation)  # type: ignore[misc]
+        # Mid-epoch resume: correct the epoch numbering of the main sampler (see data.py).
+        container = self.data_container
+        make = container.get_main_sampler
+
+        def counting(*args: Any, **kwargs: Any) -> Any:
+            sampler = make(*args, **kwargs)
+            return EpochCountingSampler(sampler) if callable(getattr(sampler, "set_epoch", None)) else sampler
+
+        container.get_main_sampler = counting
+        try:
+            return super().get_data_loader(iterator_callbacks, batch_size, evaluation)  # type: ignore[misc]
+        finally:
+            del container.get_main_sampler
 
     # -- when gathered points are committed (see the module doc) -----------------------
     def _run_periodic_callbacks(self, periodic_callbacks: list[Any], model: Any, dist_model: Any, data_iter: Any,
