@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from noether.core.callbacks.periodic import PeriodicCallback
-from noether.core.models import Model
+from noether.core.models import CompositeModel, Model
 from noether.core.schemas.dataset import DatasetBaseConfig
 from noether.core.schemas.models import ModelBaseConfig
 from noether.data import Dataset
@@ -55,6 +55,8 @@ class TinyNetConfig(ModelBaseConfig):
     """Config of :class:`TinyNet`."""
 
     width: int = 16
+    in_dim: int = 4
+    out_dim: int = 3
 
 
 class TinyNet(Model):
@@ -63,12 +65,35 @@ class TinyNet(Model):
 
     def __init__(self, model_config: TinyNetConfig, **kwargs: Any) -> None:
         super().__init__(model_config=model_config, **kwargs)
-        self.inp = nn.Linear(4, model_config.width)
+        self.inp = nn.Linear(model_config.in_dim, model_config.width)
         self.norm = nn.LayerNorm(model_config.width)
-        self.out = nn.Linear(model_config.width, 3)
+        self.out = nn.Linear(model_config.width, model_config.out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.out(torch.tanh(self.norm(self.inp(x))))
+
+
+class TinyCompositeConfig(ModelBaseConfig):
+    """Config of :class:`TinyComposite`: two TinyNets, each with its own optimizer."""
+
+    encoder: TinyNetConfig
+    decoder: TinyNetConfig
+
+
+class TinyComposite(CompositeModel):
+    """An encoder and a decoder (a CompositeModel: one optimizer per submodel)."""
+
+    def __init__(self, model_config: TinyCompositeConfig, **kwargs: Any) -> None:
+        super().__init__(model_config=model_config, **kwargs)
+        self.encoder = TinyNet(model_config.encoder, **kwargs)
+        self.decoder = TinyNet(model_config.decoder, **kwargs)
+
+    @property
+    def submodels(self) -> dict[str, Any]:
+        return {"encoder": self.encoder, "decoder": self.decoder}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.encoder(x))
 
 
 class TinyTrainer(NoetherDistTrainer, BaseTrainer):
