@@ -30,9 +30,10 @@ from noether.core.utils.training import TrainingIteration as NoetherIteration
 from ...comm import Comm
 from ...commit import CommitRecord, list_commits, read_commit
 from ...config import ResumeConfig
-from ...errors import CheckpointNotFoundError, ConfigError
+from ... import consolidated
+from ...errors import CheckpointNotFoundError, ConfigError, StateMismatchError
 from ...layout import StageLayout
-from ...names import CheckpointRef, TrainingIteration, parse_resume_checkpoint
+from ...names import CheckpointRef, TrainingIteration, normalize_model_info, parse_resume_checkpoint
 from ...resume import ResumeResult, resume
 from ...select import resolve_record
 from ...storage import open_storage
@@ -130,7 +131,7 @@ class NoetherDistResumeInitializer(InitializerBase):
         if self.record is None:
             raise ConfigError("start_checkpoint() must run before init_weights()")
         callbacks = self.trainer.callbacks if self.trainer is not None else []
-        have = {a.model_info for a in self.record.artifacts if a.kind == "model" and a.model_info}
+        have = {normalize_model_info(a.model_info) for a in self.record.artifacts if a.kind == "model" and a.model_info}
         targets = ema_targets(callbacks, model)
         for info in sorted(set(targets) - have):
             log.warning("checkpoint %s has no EMA %s; that EMA starts from the model weights, as Noether does",
@@ -139,14 +140,36 @@ class NoetherDistResumeInitializer(InitializerBase):
         optims = torch_optimizers(model)
         # U<update> names exactly one committed point of a stage: the pinned one, asked for by
         # name, so any rank that cannot load it raises on every rank (no fallback any more).
+        # Files Noether wrote itself have no commit record; there the name it was selected by
+        # (e.g. latest, a file of its own) pins it.
+        legacy = all(not a.files for a in self.record.artifacts)
+        pin = str(self.ref) if legacy and self.ref.kind is not CheckpointRef.Kind.ITERATION \
+            else f"U{self.record.iteration.update}"
         config = ResumeConfig(output_dir=self.config.output_dir, resume_run_id=self.run_id,
-                              resume_stage_name=self.stage_name, resume_checkpoint=f"U{self.record.iteration.update}",
-                              storage=self.config.storage)
-        self.result = resume(config, model=model, optimizer=optims or None,  # type: ignore[arg-type]
-                             ema={info: t[3] for info, t in self.ema.items()} or None,
-                             model_name=self.model_name, timeout_s=self.config.timeout_s)
+                              resume_stage_name=self.stage_name, resume_checkpoint=pin, storage=self.config.storage)
+        optimizer = optims[0] if len(optims) == 1 else (optims or None)
+        ema = None if legacy else {info: t[3] for info, t in self.ema.items()} or None
+        self.result = resume(config, model=model, optimizer=optimizer,  # type: ignore[arg-type]
+                             ema=ema, model_name=self.model_name, timeout_s=self.config.timeout_s)
+        if legacy:
+            self._load_noether_ema_files()
         if self.result.iteration != self.record.iteration:
             raise CheckpointNotFoundError(f"resume loaded {self.result.iteration}, not the pinned {self.record.iteration}")
+
+    def _load_noether_ema_files(self) -> None:
+        """EMA files Noether wrote (one torch.save file each): every rank reads them itself,
+        as Noether does; keys and shapes must match the EMA exactly."""
+        storage = open_storage(self.config.output_dir, self.config.storage)
+        for info, (_, _, _, tensors) in self.ema.items():
+            art = self.record.artifact("model", info)  # type: ignore[union-attr]
+            path = self.layout.artifact_path(art.name)  # type: ignore[union-attr]
+            stored = consolidated.state_dict_of(consolidated.read_file(storage, path), path)
+            wrong = sorted(set(stored) ^ set(tensors)) + sorted(
+                k for k in set(stored) & set(tensors) if tuple(stored[k].shape) != tuple(tensors[k].shape))
+            if wrong:
+                raise StateMismatchError(f"EMA file {path} does not match the EMA of the model: {wrong[:10]}")
+            for key, value in stored.items():
+                tensors[key].copy_(value)
 
     def init_optimizer(self, model: Any) -> None:
         """Nothing to do: the optimizers were loaded with the weights."""
