@@ -36,12 +36,13 @@ EMA = 0.9
 
 def project_config(out: Path, run_id: str, **root: Any) -> dict[str, Any]:
     """The project's Noether config: 32 samples, batch 4 (8 updates per epoch), 24 updates;
-    CheckpointCallback and EmaCallback every 2 updates, BestCheckpointCallback every epoch."""
+    CheckpointCallback and EmaCallback every 2 updates, BestCheckpointCallback every epoch.
+    Dropout makes the result depend on every rank's random stream."""
     return {
         "output_path": str(out), "run_id": run_id, "stage_name": STAGE, "accelerator": "cpu", "num_workers": 0,
         "seed": 3, "store_code_in_output": False, "tracker": "disabled", "master_port": 29500,
         "datasets": {"train": {"kind": f"{PROJECT}.SyntheticDataset", "num_samples": 32}},
-        "model": {"kind": f"{PROJECT}.TinyNet", "name": "tinynet",
+        "model": {"kind": f"{PROJECT}.TinyNet", "name": "tinynet", "dropout": 0.2,
                   "optimizer_config": {"kind": "torch.optim.AdamW", "lr": 0.01, "weight_decay": 0.05}},
         "trainer": {
             "kind": f"{PROJECT}.TinyTrainer", "max_updates": MAX_UPDATES, "effective_batch_size": 4,

@@ -1,4 +1,4 @@
-"""Data position on a mid-epoch resume.
+"""Data position and random streams on a resume.
 
 Noether 2026.4.0's InterleavedSampler skips the already seen part of the resumed epoch but
 never counts that epoch as complete, so ``set_epoch`` is called with the resumed epoch's
@@ -13,7 +13,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["EpochCountingSampler"]
+from ...state import restore_rng
+
+__all__ = ["EpochCountingSampler", "RestoreRngOnIter"]
 
 
 class EpochCountingSampler:
@@ -36,3 +38,28 @@ class EpochCountingSampler:
 
     def __getattr__(self, name: str) -> Any:  # dataset, data_source, ... of the inner sampler
         return getattr(self.inner, name)
+
+
+class RestoreRngOnIter:
+    """The training data loader of a resumed run: restores this rank's saved RNG states right
+    after the loader's iterator is created (which draws from the global RNG) and before the
+    first batch is loaded, so that data loading, augmentation and the model (dropout) draw
+    what the uninterrupted run drew after the checkpoint (with ``num_workers=0``; worker
+    processes have random streams of their own that Noether does not keep)."""
+
+    def __init__(self, loader: Any, rng: dict[str, Any]) -> None:
+        self.loader = loader
+        self.rng: dict[str, Any] | None = rng
+
+    def __iter__(self) -> Iterator[Any]:
+        iterator = iter(self.loader)
+        if self.rng is not None:
+            restore_rng(self.rng)
+            self.rng = None  # once: a second iteration is not a resume
+        return iterator
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.loader, name)

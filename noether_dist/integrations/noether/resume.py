@@ -15,7 +15,8 @@ initializer in its place. The order of calls is Noether's:
 4. ``init_optimizer(model)`` - nothing left to do (loaded in 3).
 5. ``init_callbacks(callbacks, model)`` - callback states and grad scaler go back through
    ``trainer.load_state_dict`` as Noether expects; EMA tensors go into the EmaCallbacks.
-   RNG states and the data position are restored by the trainer right before training.
+   Each rank's RNG states are restored when the training data loader starts iterating, the
+   data position is checked against the pinned point (see data.py).
 """
 
 from __future__ import annotations

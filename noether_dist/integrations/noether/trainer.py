@@ -37,9 +37,8 @@ from noether.training.trainers import BaseTrainer
 from torch.nn.parallel import DistributedDataParallel
 
 from ...errors import StateMismatchError
-from ...state import restore_rng
 from .block import checkpointer_config
-from .data import EpochCountingSampler
+from .data import EpochCountingSampler, RestoreRngOnIter
 from .gather import GatheringCheckpointWriter, to_iteration
 from .initializer import install_previous_run_bridges
 from .resume import NoetherDistResumeInitializer
@@ -130,6 +129,11 @@ class NoetherDistTrainer:
         return super().wrap_ddp(model)  # type: ignore[misc]
 
     def get_data_loader(self, iterator_callbacks: list[Any], batch_size: int, evaluation: bool = False) -> Any:
+        loader = self._nd_data_loader(iterator_callbacks, batch_size, evaluation)
+        rng = self._nd_resumed_rng()
+        return loader if evaluation or rng is None else RestoreRngOnIter(loader, rng)
+
+    def _nd_data_loader(self, iterator_callbacks: list[Any], batch_size: int, evaluation: bool) -> Any:
         start = self.start_checkpoint.update or 0
         if evaluation or start % self.updates_per_epoch == 0:
             return super().get_data_loader(iterator_callbacks, batch_size, evaluation)  # type: ignore[misc]
@@ -146,6 +150,20 @@ class NoetherDistTrainer:
             return super().get_data_loader(iterator_callbacks, batch_size, evaluation)  # type: ignore[misc]
         finally:
             del container.get_main_sampler
+
+    def _nd_resumed_rng(self) -> dict[str, Any] | None:
+        """This rank's saved RNG states when resuming (the data position is checked here)."""
+        initializer = self.initializer
+        if not isinstance(initializer, NoetherDistResumeInitializer):
+            return None
+        own = initializer.rank_state
+        if own is None:
+            log.warning("the checkpoint holds no state of this rank (other world size): RNG states not restored")
+            return None
+        saved, start = own.get("data_position"), to_iteration(self.start_checkpoint).to_dict()
+        if saved != start:
+            raise StateMismatchError(f"data position {saved} saved with the checkpoint differs from Noether's start {start}")
+        return own["rng"]
 
     # -- when gathered points are committed (see the module doc) -----------------------
     def _run_periodic_callbacks(self, periodic_callbacks: list[Any], model: Any, dist_model: Any, data_iter: Any,
@@ -181,19 +199,3 @@ class NoetherDistTrainer:
         self._nd_open_point = False
         self.checkpoint_writer.flush()
         self.checkpoint_writer.close()
-
-    def call_before_training(self, callbacks: list[Any]) -> None:
-        super().call_before_training(callbacks)  # type: ignore[misc]
-        initializer = self.initializer
-        if not isinstance(initializer, NoetherDistResumeInitializer):
-            return
-        own = initializer.rank_state
-        if own is None:
-            log.warning("the checkpoint holds no state of this rank (other world size): RNG states not restored")
-            return
-        # Last thing before the loop: what ran since the load (data loader, callbacks'
-        # before_training) must not shift the random streams.
-        restore_rng(own["rng"])
-        saved, start = own.get("data_position"), to_iteration(self.start_checkpoint).to_dict()
-        if saved != start:
-            raise StateMismatchError(f"data position {saved} saved with the checkpoint differs from Noether's start {start}")

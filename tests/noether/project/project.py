@@ -57,20 +57,22 @@ class TinyNetConfig(ModelBaseConfig):
     width: int = 16
     in_dim: int = 4
     out_dim: int = 3
+    dropout: float = 0.0
 
 
 class TinyNet(Model):
-    """Two linear layers and a LayerNorm (weights, biases, norm parameters: Noether's optimizer
-    puts them in two parameter groups)."""
+    """Two linear layers, a LayerNorm and dropout (weights, biases, norm parameters: Noether's
+    optimizer puts them in two parameter groups; dropout draws from each rank's RNG)."""
 
     def __init__(self, model_config: TinyNetConfig, **kwargs: Any) -> None:
         super().__init__(model_config=model_config, **kwargs)
         self.inp = nn.Linear(model_config.in_dim, model_config.width)
         self.norm = nn.LayerNorm(model_config.width)
+        self.drop = nn.Dropout(model_config.dropout)
         self.out = nn.Linear(model_config.width, model_config.out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(torch.tanh(self.norm(self.inp(x))))
+        return self.out(self.drop(torch.tanh(self.norm(self.inp(x)))))
 
 
 class TinyCompositeConfig(ModelBaseConfig):
