@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from torch.utils.data import DistributedSampler
 
 from noether_dist.errors import ConfigError, InvalidNameError

@@ -33,7 +33,6 @@ import torch
 from noether.core.distributed import is_distributed
 from noether.core.schemas import BaseTrainerConfig
 from noether.core.schemas.initializers import ResumeInitializerConfig
-from noether.training.trainers import BaseTrainer
 from torch.nn.parallel import DistributedDataParallel
 
 from ...errors import StateMismatchError
