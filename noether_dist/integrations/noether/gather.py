@@ -19,8 +19,9 @@ A call only records what the point needs; nothing is copied. :meth:`flush` write
 commits the point with one :meth:`Checkpointer.save`, reading the live model, optimizers
 and EMA tensors. That is exact because the trainer flushes (see ``trainer.py``) after all
 callbacks of the point ran and before the next forward pass changes anything. Calls made
-on rank 0 only never enter a collective: at a flush, rank 0's summary of the point is
-broadcast (one small collective) and every rank saves by it, the other ranks passing empty
+on rank 0 only never enter a collective: at a flush, the ranks first agree whether any of
+them gathered something (one all_reduce of one integer: the whole cost of an update without
+a save), then rank 0's summary of the point is broadcast and every rank saves by it, the other ranks passing empty
 EMA states (the EMA tensors live on rank 0 only; DCP writes them from there).
 """
 
@@ -176,7 +177,12 @@ class GatheringCheckpointWriter:
         was gathered on rank 0."""
         comm = self._control()
         local = self._pending.summary() if self._pending is not None else None
-        summary = comm.broadcast(local if comm.is_coordinator else None) if comm.world_size > 1 else local
+        if comm.world_size > 1:
+            # One tiny all_reduce when no rank gathered anything (most updates); else rank 0's summary.
+            anything = not comm.all_true(local is None)
+            summary = comm.broadcast(local if comm.is_coordinator else None) if anything else None
+        else:
+            summary = local
         pending, self._pending = self._pending, None
         if summary is None:
             if pending is not None:
