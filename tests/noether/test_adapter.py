@@ -98,6 +98,16 @@ def test_sigkill_at_random_update_then_resume_with_noether_keys_gives_same_diges
         f"seed {seed}: killed after {committed[-1]} (+{delay:.2f}s), resumed run differs")
 
 
+
+def test_resume_from_noethers_best_model_tag_continues_exactly(full_run: Path, tmp_path) -> None:
+    # resume_checkpoint in Noether's spelling: the best point (E1_U8_S32, an epoch boundary),
+    # not the newest; the continued run then trains to the end exactly like the first one.
+    run_to_end(project_config(full_run, "from_best", resume_run_id="full", resume_stage_name=STAGE,
+                              resume_checkpoint="best_model.loss.val"), tmp_path / "work", port=29634)
+    assert min(commits_of(full_run, "from_best"), key=lambda n: int(n.split("_U")[1].split("_")[0])) == "E1_U10_S40"
+    assert digest_at(full_run, "from_best") == digest_at(full_run, "full")
+    assert alias_of(full_run, "from_best", "best.loss.val") is None  # Noether found nothing better
+
 # The exact YAML a user writes under `model:` (Noether's own kind and keys).
 INITIALIZER_YAML = f"""
 initializers:
