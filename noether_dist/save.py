@@ -21,6 +21,7 @@ from .errors import CommitError, ConfigError, NoetherDistError
 from .layout import StageLayout
 from .mirror import is_node_leader, mirror_from_coordinator
 from .retention import prune
+from .spawn_check import check_process_mode
 from .names import ArtifactKind, TrainingIteration, format_artifact, normalize_model_info, parse_checkpoint
 from .statedict import model_state, optimizer_state, pack_object, staging_options
 from .storage import Storage, open_storage
@@ -98,6 +99,8 @@ class Checkpointer:
         self._pending: Future[SaveResult] | None = None
         self.last_stall_s: float | None = None
         """Seconds the last asynchronous save blocked the caller (capture + staging copy)."""
+        if config.async_mode is AsyncMode.PROCESS:
+            self.comm.each(check_process_mode)
         if config.async_mode is not AsyncMode.OFF:
             self._background = _Background(config)
 
