@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Set up a fresh Debian machine for noether_dist: Python packages (torch pinned to the CPU
-# build 2.13.0), the package itself in editable mode with its test extra, and the system
-# packages the integration tests use (slurm, munge, iproute2). Idempotent and quiet.
+# build 2.13.0, the upper end of the supported range), the package itself in editable mode
+# with its test extra, the system packages the integration tests use (slurm, munge,
+# iproute2), and the cached Noether test environment (scripts/setup_noether_env.sh).
+# Idempotent and quiet.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -17,3 +19,5 @@ fi
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     bash .ci/install_system.sh
 fi
+# The Noether test environment (Python 3.12, torch 2.11.0, emmiai-noether): built once, cached.
+bash scripts/setup_noether_env.sh
