@@ -6,10 +6,14 @@ import json
 import os
 import time
 
+import pytest
+
 from noether_dist import AsyncMode, Checkpointer, CheckpointerConfig, CommitError, TrainingIteration
 from tests.distributed import run_ranks
 from tests.models import EMA_INFO, assert_states_equal, build, full_state, train_steps
 from tests.test_resume_dist import resume_state
+
+pytestmark = pytest.mark.torch_compat
 
 
 def _slow_writes(delay_s: float) -> None:

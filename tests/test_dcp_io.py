@@ -12,6 +12,8 @@ import torch
 from noether_dist import dcp_io
 from noether_dist.storage import open_storage
 
+pytestmark = pytest.mark.torch_compat
+
 
 class _Payload:
     def __reduce__(self):

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 
+import pytest
 
 from noether_dist import Checkpointer, CheckpointerConfig, TrainingIteration, resume
 from tests.distributed import run_ranks
 from tests.models import EMA_INFO, assert_states_equal, build, full_state, train_steps
+
+pytestmark = pytest.mark.torch_compat
 
 
 def save_job(rank: int, world_size: int, out: str, steps: int) -> dict:

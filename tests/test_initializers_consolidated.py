@@ -115,6 +115,7 @@ def resume_full(rank: int, world_size: int, out: str, run_id: str, model_name: s
             "rank_state": res.rank_state}
 
 
+@pytest.mark.torch_compat  # load_full goes through DCP's private loader
 def test_round_trip_sharded_consolidated_sharded_is_exact(tmp_path):
     src = tmp_path / "src"
     saved = run_ranks(save_source, 2, str(src))[0]

@@ -7,12 +7,15 @@ import os
 import shutil
 import signal
 
+import pytest
 import torch
 
 from noether_dist import Checkpointer, CheckpointerConfig, CommitError, TrainingIteration, resume
 from noether_dist.errors import NoetherDistError
 from tests.distributed import run_ranks
 from tests.models import EMA_INFO, assert_states_equal, build, full_state, train_steps
+
+pytestmark = pytest.mark.torch_compat
 
 RUN = "run1"
 STAGE = "train"

@@ -14,6 +14,8 @@ from tests.models import EMA_INFO, assert_states_equal, build, train_steps
 from tests.test_dist_fsdp import resume_job, save_job
 
 
+# Not torch_compat (the slowest test there): resharding runs on torch 2.11 in test_dist_fsdp,
+# DCP on S3 in the one-process tests below.
 def test_fsdp_save_on_4_resume_on_2_and_3_over_s3(s3_bucket, s3_env):
     out = f"s3://{s3_bucket}/experiments"
     saved = run_ranks(save_job, 4, out, 2, env=s3_env)[0]
@@ -28,6 +30,7 @@ def test_fsdp_save_on_4_resume_on_2_and_3_over_s3(s3_bucket, s3_env):
             assert_states_equal(saved, state)
 
 
+@pytest.mark.torch_compat
 def test_missing_bucket_is_an_error_and_is_not_created(s3_server, s3_env):
     with pytest.raises(StorageError, match="bucket 'no-such-bucket' .* does not exist; create it first"):
         Checkpointer(CheckpointerConfig(output_dir="s3://no-such-bucket/x", run_id="r"))
@@ -35,6 +38,7 @@ def test_missing_bucket_is_an_error_and_is_not_created(s3_server, s3_env):
     assert "no-such-bucket" not in [e.name for e in st.list("s3://")]
 
 
+@pytest.mark.torch_compat
 def test_storage_options_from_config_without_env(s3_server, s3_bucket, monkeypatch):
     for var in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
         monkeypatch.delenv(var)
@@ -48,6 +52,7 @@ def test_storage_options_from_config_without_env(s3_server, s3_bucket, monkeypat
     assert json.loads(st.read(f"s3://{s3_bucket}/o/r/checkpoints/_aliases/latest.json"))["checkpoint"] == "E0_U1_S8"
 
 
+@pytest.mark.torch_compat
 def test_cli_list_on_s3(s3_bucket, s3_env, capsys):
     model, opt, ema = build(sharded=False)
     ck = Checkpointer(CheckpointerConfig(output_dir=f"s3://{s3_bucket}/o", run_id="r", stage_name="s", model_name="m"))
@@ -59,6 +64,7 @@ def test_cli_list_on_s3(s3_bucket, s3_env, capsys):
     assert listing[0]["checkpoints"][0]["aliases"] == ["latest"]
 
 
+@pytest.mark.torch_compat
 def test_s3_storage_primitives(s3_bucket, s3_env):
     st = open_storage(f"s3://{s3_bucket}")
     path = f"s3://{s3_bucket}/a/commit.json"

@@ -11,6 +11,8 @@ from noether_dist.layout import StageLayout
 from noether_dist.names import TrainingIteration
 from noether_dist.storage import RetryPolicy, StorageOptions, is_transient, open_storage
 
+pytestmark = pytest.mark.torch_compat
+
 
 def test_write_once_never_overwrites(tmp_path):
     st = open_storage(str(tmp_path))
