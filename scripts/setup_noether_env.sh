@@ -3,7 +3,8 @@
 # torch 2.11.0 (the CUDA build from the package index, ~2.6 GB; it runs on CPU), the real
 # emmiai-noether 2026.4.0 installed --no-deps plus what it imports at run time, our runtime
 # and test dependencies; then, on every run (cheap), this checkout with --no-deps -e .
-# Path: `bash scripts/noether_env.sh`. A complete environment is never rebuilt.
+# Path: `bash scripts/noether_env.sh`. A complete environment is never rebuilt; `--check`
+# only says whether it is complete.
 #
 # Crash safety: the environment is built at its final path (a venv's scripts hold that path
 # in their shebangs, so it cannot be moved afterwards) under a lock, with a marker file
@@ -48,6 +49,10 @@ find_python() {
     exit 1
 }
 
+quiet_pip() {  # pip's output without the notes about index folders this machine lacks
+    grep -v "^WARNING: Location 'file:" || true
+}
+
 build() {
     local python
     python=$(find_python)
@@ -56,17 +61,21 @@ build() {
     mkdir -p "$ENV"
     touch "$BUILDING"
     "$python" -m venv "$ENV"
-    local pip=("$ENV/bin/python" -m pip install -q --no-cache-dir)
-    "${pip[@]}" "torch==$NOETHER_ENV_TORCH"
-    "${pip[@]}" --no-deps "emmiai-noether==$NOETHER_ENV_NOETHER"
-    # What Noether imports at run time (its full dependency list pulls in pyvista, h5py,
-    # aistore, ... that a training run does not use), then our runtime and test dependencies;
-    # torch is named again so that nothing can move it.
-    "${pip[@]}" "torch==$NOETHER_ENV_TORCH" "numpy==$NOETHER_ENV_NUMPY" pydantic hydra-core omegaconf pyyaml einops \
-        psutil tqdm packaging attrs fsspec s3fs pytest "moto[server]" setuptools
+    # torch and what Noether imports at run time (its full dependency list pulls in pyvista,
+    # h5py, aistore, ... that a training run does not use), our runtime and test
+    # dependencies; then Noether itself without its dependencies (pip then lists the ones
+    # left out: expected).
+    "$ENV/bin/python" -m pip install -q --no-cache-dir "torch==$NOETHER_ENV_TORCH" "numpy==$NOETHER_ENV_NUMPY" \
+        pydantic hydra-core omegaconf pyyaml einops psutil tqdm packaging attrs fsspec s3fs pytest "moto[server]" \
+        setuptools 2>&1 | quiet_pip
+    "$ENV/bin/python" -m pip install -q --no-cache-dir --no-deps "emmiai-noether==$NOETHER_ENV_NOETHER" 2>&1 | quiet_pip
     rm -f "$BUILDING"
 }
 
+if [ "${1:-}" = "--check" ]; then  # only tell: exit 0 when the environment is complete
+    env_complete && echo "complete: $ENV" || { echo "missing or incomplete: $ENV"; exit 1; }
+    exit 0
+fi
 mkdir -p "$(dirname "$ENV")"
 exec 9>"$ENV.lock"
 flock -w 1800 9 || { echo "setup_noether_env: another setup held $ENV.lock for 30 minutes" >&2; exit 1; }
