@@ -12,6 +12,7 @@ here=$(pwd -P)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's code, whatever is installed
 NOETHER_PY="$(bash scripts/noether_env.sh)/bin/python"
+NOETHER_MISSING=$(bash scripts/setup_noether_env.sh --check >/dev/null || bash scripts/setup_noether_env.sh --check)
 LOGS=$(mktemp -d)
 trap 'rm -rf "$LOGS"' EXIT
 declare -a SUMMARY=()
@@ -29,8 +30,8 @@ part() {  # part NAME PYTHON PYTEST-ARGS...
     echo "== $name: $py -m pytest $*"
     echo "================================================================================"
     start=$(date +%s)
-    if ! command -v "$py" >/dev/null 2>&1; then
-        echo "$py does not exist: run bash scripts/setup.sh (it builds the Noether environment)" | tee "$log"
+    if [ "$py" = "$NOETHER_PY" ] && [ -n "$NOETHER_MISSING" ]; then
+        echo "$NOETHER_MISSING: run bash scripts/setup.sh (it builds the Noether environment)" | tee "$log"
         rc=127
     else
         "$py" -m pytest "$@" "${EXTRA[@]}" 2>&1 | tee "$log"
@@ -43,6 +44,7 @@ part() {  # part NAME PYTHON PYTEST-ARGS...
     case $rc in
         0) verdict="ok";;
         5) verdict="FAILED: no test was collected (pytest exit 5)";;
+        127) verdict="FAILED: the Noether environment is missing or incomplete";;
         *) verdict="FAILED (pytest exit $rc)";;
     esac
     [ "$rc" = 0 ] || { failed=1; echo "!! $name: $verdict"; }
