@@ -10,15 +10,25 @@ Promises:
 - ``exists`` answers False only for "not found"; any other failure (403, timeout) raises.
 - ``list`` never answers from a cache: another process's write is seen at once.
 - transient errors (throttling, 5xx, timeouts, resets) are retried with exponential
-  backoff; a permanent error raises :class:`StorageError` naming the path and the cause.
-- a missing S3 bucket is never created silently (:meth:`Storage.check_root`).
+  backoff by exactly one layer: on S3 botocore retries each request (standard mode);
+  :meth:`Storage.retry` retries a whole operation only for what botocore cannot retry (a
+  body cut off while streaming, a local-disk timeout). s3fs's own retry loop is off. A
+  permanent error raises :class:`StorageError` naming the path and the cause.
+- a missing S3 bucket is never created silently, and a store that ignores
+  ``If-None-Match`` is refused before a commit record could be overwritten
+  (:meth:`Storage.check_root`).
+- on S3 every object carries a CRC32 the store checks on upload and keeps
+  (:meth:`Storage.stored_checksum` reads it back).
 """
 
 from __future__ import annotations
 
+import errno
+import http.client
 import logging
 import os
 import random
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -35,14 +45,18 @@ __all__ = ["StorageOptions", "RetryPolicy", "Storage", "Entry", "open_storage", 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-_TRANSIENT_MARKERS = (
-    "SlowDown", "Throttl", "RequestTimeout", "ServiceUnavailable", "InternalError",
-    "503", "500 ", "502", "504", "Connection reset", "ConnectionReset", "timed out", "Timeout",
-    "Server disconnected", "ServerDisconnected", "Connection aborted",
-    # botocore's connection errors are not OSErrors: EndpointConnectionError ("Could not
-    # connect", also after a reset), ConnectionClosedError, ReadTimeoutError.
-    "EndpointConnectionError", "ConnectionClosedError", "Could not connect", "ReadTimeout", "ConnectTimeout",
-)
+# Error codes and HTTP statuses a retry may cure (botocore's standard retry mode uses the
+# same families: throttling, transient server errors, request timeouts).
+_TRANSIENT_CODES = frozenset({
+    "SlowDown", "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottled",
+    "RequestThrottledException", "TooManyRequestsException", "RequestLimitExceeded",
+    "BandwidthLimitExceeded", "RequestTimeout", "RequestTimeoutException", "PriorRequestNotComplete",
+    "InternalError", "ServiceUnavailable", "EC2ThrottledException",
+})
+_TRANSIENT_STATUS = frozenset({429, 500, 502, 503, 504})
+_TRANSIENT_ERRNO = frozenset({errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED, errno.EPIPE,
+                              errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH})
+_RETRY_MODES = ("standard", "adaptive")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,12 +69,17 @@ class RetryPolicy:
     """Delay after the first failure; doubles each time, with jitter."""
     max_delay_s: float = 5.0
     """Upper bound of one delay."""
+    mode: str = "standard"
+    """botocore's retry mode for S3 requests: standard or adaptive (adds client-side rate
+    limiting under throttling)."""
 
     def __post_init__(self) -> None:
-        if self.attempts < 1:
+        if isinstance(self.attempts, bool) or not isinstance(self.attempts, int) or self.attempts < 1:
             raise ConfigError(f"RetryPolicy.attempts must be >= 1, got {self.attempts}")
         if self.base_delay_s < 0 or self.max_delay_s < 0:
             raise ConfigError("RetryPolicy delays must be >= 0")
+        if self.mode not in _RETRY_MODES:
+            raise ConfigError(f"RetryPolicy.mode {self.mode!r} is not valid; use standard or adaptive")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -78,35 +97,65 @@ class StorageOptions:
     """Further keyword arguments for the fsspec filesystem (e.g. key, secret)."""
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     """Retries of transient errors."""
+    checksum: str | None = "CRC32"
+    """S3: the checksum every upload carries, checked by the store on upload and kept as a
+    full-object checksum (multipart included); None sends none (for stores that reject
+    checksum headers or full-object multipart checksums). Only CRC32 lets ``verify`` use the
+    store's checksum instead of reading the bytes."""
+    read_timeout_s: float = 30.0
+    """S3: seconds botocore waits for data on a socket before the request fails (and is
+    retried)."""
+
+    def __post_init__(self) -> None:
+        if self.checksum not in (None, "CRC32", "CRC32C", "SHA1", "SHA256", "CRC64NVME"):
+            raise ConfigError(f"storage checksum {self.checksum!r} is not valid; use CRC32 (default), CRC32C, "
+                              "SHA1, SHA256, CRC64NVME or null")
+        if not isinstance(self.read_timeout_s, (int, float)) or not self.read_timeout_s > 0:
+            raise ConfigError(f"storage read_timeout_s must be a number > 0, got {self.read_timeout_s!r}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> StorageOptions:
-        """Build from a config mapping with keys endpoint_url, profile, region, extra."""
+        """Build from a config mapping with keys endpoint_url, profile, region, extra, retry,
+        checksum, read_timeout_s."""
         data = dict(data or {})
-        allowed = {"endpoint_url", "profile", "region", "extra", "retry"}
+        allowed = {"endpoint_url", "profile", "region", "extra", "retry", "checksum", "read_timeout_s"}
         unknown = set(data) - allowed
         if unknown:
             raise ConfigError(f"unknown storage option(s) {sorted(unknown)}; valid: {sorted(allowed)}")
         retry = data.pop("retry", None)
         if isinstance(retry, dict):
+            known = {"attempts", "base_delay_s", "max_delay_s", "mode"}
+            if set(retry) - known:
+                raise ConfigError(f"unknown storage retry option(s) {sorted(set(retry) - known)}; valid: {sorted(known)}")
             data["retry"] = RetryPolicy(**retry)
+        elif retry is not None:
+            data["retry"] = retry
         return cls(**data)
 
     def fsspec_kwargs(self, protocol: str) -> dict[str, Any]:
         """The keyword arguments for ``fsspec.url_to_fs`` for this protocol.
 
-        For S3: no listing cache (another process's writes must be seen at once), and
-        bounded botocore retries and timeouts, so that a dead endpoint fails in bounded
-        time and our own retry policy stays in charge.
+        For S3: a private instance (never fsspec's cached, shared one: our settings must not
+        leak to other users of s3fs in the process), no listing cache (another process's
+        writes must be seen at once), botocore's standard (or adaptive) retries with
+        ``retry.attempts`` tries per request, bounded timeouts, and the upload checksum.
         """
         kwargs = dict(self.extra)
         if protocol in ("s3", "s3a"):
+            kwargs["skip_instance_cache"] = True
             kwargs.setdefault("use_listings_cache", False)
             config_kwargs = dict(kwargs.pop("config_kwargs", {}) or {})
-            config_kwargs.setdefault("retries", {"total_max_attempts": 3, "mode": "standard"})
+            config_kwargs.setdefault("retries", {"total_max_attempts": self.retry.attempts, "mode": self.retry.mode})
             config_kwargs.setdefault("connect_timeout", 10)
-            config_kwargs.setdefault("read_timeout", 30)
+            config_kwargs.setdefault("read_timeout", self.read_timeout_s)
             kwargs["config_kwargs"] = config_kwargs
+            if self.checksum:
+                from .s3store import checksum_kwargs
+
+                extra_s3 = dict(kwargs.pop("s3_additional_kwargs", {}) or {})
+                for key, value in checksum_kwargs(self.checksum).items():
+                    extra_s3.setdefault(key, value)
+                kwargs["s3_additional_kwargs"] = extra_s3
             client_kwargs = dict(kwargs.pop("client_kwargs", {}) or {})
             if self.endpoint_url:
                 client_kwargs["endpoint_url"] = self.endpoint_url
@@ -133,14 +182,89 @@ class Entry:
         return self.path.rstrip("/").rsplit("/", 1)[-1]
 
 
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and the exceptions it was raised from (s3fs keeps botocore's as the cause)."""
+    out: list[BaseException] = []
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        out.append(e)
+        todo.extend((e.__context__, e.__cause__))
+    return out
+
+
+def _client_error_answer(e: BaseException) -> bool | None:
+    """For a botocore ClientError (an answer from the store): is it transient? None if ``e``
+    is not one."""
+    response = getattr(e, "response", None)
+    if not isinstance(response, dict) or "Error" not in response:
+        return None
+    code = str((response.get("Error") or {}).get("Code") or "")
+    status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+    try:
+        status = int(status) if status is not None else None
+    except (TypeError, ValueError):
+        status = None
+    return code in _TRANSIENT_CODES or status in _TRANSIENT_STATUS
+
+
+def _is_client_connection_error(e: BaseException) -> bool:
+    """botocore's connection and timeout errors (not OSErrors): retried by botocore itself."""
+    exceptions = sys.modules.get("botocore.exceptions")
+    return exceptions is not None and isinstance(e, (exceptions.HTTPClientError, exceptions.ConnectionError))
+
+
+def _is_stream_error(e: BaseException) -> bool:
+    """A connection lost or a body cut off while reading or writing (aiohttp, http.client)."""
+    if isinstance(e, http.client.IncompleteRead):
+        return True
+    aiohttp = sys.modules.get("aiohttp")
+    if aiohttp is not None:
+        if isinstance(e, aiohttp.ClientResponseError):
+            return e.status in _TRANSIENT_STATUS
+        if isinstance(e, (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)):
+            return True
+    exceptions = sys.modules.get("botocore.exceptions")
+    return exceptions is not None and isinstance(e, exceptions.ResponseStreamingError)
+
+
 def is_transient(exc: BaseException) -> bool:
-    """True for errors that a retry may cure: throttling, 5xx, timeouts, resets."""
+    """True for errors that a retry may cure: throttling, 5xx, timeouts, resets.
+
+    Decided by type, error code and HTTP status of the exception or of the botocore/aiohttp
+    error it was raised from, never by the message text (a checkpoint named ``..._U1504_...``
+    in a 400's message is still a 400). An answer from the store with another code (400,
+    403, 404, 412) is permanent.
+    """
     if isinstance(exc, (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)):
         return False
-    if isinstance(exc, (TimeoutError, ConnectionError)):
-        return True
-    text = f"{type(exc).__name__}: {exc}"
-    return any(marker in text for marker in _TRANSIENT_MARKERS)
+    for e in _chain(exc):
+        answer = _client_error_answer(e)
+        if answer is not None:
+            return answer
+        if _is_client_connection_error(e) or _is_stream_error(e):
+            return True
+        if isinstance(e, (TimeoutError, ConnectionError)):
+            return True
+        if isinstance(e, OSError) and type(e) is OSError and e.errno in _TRANSIENT_ERRNO:
+            return True
+    return False
+
+
+def _retried_by_client(exc: BaseException) -> bool:
+    """True when botocore's retry handler already retried this request error (a transient
+    answer from the store, or a connection/timeout error): retrying it again would nest."""
+    for e in _chain(exc):
+        answer = _client_error_answer(e)
+        if answer is not None:
+            return True
+        if _is_client_connection_error(e):
+            return True
+    return False
 
 
 class Storage:
@@ -150,6 +274,12 @@ class Storage:
         self.fs = fs
         self.options = options
         self.protocol = protocol
+        self._write_once_checked: set[str] = set()
+
+    @property
+    def is_s3(self) -> bool:
+        """True for an s3:// store."""
+        return self.protocol in ("s3", "s3a")
 
     @property
     def is_local(self) -> bool:
@@ -164,7 +294,7 @@ class Storage:
         """Run ``fn`` with the retry policy; translate a final failure into StorageError.
 
         FileNotFoundError and FileExistsError pass through untouched: callers decide
-        what they mean.
+        what they mean. On S3, errors botocore already retried are not retried again.
         """
         policy = self.options.retry
         delay = policy.base_delay_s
@@ -174,7 +304,7 @@ class Storage:
             except (FileNotFoundError, FileExistsError):
                 raise
             except Exception as exc:  # noqa: BLE001 - classified below
-                if attempt < policy.attempts and is_transient(exc):
+                if attempt < policy.attempts and is_transient(exc) and not (self.is_s3 and _retried_by_client(exc)):
                     log.warning("transient storage error on %s %s (try %d/%d): %s", what, path, attempt, policy.attempts, exc)
                     time.sleep(min(policy.max_delay_s, delay) * (0.5 + random.random()))
                     delay *= 2
@@ -186,21 +316,74 @@ class Storage:
 
     # -- the interface ------------------------------------------------------------
     def check_root(self, url: str) -> None:
-        """Raise StorageError if the bucket of an S3 URL does not exist (it is never created)."""
-        if self.protocol not in ("s3", "s3a"):
+        """Raise StorageError if the bucket of an S3 URL does not exist (it is never created),
+        or if the store ignores ``If-None-Match`` (see :meth:`check_write_once`)."""
+        if not self.is_s3:
             return
         bucket = self._strip(url).split("/", 1)[0]
         try:
             self.retry("check bucket", bucket, lambda: self.fs.ls(bucket, refresh=True))
         except FileNotFoundError:
             raise StorageError(f"bucket {bucket!r} of {url} does not exist; create it first (noether_dist never creates buckets)") from None
+        self.check_write_once(url)
+
+    def check_write_once(self, folder: str) -> None:
+        """S3: prove once per folder that the store refuses to overwrite an object written
+        with ``If-None-Match: *``; StorageError if it overwrites.
+
+        A commit record is written once and never replaced; a store that ignores the
+        header (older MinIO, some S3-compatible stores) would silently let a second writer
+        replace it. The probe writes a small object twice, expects the second write to be
+        refused, and removes it: three requests per output dir and process.
+        """
+        if not self.is_s3:
+            return
+        key = self._strip(folder).rstrip("/")
+        if key in self._write_once_checked:
+            return
+        probe = f"{key}/.noether-write-once-probe-{uuid.uuid4().hex}"
+        try:
+            self.retry("write", probe, lambda: self.fs.pipe_file(probe, b"1", mode="create"))
+            try:
+                self.retry("write", probe, lambda: self.fs.pipe_file(probe, b"2", mode="create"))
+            except FileExistsError:
+                self._write_once_checked.add(key)
+                return
+            raise StorageError(
+                f"the store of {folder} ignores If-None-Match: a second write-once PUT of {probe} replaced the "
+                "object instead of being refused (HTTP 412), so a commit record could be overwritten silently. "
+                "noether_dist refuses to save there: use a store that honours conditional writes "
+                "(If-None-Match: *, as AWS S3 does) or a shared file system")
+        finally:
+            try:
+                self.fs.rm(probe)
+            except FileNotFoundError:
+                pass
+            except Exception as exc:  # noqa: BLE001 - a leftover probe is harmless; the check decided
+                log.warning("could not remove the write-once probe %s: %s", probe, exc)
+
+    def stored_checksum(self, path: str) -> tuple[int, int | None]:
+        """(size, CRC32) as the store keeps them for ``path``, with one metadata request and
+        no bytes read; the CRC32 is None where the store keeps none for the whole object (a
+        local disk, an object written without one). FileNotFoundError if it does not exist."""
+        if not self.is_s3:
+            stripped = self._strip(path)
+            return int(self.retry("stat", path, lambda: self.fs.info(stripped))["size"]), None
+        from .s3store import stored_crc32
+
+        found = self.retry("stat", path, lambda: stored_crc32(self.fs, self._strip(path)))
+        return found.size, found.crc32
 
     def write_once(self, path: str, data: bytes) -> None:
-        """Create ``path`` with ``data`` in one step; FileExistsError if it already exists."""
+        """Create ``path`` with ``data`` in one step; FileExistsError if it already exists.
+        On S3 the store's support for ``If-None-Match`` is proved first (once per folder's
+        bucket and process) unless :meth:`check_root` already did."""
         stripped = self._strip(path)
         if self.is_local:
             self._local_write(stripped, data, exclusive=True)
             return
+        if self.is_s3 and not any(stripped.split("/", 1)[0] == k.split("/", 1)[0] for k in self._write_once_checked):
+            self.check_write_once(path.rsplit("/", 1)[0])
 
         def put() -> None:
             try:
@@ -319,11 +502,16 @@ def open_storage(url: str, options: StorageOptions | None = None) -> Storage:
     options = options or StorageOptions()
     protocol = url.split("://", 1)[0] if "://" in url else "file"
     try:
-        fs, _ = fsspec.url_to_fs(url, **options.fsspec_kwargs(protocol))
-    except (ValueError, ImportError) as exc:
+        if protocol in ("s3", "s3a"):
+            from .s3store import ChecksummedS3FileSystem
+
+            fs = ChecksummedS3FileSystem(**options.fsspec_kwargs(protocol))
+            # botocore owns request retries; s3fs's own loop (5 rounds around botocore's)
+            # would nest them. This is our private instance (skip_instance_cache), so the
+            # setting reaches no other user of s3fs.
+            fs.retries = 1
+        else:
+            fs, _ = fsspec.url_to_fs(url, **options.fsspec_kwargs(protocol))
+    except (ValueError, ImportError, TypeError) as exc:
         raise ConfigError(f"cannot open storage {url!r}: {exc}; use a local path, file:// or s3://bucket/prefix") from exc
-    if protocol in ("s3", "s3a"):
-        # s3fs wraps botocore's retries in its own loop (5 by default), and ours wraps both:
-        # against a store that stalls, the product of the three is hours. Keep s3fs's short.
-        fs.retries = 2
     return Storage(fs, options, protocol)

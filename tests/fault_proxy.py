@@ -281,7 +281,7 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
             conn.putheader("Host", f"{proxy._up_host}:{proxy._up_port}")
         for name, value in self.headers.items():
             lname = name.lower()
-            if lname in _HOP_BY_HOP or lname == "content-length":
+            if lname in _HOP_BY_HOP or lname == "content-length" or lname in proxy.drop_request_headers:
                 continue
             conn.putheader(name, value)
         if body or method in ("PUT", "POST", "PATCH") or "Content-Length" in self.headers:
@@ -343,13 +343,16 @@ class FaultProxy:
         upstream_url: ``http://host:port`` of the real endpoint (moto).
         seed: Seed of the fault decision RNG.
         upstream_timeout: Socket timeout (s) for the upstream connection.
+        drop_request_headers: Request headers never forwarded (case-insensitive), e.g.
+            ``("If-None-Match",)`` to play a store that ignores conditional writes.
 
     The proxy starts serving in the constructor; stop it with ``close()`` or
     by leaving the ``with`` block.  No faults are injected until
     ``set_faults`` is called.
     """
 
-    def __init__(self, upstream_url: str, seed: int | None = 0, upstream_timeout: float = 60.0) -> None:
+    def __init__(self, upstream_url: str, seed: int | None = 0, upstream_timeout: float = 60.0,
+                 drop_request_headers: Iterable[str] = ()) -> None:
         parts = urllib.parse.urlsplit(upstream_url)
         if parts.scheme != "http" or not parts.hostname:
             raise ValueError(f"upstream_url must be http://host:port, got {upstream_url!r}")
@@ -357,6 +360,7 @@ class FaultProxy:
         self._up_host = parts.hostname
         self._up_port = parts.port or 80
         self.upstream_timeout = float(upstream_timeout)
+        self.drop_request_headers = frozenset(h.lower() for h in drop_request_headers)
         self._lock = threading.Lock()
         self._rng = random.Random(seed)
         self._config = FaultConfig()

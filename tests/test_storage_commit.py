@@ -39,6 +39,34 @@ def test_exists_list_remove(tmp_path):
         st.read(f"file://{tmp_path}/d/x")
 
 
+def _s3_error(code: str, status: int, message: str) -> OSError:
+    """What s3fs raises for an S3 error answer: botocore's ClientError translated to an
+    OSError, with the ClientError as its cause."""
+    from botocore.exceptions import ClientError
+    from s3fs.errors import translate_boto_error
+
+    error = ClientError({"Error": {"Code": code, "Message": message},
+                         "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject")
+    return translate_boto_error(error)
+
+
+def test_transient_is_decided_by_code_and_status_not_by_digits_in_names():
+    name = "s3://b/run/checkpoints/mlp_cp=E3_U1504_S48128_model.th/__0_0.distcp"
+    assert not is_transient(OSError(f"Bad Request: {name}"))
+    assert not is_transient(OSError(f"Server disconnected while writing {name} (timed out)"))  # text only
+    assert not is_transient(_s3_error("InvalidArgument", 400, f"Bad Request: {name}"))
+    assert not is_transient(_s3_error("AccessDenied", 403, f"Access Denied: {name} (503 SlowDown)"))
+    assert is_transient(_s3_error("SlowDown", 503, "Please reduce your request rate"))
+    assert is_transient(_s3_error("InternalError", 500, "We encountered an internal error"))
+    assert is_transient(_s3_error("", 504, "Gateway Timeout"))
+    assert is_transient(ConnectionResetError()) and is_transient(TimeoutError())
+    import aiohttp
+    from botocore.exceptions import EndpointConnectionError
+
+    assert is_transient(EndpointConnectionError(endpoint_url="http://127.0.0.1:9"))
+    assert is_transient(aiohttp.ClientPayloadError("Response payload is not completed"))
+
+
 def test_retry_retries_transient_then_reports_permanent(tmp_path):
     st = open_storage(str(tmp_path), StorageOptions(retry=RetryPolicy(attempts=3, base_delay_s=0.0)))
     calls = []
@@ -46,7 +74,7 @@ def test_retry_retries_transient_then_reports_permanent(tmp_path):
     def flaky():
         calls.append(1)
         if len(calls) < 3:
-            raise OSError("503 SlowDown: Please reduce your request rate")
+            raise ConnectionResetError("Connection reset by peer")
         return "ok"
 
     assert st.retry("put", "x", flaky) == "ok" and len(calls) == 3
