@@ -2,7 +2,9 @@
 
 Subcommands: list, inspect, verify, prune, convert. Every subcommand takes --json for
 scripts. URL is a local path, file:// or s3://bucket/prefix (endpoint from --endpoint-url
-or AWS_ENDPOINT_URL_S3 / the AWS config; credentials from the AWS environment).
+or AWS_ENDPOINT_URL_S3 / the AWS config; credentials from the AWS environment). list,
+verify, prune and inspect --record never load torch, so they start at once. Long work
+(verify, convert, prune) shows its progress in bytes, with rate and ETA, on stderr.
 
 exit codes:
   0  success (verify: no damage found)
@@ -21,23 +23,22 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-import torch
-from torch.distributed.checkpoint.api import CheckpointException as _DcpError
-
-from . import consolidated, dcp_io
 from .catalog import StageSummary, list_runs, list_stages, summarize_stage
 from .commit import CommitRecord, CorruptRecordError, list_commits, read_alias, read_commit
-from .convert import convert_stage
 from .errors import (AmbiguousCheckpointError, CheckpointNotFoundError, ConfigError, InvalidNameError,
                      NoetherDistError, StorageError)
 from .layout import CHECKPOINTS_DIR, COMMITS_DIR, StageLayout, join_url
 from .names import CheckpointRef, TrainingIteration, parse_artifact
+from .progress import Bar
 from .retention import RetentionPolicy, prune
 from .select import resolve_record
 from .storage import Storage, StorageOptions, open_storage
-from .verify import VerifyReport, parse_checkpoint_arg, verify_stage
+from .verify import DEFAULT_JOBS, VerifyReport, parse_checkpoint_arg, verify_stage
 
-__all__ = ["main", "build_parser", "Progress", "EXIT_OK", "EXIT_PROBLEM", "EXIT_USAGE", "EXIT_STORAGE"]
+# torch (and the modules that need it: consolidated, dcp_io, convert) is imported only by
+# the work that reads tensors: inspect's keys and convert.
+
+__all__ = ["main", "build_parser", "EXIT_OK", "EXIT_PROBLEM", "EXIT_USAGE", "EXIT_STORAGE"]
 
 EXIT_OK, EXIT_PROBLEM, EXIT_USAGE, EXIT_STORAGE = 0, 1, 2, 3
 
@@ -117,12 +118,7 @@ def _summary_json(summary: StageSummary) -> dict[str, Any]:
 
 def cmd_list(args: argparse.Namespace, storage: Storage) -> int:
     """List runs, stages and checkpoints with state, size and aliases."""
-    layouts = _stages_under(storage, args.url)
-    progress = Progress(len(layouts), enabled=_progress_on(args) and len(layouts) > 1)
-    summaries = []
-    for layout in layouts:
-        progress(_name(layout))
-        summaries.append(summarize_stage(storage, layout))
+    summaries = [summarize_stage(storage, layout) for layout in _stages_under(storage, args.url)]
     if args.json:
         print(json.dumps([_summary_json(s) for s in summaries], indent=1))
         return EXIT_OK
@@ -157,6 +153,8 @@ def _legacy_model_name(storage: Storage, layout: StageLayout) -> str:
 
 
 def _tensor_entry(key: str, value: Any) -> dict[str, Any]:
+    import torch
+
     if isinstance(value, torch.Tensor):
         return {"key": key, "shape": list(value.shape), "dtype": str(value.dtype).replace("torch.", ""),
                 "bytes": value.numel() * value.element_size()}
@@ -164,6 +162,8 @@ def _tensor_entry(key: str, value: Any) -> dict[str, Any]:
 
 
 def _flatten(obj: Any, prefix: str = "") -> list[dict[str, Any]]:
+    import torch
+
     if isinstance(obj, dict):
         out = []
         for k, v in obj.items():
@@ -178,7 +178,10 @@ def _flatten(obj: Any, prefix: str = "") -> list[dict[str, Any]]:
 
 
 def _dcp_keys(storage: Storage, path: str) -> list[dict[str, Any]]:
+    import torch
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from . import dcp_io
 
     metadata = dcp_io.read_metadata(path, storage)
     stored: dict[str, int] = {}
@@ -199,6 +202,8 @@ def _dcp_keys(storage: Storage, path: str) -> list[dict[str, Any]]:
 
 
 def _file_keys(storage: Storage, path: str, kind: str) -> list[dict[str, Any]]:
+    from . import consolidated
+
     obj = consolidated.read_file(storage, path)
     if kind == "model":
         return sorted(_flatten(consolidated.state_dict_of(obj, path)), key=lambda e: e["key"])
@@ -207,8 +212,11 @@ def _file_keys(storage: Storage, path: str, kind: str) -> list[dict[str, Any]]:
     return _flatten(obj)
 
 
-def _artifact_json(storage: Storage, layout: StageLayout, art) -> dict[str, Any]:
+def _artifact_json(storage: Storage, layout: StageLayout, art, *, keys: bool = True) -> dict[str, Any]:
     path = layout.artifact_path(art.name)
+    if not keys:
+        return {"name": art.name, "kind": art.kind, "model_info": art.model_info, "format": art.format,
+                "files": len(art.files), "bytes": art.total_bytes if art.files else None, "keys": None}
     try:
         if art.format == "consolidated":
             keys = _file_keys(storage, path, art.kind)
@@ -247,11 +255,10 @@ def cmd_inspect(args: argparse.Namespace, storage: Storage) -> int:
         alias = read_alias(storage, layout, name) if name and not entry.name.startswith(".") else None
         if alias is not None and alias.iteration == record.iteration:
             aliases.append(name)
-    progress = Progress(len(record.artifacts), enabled=_progress_on(args))
-    artifacts = []
-    for art in record.artifacts:
-        progress(art.name)
-        artifacts.append(_artifact_json(storage, layout, art))
+    if args.record and not committed:
+        raise ConfigError(f"{layout.checkpoints_dir} has no commit records (Noether's own single files): "
+                          "inspect without --record reads the files themselves")
+    artifacts = [_artifact_json(storage, layout, art, keys=not args.record) for art in record.artifacts]
     out = {"path": layout.checkpoints_dir, "run_id": record.run_id, "stage_name": record.stage_name,
            "checkpoint": record.checkpoint, "committed": committed, "training_iteration": record.iteration.to_dict(),
            "world_size": record.world_size if committed else None, "model_name": record.model_name,
@@ -271,7 +278,7 @@ def cmd_inspect(args: argparse.Namespace, storage: Storage) -> int:
     for art in artifacts:
         info = f", {art['model_info']}" if art["model_info"] else ""
         print(f"  {art['name']}  ({art['kind']}{info}, {art['format']}, {art['files']} file(s), {_human(art['bytes'])})")
-        for key in art["keys"]:
+        for key in art["keys"] or []:
             shape = "x".join(map(str, key["shape"])) if key["shape"] else ("scalar" if key["shape"] == [] else "-")
             print(f"    {key['key']:<40} {key['dtype']:<9} {shape:<14} {_human(key['bytes']):>10}")
     return EXIT_OK
@@ -289,9 +296,11 @@ def cmd_verify(args: argparse.Namespace, storage: Storage) -> int:
     if not layouts:
         raise ConfigError(f"no checkpoints folder under {args.url}")
     reports = []
-    for layout in layouts:
-        progress = Progress(0, enabled=_progress_on(args), prefix=_name(layout) + " ")
-        reports.append(verify_stage(storage, layout, checkpoint=args.checkpoint, progress=progress))
+    with Bar("verify", enabled=_progress_on(args)) as bar:
+        for layout in layouts:
+            bar.describe(_name(layout))
+            reports.append(verify_stage(storage, layout, checkpoint=args.checkpoint, progress=bar, jobs=args.jobs,
+                                        read_all=args.read_all))
     report = VerifyReport(tuple(reports))
     if args.json:
         print(json.dumps(report.to_dict(), indent=1))
@@ -299,8 +308,11 @@ def cmd_verify(args: argparse.Namespace, storage: Storage) -> int:
         for stage in report.stages:
             files = sum(c.files for c in stage.checkpoints)
             nbytes = sum(c.bytes for c in stage.checkpoints)
+            by_store = sum(c.store_checked for c in stage.checkpoints)
+            read = sum(c.bytes_read for c in stage.checkpoints)
             print(f"{_name(stage.layout)}  [{stage.layout.checkpoints_dir}]  {len(stage.checkpoints)} checkpoint(s), "
-                  f"{files} file(s), {_human(nbytes)} read")
+                  f"{files} file(s), {_human(nbytes)} checked: {by_store} file(s) by the store's CRC32, "
+                  f"{_human(read)} read")
             for check in stage.checkpoints:
                 state = "ok" if check.ok else ("UNCOMMITTED" if not check.committed and all(
                     d.kind.value == "uncommitted" for d in check.damages) else "DAMAGED")
@@ -324,12 +336,11 @@ def cmd_prune(args: argparse.Namespace, storage: Storage) -> int:
     layouts = _stages_under(storage, args.url)
     if not layouts:
         raise ConfigError(f"no checkpoints folder under {args.url}")
-    progress = Progress(len(layouts), enabled=_progress_on(args) and len(layouts) > 1)
     results = []
-    for layout in layouts:
-        progress(_name(layout))
-        plan = prune(storage, layout, policy, dry_run=args.dry_run)
-        results.append((layout, plan))
+    with Bar("prune", enabled=_progress_on(args) and not args.dry_run) as bar:
+        for layout in layouts:
+            bar.describe(_name(layout))
+            results.append((layout, prune(storage, layout, policy, dry_run=args.dry_run, progress=bar)))
     if args.json:
         print(json.dumps({"dry_run": args.dry_run, "keep_last": args.keep_last, "keep_every": args.keep_every,
                           "stages": [{"run_id": lay.run_id, "stage_name": lay.stage_name, "path": lay.checkpoints_dir,
@@ -348,39 +359,17 @@ def cmd_prune(args: argparse.Namespace, storage: Storage) -> int:
 
 
 # -- convert ------------------------------------------------------------------------------
-class Progress:
-    """A one-line progress display on stderr: ``[3/8] E1_U10_S80 model``. On a TTY the line
-    is redrawn; otherwise every tenth step is printed."""
-
-    def __init__(self, total: int, enabled: bool = True, prefix: str = "") -> None:
-        self.total, self.done, self.enabled, self.prefix = total, 0, enabled, prefix
-
-    def __call__(self, label: str, done: int | None = None, total: int | None = None) -> None:
-        self.done = self.done + 1 if done is None else done
-        if total is not None:
-            self.total = total
-        if not self.enabled or self.total <= 0:
-            return
-        text = f"{self.prefix}[{self.done}/{self.total}] {label}"
-        if sys.stderr.isatty():
-            end = "\n" if self.done >= self.total else "\r"
-            print(text[:110].ljust(110), end=end, file=sys.stderr, flush=True)
-        elif self.done == self.total or self.done % max(1, self.total // 10) == 0:
-            print(text, file=sys.stderr, flush=True)
-
-
 def cmd_convert(args: argparse.Namespace, storage: Storage) -> int:
     """Convert a stage's checkpoints to consolidated files or back to sharded DCP."""
+    from .convert import convert_stage
+
     src_layout = _one_stage(storage, args.url, "convert")
     for name in args.checkpoint or []:
         TrainingIteration.parse(name)  # a clear error before anything is written
     dst = open_storage(args.dest, _options(args))
     dst_layout = StageLayout(args.dest, src_layout.run_id, src_layout.stage_name)
-    points = args.checkpoint or [str(p) for p in list_commits(storage, src_layout)]
-    record0 = read_commit(storage, src_layout, TrainingIteration.parse(points[0])) if points else None
-    per_point = len(record0.artifacts) if record0 else 1
-    report = convert_stage(storage, src_layout, dst, dst_layout, args.to, args.checkpoint,
-                           progress=Progress(len(points) * per_point, enabled=_progress_on(args)))
+    with Bar("convert", enabled=_progress_on(args)) as bar:
+        report = convert_stage(storage, src_layout, dst, dst_layout, args.to, args.checkpoint, progress=bar)
     if args.json:
         print(json.dumps({"converted": list(report.checkpoints), "bytes": report.bytes_written,
                           "destination": dst_layout.checkpoints_dir, "format": args.to}))
@@ -396,7 +385,7 @@ def _options(args: argparse.Namespace) -> StorageOptions:
 
 
 def _progress_on(args: argparse.Namespace) -> bool:
-    return not args.json and not args.no_progress
+    return not args.json and not args.no_progress and not args.quiet
 
 
 def _require_exists(storage: Storage, url: str) -> None:
@@ -427,7 +416,19 @@ def _add_common(parser: argparse.ArgumentParser, *, top: bool) -> None:
                         help="machine-readable output on stdout")
     parser.add_argument("--no-progress", action="store_true", default=default(False),
                         help="no progress display on stderr")
-    parser.add_argument("-v", "--verbose", action="store_true", default=default(False), help="log what is done")
+    parser.add_argument("-q", "--quiet", action="store_true", default=default(False),
+                        help="no progress display and only errors in the log")
+    parser.add_argument("--log-level", type=_log_level, default=default(None), metavar="LEVEL",
+                        help="log level: debug, info, warning (default), error")
+    parser.add_argument("-v", "--verbose", action="store_true", default=default(False),
+                        help="log what is done (--log-level info)")
+
+
+def _log_level(text: str) -> int:
+    level = logging.getLevelName(text.upper())
+    if not isinstance(level, int):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a log level; use debug, info, warning or error")
+    return level
 
 
 _EPILOG = """exit codes: 0 ok, 1 problem found (verify: damage), 2 usage or bad input (missing path or
@@ -456,11 +457,18 @@ def build_parser() -> argparse.ArgumentParser:
     p_insp.add_argument("--checkpoint", help="latest (default), last, best.<metric>, E.._U.._S.., or one of E<n>, "
                         "U<n>, S<n>")
     p_insp.add_argument("--model-name", help="model name of Noether's own single files (default: the only one)")
+    p_insp.add_argument("--record", action="store_true", help="only what the commit record says (artifacts, files, "
+                        "bytes, training point, metrics), without reading keys and shapes: does not load torch")
 
-    p_ver = add("verify", "check sizes and CRC32s of every committed file (read in full), leftovers without a "
-                "commit record, corrupt records and bad aliases; exit 1 on damage", cmd_verify)
+    p_ver = add("verify", "check sizes and CRC32s of every committed file (by the store's CRC32 where it keeps "
+                "one, else read in full), leftovers without a commit record, corrupt records and bad aliases; "
+                "exit 1 on damage", cmd_verify)
     p_ver.add_argument("url", help="output dir, run dir or stage dir")
     p_ver.add_argument("--checkpoint", help="only this checkpoint (latest, best.<metric>, E.._U.._S.., E<n>, ...)")
+    p_ver.add_argument("--jobs", type=_positive, default=DEFAULT_JOBS, metavar="N",
+                       help=f"files checked at the same time (default {DEFAULT_JOBS})")
+    p_ver.add_argument("--read-all", action="store_true",
+                       help="read every byte and compute its CRC32, even where the store keeps one")
 
     p_prune = add("prune", "delete committed checkpoints by retention policy (never the newest or an alias "
                   "target) and leftovers of saves that never committed", cmd_prune)
@@ -478,6 +486,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 1")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``noether-ckpt``; returns the exit code (argparse's 2 for bad usage)."""
     parser = build_parser()
@@ -485,7 +503,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help (0) or a usage error (2): return it, do not exit the caller
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    level = args.log_level or (logging.ERROR if args.quiet else logging.INFO if args.verbose else logging.WARNING)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(level)
     try:
         storage = open_storage(args.url, _options(args))
         _require_exists(storage, args.url)
@@ -502,9 +522,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NoetherDistError as exc:
         print(f"noether-ckpt: problem: {exc}", file=sys.stderr)
         return EXIT_PROBLEM
-    except _DcpError as exc:  # DCP could not read a checkpoint (derives from BaseException)
+    except BaseException as exc:
+        if not _is_dcp_error(exc):
+            raise
         print(f"noether-ckpt: problem: DCP failed: {_dcp_reason(exc)}", file=sys.stderr)
         return EXIT_PROBLEM
+
+
+def _is_dcp_error(exc: BaseException) -> bool:
+    """DCP's CheckpointException (it derives from BaseException); only inspect and convert
+    load torch, so without torch loaded it cannot be one."""
+    api = sys.modules.get("torch.distributed.checkpoint.api")
+    return api is not None and isinstance(exc, api.CheckpointException)
 
 
 def _dcp_reason(exc: BaseException) -> str:

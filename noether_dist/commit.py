@@ -21,13 +21,12 @@ import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .dcp_io import FileRecord
 from .errors import StorageError
 from .layout import StageLayout
 from .names import TrainingIteration
 from .storage import Storage
 
-__all__ = ["ArtifactRecord", "CommitRecord", "AliasRecord", "write_commit", "read_commit", "list_commits",
+__all__ = ["FileRecord", "ArtifactRecord", "CommitRecord", "AliasRecord", "write_commit", "read_commit", "list_commits",
            "read_alias", "write_alias", "FORMAT_VERSION", "CorruptRecordError"]
 
 log = logging.getLogger(__name__)
@@ -36,6 +35,24 @@ FORMAT_VERSION = 1
 
 class CorruptRecordError(StorageError):
     """A commit record or alias exists but cannot be parsed."""
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """One file written into a DCP directory: name relative to it, bytes, CRC32."""
+
+    name: str
+    size: int
+    crc32: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {"name": self.name, "size": self.size, "crc32": self.crc32}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FileRecord:
+        """Inverse of :meth:`to_dict`."""
+        return cls(str(data["name"]), int(data["size"]), int(data["crc32"]))
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,8 @@ aliases are copied.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -81,10 +81,11 @@ def _to_dcp(src: Storage, dst: Storage, src_path: str, dst_path: str, art: Artif
 
 
 def convert_stage(src: Storage, src_layout: StageLayout, dst: Storage, dst_layout: StageLayout, to: str,
-                  checkpoints: list[str] | None = None,
-                  progress: Callable[[str], None] | None = None) -> ConvertReport:
+                  checkpoints: list[str] | None = None, progress: Any = None) -> ConvertReport:
     """Convert the committed checkpoints of one stage (all, or those named) into ``to``
-    (``consolidated`` or ``sharded``) under ``dst_layout``; commit each and copy aliases."""
+    (``consolidated`` or ``sharded``) under ``dst_layout``; commit each and copy aliases.
+    ``progress`` (``add_total(n)``/``update(n)``/``describe(text)``, e.g.
+    :class:`noether_dist.progress.Bar`) counts the source bytes converted."""
     if to not in ("consolidated", "sharded"):
         raise ConfigError(f"convert target {to!r} is not valid; use consolidated or sharded")
     points = list_commits(src, src_layout)
@@ -100,15 +101,20 @@ def convert_stage(src: Storage, src_layout: StageLayout, dst: Storage, dst_layou
     dst.check_root(dst_layout.output_dir)
     total = 0
     done = []
+    records = {it: read_commit(src, src_layout, it) for it in points}
+    if progress is not None:
+        progress.add_total(sum(a.total_bytes for r in records.values() for a in r.artifacts))
     for it in points:
-        record = read_commit(src, src_layout, it)
+        record = records[it]
         if read_commit(dst, dst_layout, it) is not None:
             log.info("%s already converted in %s", it, dst_layout.checkpoints_dir)
+            if progress is not None:
+                progress.update(sum(a.total_bytes for a in record.artifacts))
             continue
         arts = []
         for art in record.artifacts:
-            if progress:
-                progress(f"{it} {art.name}")
+            if progress is not None:
+                progress.describe(f"{it} {art.name}")
             src_path, dst_path = src_layout.artifact_path(art.name), dst_layout.artifact_path(art.name)
             dst.remove(dst_path, recursive=True)
             if to == "consolidated":
@@ -120,6 +126,8 @@ def convert_stage(src: Storage, src_layout: StageLayout, dst: Storage, dst_layou
                     raise ConfigError(f"{src_path} is already sharded")
                 files = tuple(_to_dcp(src, dst, src_path, dst_path, art, record))
             total += sum(f.size for f in files)
+            if progress is not None:
+                progress.update(art.total_bytes)
             arts.append(ArtifactRecord(art.name, art.kind, art.model_info,
                                        "consolidated" if to == "consolidated" else "dcp", files))
         new = CommitRecord(it, dst_layout.run_id, dst_layout.stage_name, record.model_name,

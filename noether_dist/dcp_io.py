@@ -17,7 +17,6 @@ import threading
 import warnings
 import zlib
 from collections.abc import Generator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,30 +28,13 @@ from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION as _DCP_
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
 from .comm import is_distributed as _dist_ready
+from .commit import FileRecord
 from .errors import StateMismatchError
 from .storage import Storage
 
 __all__ = ["FileRecord", "save_state", "load_state", "load_full", "open_checksummed", "save_state_in_process", "collect_sidecar", "shutdown_checkpoint_process", "read_metadata", "files_needed", "check_keys", "METADATA_FILE"]
 
 METADATA_FILE = ".metadata"
-
-
-@dataclass(frozen=True)
-class FileRecord:
-    """One file written into a DCP directory: name relative to it, bytes, CRC32."""
-
-    name: str
-    size: int
-    crc32: int
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form."""
-        return {"name": self.name, "size": self.size, "crc32": self.crc32}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> FileRecord:
-        """Inverse of :meth:`to_dict`."""
-        return cls(str(data["name"]), int(data["size"]), int(data["crc32"]))
 
 
 class _ChecksumStream:

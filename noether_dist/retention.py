@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
-from .commit import list_commits, read_alias
+from .commit import list_commits, read_alias, read_commit
 from .errors import ConfigError
 from .layout import ALIASES_DIR, COMMITS_DIR, StageLayout
 from .names import TrainingIteration, parse_artifact
@@ -99,12 +100,21 @@ def plan_prune(storage: Storage, layout: StageLayout, policy: RetentionPolicy) -
                      tuple(sorted(leftovers)))
 
 
-def prune(storage: Storage, layout: StageLayout, policy: RetentionPolicy, *, dry_run: bool = False) -> PrunePlan:
+def prune(storage: Storage, layout: StageLayout, policy: RetentionPolicy, *, dry_run: bool = False,
+          progress: Any = None) -> PrunePlan:
     """Apply ``policy`` to one stage: delete each dropped checkpoint (commit record first,
-    then its files) and leftovers of saves that never committed. Logs every deletion."""
+    then its files) and leftovers of saves that never committed. Logs every deletion.
+    ``progress`` (``add_total(n)``/``update(n)``, e.g. :class:`noether_dist.progress.Bar`)
+    counts the bytes of the deleted checkpoints, as their commit records give them."""
     plan = plan_prune(storage, layout, policy)
     if dry_run:
         return plan
+    sizes: dict[TrainingIteration, int] = {}
+    if progress is not None:
+        for point in plan.delete:
+            record = read_commit(storage, layout, point)
+            sizes[point] = sum(a.total_bytes for a in record.artifacts) if record is not None else 0
+        progress.add_total(sum(sizes.values()))
     names_by_point: dict[str, list[str]] = {}
     for entry in storage.list(layout.checkpoints_dir):
         try:
@@ -116,6 +126,8 @@ def prune(storage: Storage, layout: StageLayout, policy: RetentionPolicy, *, dry
         for name in names_by_point.get(str(point), []):
             storage.remove(layout.artifact_path(name), recursive=True)
         log.info("retention: deleted checkpoint %s of %s", point, layout.checkpoints_dir)
+        if progress is not None:
+            progress.update(sizes.get(point, 0))
     for name in plan.uncommitted:
         storage.remove(layout.artifact_path(name), recursive=True)
         log.info("retention: deleted %s, left by a save that never committed", name)

@@ -1,9 +1,13 @@
 """Integrity checks: every file of a commit record against the store, byte for byte.
 
 A commit record lists every file each rank wrote, with its size and the CRC32 computed
-while writing (:mod:`noether_dist.dcp_io`). :func:`verify_stage` reads each of those files
-in full (streamed in chunks: a file is never held in memory) and compares; it also reports
-what is around the committed checkpoints that resume would trip over or silently skip:
+while writing (:mod:`noether_dist.dcp_io`). :func:`verify_stage` checks each of those
+files, several at a time: where the store keeps a full-object CRC32 (S3 objects written by
+noether_dist: the store checked it on upload) it compares that with the record, one HEAD
+per file and no bytes read (the fast path); elsewhere, or with ``read_all``, it reads the
+file in full (streamed in chunks: a file is never held in memory) and computes the CRC32.
+It also reports what is around the committed checkpoints that resume would trip over or
+silently skip:
 
 ``missing``         a file the record lists is not in the store
 ``size``            a file has another size than the record says
@@ -22,10 +26,11 @@ from __future__ import annotations
 
 import enum
 import json
+import threading
 import zlib
-from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from .commit import AliasRecord, CommitRecord, CorruptRecordError
 from .errors import AmbiguousCheckpointError, CheckpointNotFoundError, ConfigError, InvalidNameError
@@ -34,13 +39,23 @@ from .names import CheckpointRef, TrainingIteration, parse_artifact, parse_check
 from .storage import Storage
 
 __all__ = ["DamageKind", "Damage", "CheckpointCheck", "StageReport", "VerifyReport", "file_crc32",
-           "verify_record", "verify_stage", "parse_checkpoint_arg", "CHUNK_BYTES"]
+           "verify_record", "verify_stage", "parse_checkpoint_arg", "CHUNK_BYTES", "DEFAULT_JOBS", "ByteProgress"]
 
 CHUNK_BYTES = 8 * 2**20
 """Bytes read per request while checksumming a file."""
+DEFAULT_JOBS = 16
+"""Files checked at the same time."""
 
-Progress = Callable[[str, int, int], None]
-"""``progress(label, done, total)``: called once per file checked."""
+
+class ByteProgress(Protocol):
+    """Where verify reports progress, in bytes (e.g. :class:`noether_dist.progress.Bar`);
+    called from several threads."""
+
+    def add_total(self, nbytes: int) -> None:
+        """More work became known."""
+
+    def update(self, nbytes: int) -> None:
+        """``nbytes`` more are done."""
 
 
 class DamageKind(str, enum.Enum):
@@ -80,10 +95,14 @@ class CheckpointCheck:
     committed: bool
     """True when a parsable commit record exists."""
     files: int = 0
-    """Files read and compared."""
+    """Files compared with the record."""
     bytes: int = 0
-    """Bytes read."""
+    """Bytes those files hold."""
     damages: tuple[Damage, ...] = ()
+    bytes_read: int = 0
+    """Bytes read to compute CRC32s (the rest was checked by the store's checksum)."""
+    store_checked: int = 0
+    """Files checked by comparing the store's CRC32 with the record, without reading them."""
 
     @property
     def ok(self) -> bool:
@@ -93,7 +112,8 @@ class CheckpointCheck:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
         return {"checkpoint": self.checkpoint, "committed": self.committed, "ok": self.ok, "files": self.files,
-                "bytes": self.bytes, "damages": [d.to_dict() for d in self.damages]}
+                "bytes": self.bytes, "bytes_read": self.bytes_read, "store_checked": self.store_checked,
+                "damages": [d.to_dict() for d in self.damages]}
 
 
 @dataclass(frozen=True)
@@ -148,7 +168,8 @@ class VerifyReport:
                 "stages": [s.to_dict() for s in self.stages], "damages": flat}
 
 
-def file_crc32(storage: Storage, path: str, *, chunk_bytes: int = CHUNK_BYTES) -> tuple[int, int]:
+def file_crc32(storage: Storage, path: str, *, chunk_bytes: int = CHUNK_BYTES,
+               progress: ByteProgress | None = None) -> tuple[int, int]:
     """(size, CRC32) of the file at ``path``, read in chunks of ``chunk_bytes`` (never whole).
     FileNotFoundError if it does not exist; a transient error restarts the read."""
     stripped = storage._strip(path)
@@ -156,13 +177,20 @@ def file_crc32(storage: Storage, path: str, *, chunk_bytes: int = CHUNK_BYTES) -
 
     def read() -> tuple[int, int]:
         size, crc = 0, 0
-        with storage.fs.open(stripped, "rb", **kwargs) as fh:
-            while True:
-                chunk = fh.read(chunk_bytes)
-                if not chunk:
-                    break
-                crc = zlib.crc32(chunk, crc)
-                size += len(chunk)
+        try:
+            with storage.fs.open(stripped, "rb", **kwargs) as fh:
+                while True:
+                    chunk = fh.read(chunk_bytes)
+                    if not chunk:
+                        break
+                    crc = zlib.crc32(chunk, crc)
+                    size += len(chunk)
+                    if progress is not None:
+                        progress.update(len(chunk))
+        except BaseException:
+            if progress is not None:
+                progress.update(-size)  # a retried read counts its bytes again
+            raise
         return size, crc & 0xFFFFFFFF
 
     return storage.retry("read", path, read)
@@ -181,14 +209,59 @@ def _safe_artifact_name(name: str) -> bool:
     return "/" not in name and "\\" not in name and ".." not in name
 
 
-def verify_record(storage: Storage, layout: StageLayout, record: CommitRecord, *,
-                  progress: Progress | None = None, done: int = 0, total: int = 0,
-                  chunk_bytes: int = CHUNK_BYTES) -> CheckpointCheck:
-    """Read every file ``record`` lists and compare size and CRC32 (no early exit: every
-    damaged file is named)."""
+@dataclass(frozen=True)
+class _FileCheck:
+    """One file to compare: where, what the record says, which checkpoint."""
+
+    path: str
+    size: int
+    crc32: int
+    checkpoint: str
+
+
+@dataclass(frozen=True)
+class _FileResult:
+    damage: Damage | None
+    size: int
+    bytes_read: int
+    by_store: bool
+
+
+def _check_file(storage: Storage, job: _FileCheck, *, read_all: bool, chunk_bytes: int,
+                progress: ByteProgress | None) -> _FileResult:
+    cp = job.checkpoint
+    try:
+        if not read_all and storage.is_s3:
+            size, crc = storage.stored_checksum(job.path)
+            if crc is not None or size != job.size:
+                if progress is not None:
+                    progress.update(job.size)
+                return _FileResult(_compare(job, size, crc, " (the store's checksum)"), size, 0, True)
+        size, crc = file_crc32(storage, job.path, chunk_bytes=chunk_bytes, progress=progress)
+        if progress is not None and size != job.size:
+            progress.update(job.size - size)
+        return _FileResult(_compare(job, size, crc, ""), size, size, False)
+    except (FileNotFoundError, IsADirectoryError):
+        if progress is not None:
+            progress.update(job.size)
+        return _FileResult(Damage(job.path, DamageKind.MISSING, f"listed in the commit record ({job.size} bytes) "
+                                  "but not in the store", cp), 0, 0, False)
+
+
+def _compare(job: _FileCheck, size: int, crc: int | None, source: str) -> Damage | None:
+    if size != job.size:
+        return Damage(job.path, DamageKind.SIZE, f"{size} bytes, the commit record says {job.size}", job.checkpoint)
+    if crc is not None and crc != job.crc32:
+        return Damage(job.path, DamageKind.CRC, f"CRC32 {crc:08x}{source}, the commit record says {job.crc32:08x}",
+                      job.checkpoint)
+    return None
+
+
+def _record_jobs(layout: StageLayout, record: CommitRecord) -> tuple[list[_FileCheck], list[Damage]]:
+    """The files ``record`` lists, and damages for names that are not safe to open."""
     cp = record.checkpoint
+    jobs: list[_FileCheck] = []
     damages: list[Damage] = []
-    files = nbytes = 0
     for art in record.artifacts:
         if not _safe_artifact_name(art.name):
             damages.append(Damage(layout.commit_path(record.iteration), DamageKind.CORRUPT_RECORD,
@@ -200,23 +273,61 @@ def verify_record(storage: Storage, layout: StageLayout, record: CommitRecord, *
                 damages.append(Damage(layout.commit_path(record.iteration), DamageKind.CORRUPT_RECORD,
                                       f"the record names a file {rec.name!r} outside {art.name}", cp))
                 continue
-            path = join_url(base, rec.name) if rec.name else base
-            if progress is not None:
-                progress(f"{cp} {art.name}/{rec.name}" if rec.name else f"{cp} {art.name}", done + files + 1, total)
-            files += 1
-            try:
-                size, crc = file_crc32(storage, path, chunk_bytes=chunk_bytes)
-            except (FileNotFoundError, IsADirectoryError):
-                damages.append(Damage(path, DamageKind.MISSING, f"listed in the commit record ({rec.size} bytes) "
-                                      "but not in the store", cp))
-                continue
-            nbytes += size
-            if size != rec.size:
-                damages.append(Damage(path, DamageKind.SIZE, f"{size} bytes, the commit record says {rec.size}", cp))
-            elif crc != rec.crc32:
-                damages.append(Damage(path, DamageKind.CRC, f"CRC32 {crc:08x}, the commit record says {rec.crc32:08x}",
-                                      cp))
-    return CheckpointCheck(cp, True, files, nbytes, tuple(damages))
+            jobs.append(_FileCheck(join_url(base, rec.name) if rec.name else base, rec.size, rec.crc32, cp))
+    return jobs, damages
+
+
+def _verify_records(storage: Storage, layout: StageLayout, records: list[CommitRecord], *, jobs: int,
+                    read_all: bool, chunk_bytes: int, progress: ByteProgress | None) -> list[CheckpointCheck]:
+    """Check every file of ``records``, ``jobs`` at a time; one CheckpointCheck per record
+    (no early exit: every damaged file is named)."""
+    planned = [_record_jobs(layout, record) for record in records]
+    flat = [job for file_jobs, _ in planned for job in file_jobs]
+    if progress is not None:
+        progress.add_total(sum(job.size for job in flat))
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def run(job: _FileCheck) -> _FileResult | None:
+        with lock:
+            if errors:
+                return None  # a store error ends the whole verify: do not start more
+        try:
+            return _check_file(storage, job, read_all=read_all, chunk_bytes=chunk_bytes, progress=progress)
+        except BaseException as exc:
+            with lock:
+                errors.append(exc)
+            raise
+
+    if len(flat) <= 1 or jobs <= 1:
+        results = [run(job) for job in flat]
+    else:
+        with ThreadPoolExecutor(max_workers=min(jobs, len(flat)), thread_name_prefix="noether-verify") as pool:
+            futures = [pool.submit(run, job) for job in flat]
+            for future in futures:
+                future.exception()  # wait for all; the first error is raised below
+        if errors:
+            raise errors[0]
+        results = [f.result() for f in futures]
+    by_job = dict(zip(map(id, flat), results))
+    checks = []
+    for record, (file_jobs, damages) in zip(records, planned):
+        outcome = [by_job[id(job)] for job in file_jobs]
+        found = list(damages) + [r.damage for r in outcome if r is not None and r.damage is not None]
+        checks.append(CheckpointCheck(record.checkpoint, True, len(file_jobs),
+                                      sum(r.size for r in outcome if r is not None), tuple(found),
+                                      bytes_read=sum(r.bytes_read for r in outcome if r is not None),
+                                      store_checked=sum(1 for r in outcome if r is not None and r.by_store)))
+    return checks
+
+
+def verify_record(storage: Storage, layout: StageLayout, record: CommitRecord, *,
+                  progress: ByteProgress | None = None, jobs: int = DEFAULT_JOBS, read_all: bool = False,
+                  chunk_bytes: int = CHUNK_BYTES) -> CheckpointCheck:
+    """Compare every file ``record`` lists with the store: size, and CRC32 from the store's
+    checksum or, where it has none (or with ``read_all``), from reading the file."""
+    return _verify_records(storage, layout, [record], jobs=jobs, read_all=read_all, chunk_bytes=chunk_bytes,
+                           progress=progress)[0]
 
 
 @dataclass
@@ -339,10 +450,13 @@ def _select(storage: Storage, layout: StageLayout, checkpoint: str, scan: _Scan,
 
 
 def verify_stage(storage: Storage, layout: StageLayout, *, checkpoint: str | None = None,
-                 progress: Progress | None = None, chunk_bytes: int = CHUNK_BYTES) -> StageReport:
+                 progress: ByteProgress | None = None, jobs: int = DEFAULT_JOBS, read_all: bool = False,
+                 chunk_bytes: int = CHUNK_BYTES) -> StageReport:
     """Verify one stage: every committed checkpoint (or only ``checkpoint``: a training
     point, an alias such as latest or best.loss, or one of E10/U100/S200), leftovers
     without a commit record, and every alias (with ``checkpoint``: the alias it names).
+    Files are checked ``jobs`` at a time; ``read_all`` reads every byte even where the
+    store keeps a CRC32.
 
     Raises CheckpointNotFoundError / AmbiguousCheckpointError when ``checkpoint`` names
     nothing (or several); store errors raise StorageError.
@@ -369,19 +483,17 @@ def verify_stage(storage: Storage, layout: StageLayout, *, checkpoint: str | Non
         chosen = _select(storage, layout, checkpoint, scan, records, alias_damages)
         names = [chosen] if chosen is not None else []
     by_name = {str(it): it for it in scan.commit_files}
-    total = sum(len(a.files) for n in names if n in by_name and records.get(by_name[n]) is not None
-                for a in records[by_name[n]].artifacts)
-    done = 0
+    to_read = [records[by_name[n]] for n in names if n in by_name and by_name[n] not in record_damages
+               and records.get(by_name[n]) is not None]
+    checked = {c.checkpoint: c for c in _verify_records(storage, layout, to_read, jobs=jobs, read_all=read_all,
+                                                        chunk_bytes=chunk_bytes, progress=progress)}
     checks = []
     for name in names:
         it = by_name.get(name)
         if it is not None and it in record_damages:
             checks.append(CheckpointCheck(name, False, damages=(record_damages[it],)))
         elif it is not None and records.get(it) is not None:
-            check = verify_record(storage, layout, records[it], progress=progress, done=done, total=total,
-                                  chunk_bytes=chunk_bytes)
-            done += check.files
-            checks.append(check)
+            checks.append(checked[records[it].checkpoint])
         else:
             why = (_UNCOMMITTED if scan.commit_files else
                    "no commit record: written by Noether itself (resume reads such files only in a stage without "

@@ -96,9 +96,38 @@ def test_verify_local_and_progress(local, capsys):
     assert report["ok"] and report["damages"] == [] and report["files"] == 4 * 4 * 3
     code, out, err = _run(capsys, "verify", str(local))
     assert code == 0 and "no damage found" in out and "E0_U4_S64                ok" in out
-    assert "[48/48]" in err  # progress on stderr (one line per tenth when not a terminal)
+    total = report["bytes"]
+    assert "verify: 100%" in err and "B/s" in err  # tqdm on stderr: bytes, rate, ETA
+    assert f"{total / 1024:.1f}k" in err or f"{total / 1024:.0f}k" in err or "KiB" in err or "kB" in err, err
     code, out, err = _run(capsys, "verify", "--no-progress", str(local), "--checkpoint", "latest")
-    assert code == 0 and "[" not in err and "1 checkpoint(s), 12 file(s)" in out
+    assert code == 0 and "%" not in err and "1 checkpoint(s), 12 file(s)" in out
+    code, out, err = _run(capsys, "verify", "-q", "--jobs", "1", str(local))
+    assert code == 0 and err == "" and "no damage found" in out
+
+
+def _imports(*argv: str) -> tuple[subprocess.CompletedProcess, set[str]]:
+    """Run noether-ckpt in a fresh interpreter; the modules it imported (-X importtime)."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "noether_dist.cli", *argv], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    modules = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    return proc, modules
+
+
+def test_record_work_does_not_load_torch(local, tmp_path):
+    """list, verify, prune and inspect --record read records and bytes only: no torch."""
+    copy = tmp_path / "copy"
+    shutil.copytree(local, copy)
+    stage = str(copy / RUN / STAGE)
+    for argv in (("--help",), ("list", str(copy)), ("verify", "--no-progress", str(copy)),
+                 ("prune", str(copy), "--keep-last", "3"), ("inspect", "--record", stage, "--json")):
+        proc, modules = _imports(*argv)
+        assert proc.returncode == 0, (argv, proc.stderr[-2000:])
+        assert "noether_dist.verify" in modules  # what the tool imported was recorded
+        assert not {m for m in modules if m == "torch" or m.startswith("torch.")}, argv
+    info = json.loads(proc.stdout)
+    assert info["world_size"] == 2 and all(a["keys"] is None and a["bytes"] > 0 for a in info["artifacts"])
+    proc, modules = _imports("inspect", stage, "--json")  # keys and shapes need torch
+    assert proc.returncode == 0 and "torch" in modules
 
 
 def test_prune_local(local, tmp_path, capsys):
