@@ -16,7 +16,7 @@ from .names import CheckpointRef, parse_resume_checkpoint, validate_name
 from .retention import RetentionPolicy
 from .storage import StorageOptions
 
-__all__ = ["AsyncMode", "CheckpointerConfig", "ResumeConfig", "load_yaml", "check_known_keys"]
+__all__ = ["AsyncMode", "CheckpointerConfig", "ResumeConfig", "load_yaml", "check_known_keys", "parse_async_mode"]
 
 
 def check_known_keys(data: Mapping[str, Any], allowed: set[str] | list[str], where: str) -> None:
@@ -51,6 +51,19 @@ class AsyncMode(enum.Enum):
     OFF = "off"
     THREAD = "thread"
     PROCESS = "process"
+
+
+def parse_async_mode(value: Any) -> AsyncMode:
+    """An AsyncMode from a config value. YAML 1.1 reads an unquoted ``off`` (or ``no``) as
+    false: that is the mode ``off`` the user wrote."""
+    if isinstance(value, AsyncMode):
+        return value
+    if value is False:
+        return AsyncMode.OFF
+    try:
+        return AsyncMode(str(value).lower())
+    except ValueError:
+        raise ConfigError(f"async_mode {value!r} is not valid; use off, thread or process") from None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -95,8 +108,8 @@ class CheckpointerConfig:
             validate_name(metric, "metric name")
             if mode not in ("min", "max"):
                 raise ConfigError(f"best_metrics[{metric!r}] must be 'min' or 'max', got {mode!r}")
-        if not self.timeout_s > 0:
-            raise ConfigError(f"timeout_s must be > 0, got {self.timeout_s}")
+        if isinstance(self.timeout_s, bool) or not isinstance(self.timeout_s, (int, float)) or not self.timeout_s > 0:
+            raise ConfigError(f"timeout_s must be > 0 (a number of seconds), got {self.timeout_s!r}")
         if not isinstance(self.thread_count, int) or self.thread_count < 1:
             raise ConfigError(f"thread_count must be an int >= 1, got {self.thread_count!r}")
         if not isinstance(self.async_mode, AsyncMode):
@@ -111,11 +124,8 @@ class CheckpointerConfig:
             data["storage"] = StorageOptions.from_dict(data["storage"])
         if "retention" in data and isinstance(data["retention"], dict):
             data["retention"] = RetentionPolicy.from_dict(data["retention"])
-        if "async_mode" in data and not isinstance(data["async_mode"], AsyncMode):
-            try:
-                data["async_mode"] = AsyncMode(str(data["async_mode"]).lower())
-            except ValueError:
-                raise ConfigError(f"async_mode {data['async_mode']!r} is not valid; use off, thread or process") from None
+        if "async_mode" in data:
+            data["async_mode"] = parse_async_mode(data["async_mode"])
         return cls(**data)
 
 

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import datetime as _dt
 import hashlib
 import logging
+import os
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -24,8 +26,9 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
 from .comm import init_distributed
-from .config import check_known_keys, load_yaml
-from .errors import ConfigError
+from .config import CheckpointerConfig, check_known_keys, load_yaml
+from .errors import (AmbiguousCheckpointError, CheckpointNotFoundError, ConfigError, InvalidNameError,
+                     NoetherDistError)
 from .logs import setup_logging
 
 __all__ = ["TrainConfig", "main", "run", "state_digest"]
@@ -33,6 +36,21 @@ __all__ = ["TrainConfig", "main", "run", "state_digest"]
 log = logging.getLogger("noether_dist.train")
 ROOT_KEYS = {"output_dir", "run_id", "stage_name", "resume_run_id", "resume_stage_name", "resume_checkpoint",
              "auto_resume", "model", "trainer", "checkpointer"}
+NAME_KEYS = ("output_dir", "run_id", "stage_name", "resume_run_id", "resume_stage_name", "resume_checkpoint",
+             "model.name")
+"""Keys whose values are names (strings), whatever YAML would make of them: ``run_id=12345``
+(an int), ``run_id=2026-11-28`` (a date)."""
+_VERBATIM_OVERRIDES = (*NAME_KEYS, "checkpointer.async_mode")
+
+
+def _check_numbers(obj: Any, where: str) -> None:
+    """ConfigError for a field with a numeric default whose value is not a number."""
+    for f in fields(obj):
+        default = f.default if f.default is not MISSING else None
+        value = getattr(obj, f.name)
+        if isinstance(default, (int, float)) and not isinstance(default, bool):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"{where}.{f.name} must be a number, got {value!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,6 +91,7 @@ class TrainerSettings:
     """After a preemption save, ``scontrol requeue`` the job when under SLURM."""
 
     def __post_init__(self) -> None:
+        _check_numbers(self, "trainer")
         for name in ("epochs", "batch_size", "dataset_size", "test_size", "eval_every", "checkpoint_every", "log_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -91,6 +110,9 @@ class ModelSettings:
     dropout: float = 0.1
     initializers: list[dict[str, Any]] = field(default_factory=list)
     """Initializers applied to a fresh model, e.g. PreviousRunInitializer."""
+
+    def __post_init__(self) -> None:
+        _check_numbers(self, "model")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -115,8 +137,10 @@ class TrainConfig:
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         """Build from a root mapping; unknown keys raise with the closest valid key."""
         check_known_keys(data, ROOT_KEYS, "the root config")
-        data = dict(data)
+        data = {key: _as_name(key, value) if key in NAME_KEYS else value for key, value in data.items()}
         model = dict(data.pop("model", None) or {})
+        if "name" in model:
+            model["name"] = _as_name("model.name", model["name"])
         trainer = dict(data.pop("trainer", None) or {})
         check_known_keys(model, {f.name for f in fields(ModelSettings)} | {"kind"}, "model")
         model.pop("kind", None)
@@ -124,11 +148,25 @@ class TrainConfig:
         ck = dict(data.pop("checkpointer", None) or {})
         check_known_keys(ck, {"async_mode", "timeout_s", "thread_count", "storage", "node_local", "retention"},
                          "checkpointer")
+        # Validate the block now, before any process group exists (output_dir and run_id are
+        # checked on their own).
+        CheckpointerConfig.from_dict({**ck, "output_dir": "config-check", "run_id": "config-check"})
         return cls(model=ModelSettings(**model), trainer=TrainerSettings(**trainer), checkpointer=ck, **data)
 
 
+def _as_name(key: str, value: Any) -> Any:
+    """A name from a config value: YAML's ints and dates back to the text the user wrote."""
+    if isinstance(value, bool) or isinstance(value, float):
+        raise ConfigError(f"{key} {value!r} was read as a {type(value).__name__}; names are strings: quote it "
+                          f"({key}: \"...\")")
+    if isinstance(value, (int, _dt.date)):
+        return str(value)
+    return value
+
+
 def parse_overrides(config: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``a.b=value`` overrides (values parsed as YAML) to a nested config dict."""
+    """Apply ``a.b=value`` overrides (values parsed as YAML) to a nested config dict. Names
+    (``run_id=12345``) and ``checkpointer.async_mode=off`` are taken verbatim, as text."""
     out = copy.deepcopy(config)
     for item in overrides:
         if "=" not in item:
@@ -140,7 +178,15 @@ def parse_overrides(config: dict[str, Any], overrides: list[str]) -> dict[str, A
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part} is not a mapping")
-        node[parts[-1]] = yaml.safe_load(raw)
+        if key in _VERBATIM_OVERRIDES:
+            node[parts[-1]] = None if raw in ("", "null", "~") else raw
+        else:
+            try:
+                node[parts[-1]] = yaml.safe_load(raw)
+            except yaml.YAMLError as exc:
+                where = getattr(exc, "problem_mark", None)
+                raise ConfigError(f"override {item!r}: the value is not valid YAML ({getattr(exc, 'problem', None) or exc}"
+                                  + (f" at column {where.column + 1}" if where is not None else "") + ")") from None
     return out
 
 
@@ -240,26 +286,43 @@ def run(config: TrainConfig) -> dict[str, Any]:
     return TrainLoop(config).run()
 
 
+_USAGE_ERRORS = (ConfigError, InvalidNameError, CheckpointNotFoundError, AmbiguousCheckpointError)
+
+
+def _reports_errors() -> bool:
+    """True on the process that prints a failure: the first on each node (every rank raises
+    the same error, so one line per node says it)."""
+    local = os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
+    return local.strip() in ("", "0")
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point."""
+    """Command-line entry point. A failure of the library or the config ends in one line on
+    the first process of each node and exit code 2 (bad config or input) or 1 (a failure
+    while running); a traceback only with ``--debug`` (or ``--log-level debug``)."""
     parser = argparse.ArgumentParser(prog="python -m noether_dist.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML file with the root config")
+    parser.add_argument("--debug", action="store_true", help="on an error, log the traceback on every rank")
+    parser.add_argument("--log-level", default=None, type=str.upper,
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="log level (default NOETHER_DIST_LOG_LEVEL or INFO); DEBUG also logs tracebacks")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.epochs=2 run_id=abc")
     args = parser.parse_args(argv)
-    setup_logging()
+    level = "DEBUG" if args.debug and not args.log_level else args.log_level
+    setup_logging(level=level)
     try:
         config = TrainConfig.from_dict(parse_overrides(load_yaml(args.config), args.overrides))
-    except ConfigError as exc:
-        log.error("%s", exc)
-        return 2
-    env = init_distributed(timeout_s=config.checkpointer.get("timeout_s"))
-    setup_logging(env.rank)
-    try:
+        env = init_distributed(timeout_s=config.checkpointer.get("timeout_s"))
+        setup_logging(env.rank, level=level)
         summary = run(config)
-    except ConfigError as exc:
-        log.error("%s", exc)
-        return 2
+    except NoetherDistError as exc:
+        traceback = args.debug or logging.getLogger().isEnabledFor(logging.DEBUG)
+        if traceback:
+            log.error("%s: %s", type(exc).__name__, exc, exc_info=exc)
+        elif _reports_errors():
+            log.error("%s: %s", type(exc).__name__, " ".join(part.strip() for part in str(exc).splitlines()))
+        return 2 if isinstance(exc, _USAGE_ERRORS) else 1
     return 0 if summary.get("finished") or summary.get("preempted") or summary.get("stopped") else 1
 
 

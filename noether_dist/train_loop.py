@@ -14,7 +14,7 @@ from torch import nn
 
 from .comm import Comm
 from .commit import list_commits
-from .config import AsyncMode, CheckpointerConfig, ResumeConfig
+from .config import CheckpointerConfig, ResumeConfig, parse_async_mode
 from .initializers import build_initializers
 from .layout import StageLayout, default_run_id, join_url
 from .names import TrainingIteration
@@ -69,7 +69,7 @@ class TrainLoop:
             output_dir=config.output_dir, run_id=self.run_id, stage_name=self.stage_name, model_name=m.name,
             best_metrics=t.best_metrics, storage=self.storage_options, timeout_s=self.timeout_s,
             thread_count=int(ck_cfg.get("thread_count", 1)),
-            async_mode=AsyncMode(str(ck_cfg.get("async_mode", "off")).lower()),
+            async_mode=parse_async_mode(ck_cfg.get("async_mode", "off")),
             node_local=bool(ck_cfg.get("node_local", False)),
             retention=RetentionPolicy.from_dict(ck_cfg.get("retention"))))
 

@@ -1,0 +1,90 @@
+"""The trainer's command line: a bad value ends in one clear line and a non-zero exit (no
+traceback), once per node under torchrun; values YAML would misread are taken as meant."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "launch" / "configs" / "cpu_tiny.yaml"
+TINY = ["trainer.epochs=1", "trainer.dataset_size=64", "trainer.test_size=32", "trainer.eval_every=2",
+        "trainer.checkpoint_every=2", "trainer.log_every=2"]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", NOETHER_DIST_LOG_LEVEL="INFO", **extra)
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_JOB_ID", "SLURM_NTASKS"):
+        env.pop(var, None)
+    return env
+
+
+def _train(args: list[str], *, cwd: Path, env: dict[str, str] | None = None, launcher: list[str] | None = None):
+    cmd = [*(launcher or [sys.executable]), "-m", "noether_dist.train", *args]
+    return subprocess.run(cmd, cwd=cwd, env=env or _env(), capture_output=True, text=True, timeout=300)
+
+
+def _errors(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if " ERROR " in line]
+
+
+NO_CREDENTIALS = {"AWS_SHARED_CREDENTIALS_FILE": "/nonexistent", "AWS_CONFIG_FILE": "/nonexistent",
+                  "AWS_EC2_METADATA_DISABLED": "true", "AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9"}
+
+BAD = [
+    # (override, words the one line must hold, extra environment)
+    ("checkpointer.timeout_s=abc", ["timeout_s", "'abc'"], {}),
+    ("checkpointer.async_mode=sometimes", ["async_mode", "off, thread or process"], {}),
+    ("resume_run_id=nope", ["CheckpointNotFoundError", "'nope'"], {}),
+    ("model.initializers=[{kind: os.path.join}]", ["os.path.join", "not an Initializer"], {}),
+    ("trainer.lr=abc", ["trainer.lr", "number"], {}),
+    ("run_id=../escape", ["run_id"], {}),
+    ("output_dir=s3://no-credentials/x", ["StorageError", "credentials"], NO_CREDENTIALS),
+]
+
+
+def test_bad_values_end_in_one_clean_line_and_good_ones_are_accepted(tmp_path):
+    for override, words, extra in BAD:
+        proc = _train(["--config", str(CONFIG), f"output_dir={tmp_path / 'runs'}", *TINY, override], cwd=tmp_path,
+                      env=_env(**extra))
+        errors = _errors(proc.stderr)
+        assert proc.returncode not in (0, None), (override, proc.stderr[-2000:])
+        assert "Traceback" not in proc.stderr, (override, proc.stderr[-3000:])
+        assert len(errors) == 1, (override, proc.stderr[-2000:])
+        assert all(w in errors[0] for w in words), (override, errors)
+
+    # --debug asks for the traceback
+    proc = _train(["--config", str(CONFIG), "--debug", f"output_dir={tmp_path / 'runs'}", "resume_run_id=nope"],
+                  cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" in proc.stderr
+
+    # What the user means: the mode off, and run ids that YAML reads as an int or a date.
+    proc = _train(["--config", str(CONFIG), f"output_dir={tmp_path / 'runs'}", *TINY, "checkpointer.async_mode=off",
+                   "run_id=12345"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "runs" / "12345" / "train" / "checkpoints").is_dir()
+    config = tmp_path / "unquoted.yaml"
+    config.write_text(CONFIG.read_text().replace('async_mode: "off"', "async_mode: off")
+                      + "run_id: 2026-11-28\n")
+    assert "async_mode: off\n" in config.read_text()
+    proc = _train(["--config", str(config), f"output_dir={tmp_path / 'runs'}", *TINY], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "runs" / "2026-11-28" / "train" / "checkpoints").is_dir()
+
+
+@pytest.mark.slow
+def test_error_is_said_once_per_node_under_torchrun(tmp_path):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    proc = _train(["--config", str(CONFIG), f"output_dir={tmp_path / 'runs'}", *TINY, "resume_run_id=nope"],
+                  cwd=tmp_path, launcher=launcher)
+    assert proc.returncode != 0
+    ours = [line for line in _errors(proc.stderr) if "noether_dist.train" in line]
+    assert len(ours) == 1 and "'nope'" in ours[0], proc.stderr[-3000:]
+    # torchrun's agent reports the failed workers with a traceback of its own; no rank does.
+    frames = [line for line in proc.stderr.splitlines() if line.lstrip().startswith("File ")]
+    assert not [f for f in frames if "noether_dist" in f], proc.stderr[-3000:]
