@@ -37,6 +37,8 @@ OUTPUT_DIR=${OUTPUT_DIR:-runs}           # shared path or s3://bucket/prefix
 RUN_ID=${RUN_ID:-}                       # empty: torchrun-<RDZV_ID>
 MAX_RESTARTS=${MAX_RESTARTS:-0}          # torchrun restarts of failed workers (they resume `latest`)
 PYTHON=${PYTHON:-python3}                # the interpreter that has torch and noether_dist
+SHUTDOWN_TIMEOUT_S=${SHUTDOWN_TIMEOUT_S:-600}   # after a SIGTERM to torchrun: seconds its workers get to save
+                                         # before SIGKILL (cover one checkpoint; torch's default is 30)
 # For gloo across machines with several interfaces: export GLOO_SOCKET_IFNAME=<interface>.
 # --------------------------------------------------------------------------------------------
 
@@ -51,6 +53,11 @@ run=(--nnodes "$NNODES" --nproc-per-node "$NPROC_PER_NODE" --rdzv-backend c10d
 [[ -n "$LOCAL_ADDR" ]] && run+=(--local-addr "$LOCAL_ADDR")
 args=("output_dir=$OUTPUT_DIR" "auto_resume=true")
 [[ -n "$RUN_ID" ]] && args+=("run_id=$RUN_ID")
+
+# torchrun's agent, on SIGTERM to itself (`scancel --signal=TERM`, a drain, a stopped
+# container), sends SIGTERM to the workers (they save at the next step) and SIGKILLs them after
+# its shutdown timeout, which torchrun reads from here (torch 2.13; torch 2.11 keeps 30 s).
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="$SHUTDOWN_TIMEOUT_S"
 
 TORCHRUN_PID=
 forward_to_workers() {

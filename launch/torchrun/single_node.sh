@@ -23,12 +23,19 @@ CONFIG=${CONFIG:-$ND_ROOT/launch/configs/cpu_tiny.yaml}   # the trainer's YAML c
 OUTPUT_DIR=${OUTPUT_DIR:-runs}           # local path, file://..., or s3://bucket/prefix
 RUN_ID=${RUN_ID:-}                       # empty: a new run (date + random); set: continue that run
 PYTHON=${PYTHON:-python3}                # the interpreter that has torch and noether_dist
+SHUTDOWN_TIMEOUT_S=${SHUTDOWN_TIMEOUT_S:-600}   # after a SIGTERM to torchrun: seconds its workers get to save
+                                         # before SIGKILL (cover one checkpoint; torch's default is 30)
 # --------------------------------------------------------------------------------------------
 
 args=("output_dir=$OUTPUT_DIR")
 if [[ -n "$RUN_ID" ]]; then
     args+=("run_id=$RUN_ID" "auto_resume=true")
 fi
+
+# torchrun's agent, on SIGTERM to itself (`scancel --signal=TERM`, a drain, a stopped
+# container), sends SIGTERM to the workers (they save at the next step) and SIGKILLs them after
+# its shutdown timeout, which torchrun reads from here (torch 2.13; torch 2.11 keeps 30 s).
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="$SHUTDOWN_TIMEOUT_S"
 
 TORCHRUN_PID=
 forward_to_workers() {
