@@ -396,7 +396,7 @@ def _require_exists(storage: Storage, url: str) -> None:
         if not bucket:
             raise ConfigError(f"{url} names no bucket; use s3://bucket/prefix")
         try:
-            storage.check_root(url)
+            storage.check_bucket(url)
         except StorageError as exc:
             if "does not exist" in str(exc):
                 raise ConfigError(str(exc)) from None

@@ -37,7 +37,12 @@ class ChecksummedS3FileSystem(s3fs.S3FileSystem):
     #672); a store then refuses an upload created with a checksum algorithm ("the complete
     request must include the checksum for each part"). This class remembers the checksum
     the store returned for every part and adds it to the completion request.
+
+    botocore owns request retries (standard mode, ``retry.attempts`` tries): s3fs's own loop
+    around it is off, as a class attribute so that it also holds in DCP's checkpoint process.
     """
+
+    retries = 1
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -14,9 +14,9 @@ Promises:
   :meth:`Storage.retry` retries a whole operation only for what botocore cannot retry (a
   body cut off while streaming, a local-disk timeout). s3fs's own retry loop is off. A
   permanent error raises :class:`StorageError` naming the path and the cause.
-- a missing S3 bucket is never created silently, and a store that ignores
-  ``If-None-Match`` is refused before a commit record could be overwritten
-  (:meth:`Storage.check_root`).
+- a missing S3 bucket is never created silently (:meth:`Storage.check_bucket`), and a
+  store that ignores ``If-None-Match`` is refused before a commit record could be
+  overwritten (:meth:`Storage.check_root`, before writing).
 - on S3 every object carries a CRC32 the store checks on upload and keeps
   (:meth:`Storage.stored_checksum` reads it back).
 """
@@ -315,9 +315,9 @@ class Storage:
         raise AssertionError("unreachable")
 
     # -- the interface ------------------------------------------------------------
-    def check_root(self, url: str) -> None:
-        """Raise StorageError if the bucket of an S3 URL does not exist (it is never created),
-        or if the store ignores ``If-None-Match`` (see :meth:`check_write_once`)."""
+    def check_bucket(self, url: str) -> None:
+        """Raise StorageError if the bucket of an S3 URL does not exist (it is never created).
+        Reads only: for tools that look without writing."""
         if not self.is_s3:
             return
         bucket = self._strip(url).split("/", 1)[0]
@@ -325,6 +325,11 @@ class Storage:
             self.retry("check bucket", bucket, lambda: self.fs.ls(bucket, refresh=True))
         except FileNotFoundError:
             raise StorageError(f"bucket {bucket!r} of {url} does not exist; create it first (noether_dist never creates buckets)") from None
+
+    def check_root(self, url: str) -> None:
+        """Before writing under ``url``: :meth:`check_bucket`, and on S3 prove that the store
+        honours ``If-None-Match`` (:meth:`check_write_once`)."""
+        self.check_bucket(url)
         self.check_write_once(url)
 
     def check_write_once(self, folder: str) -> None:
@@ -506,10 +511,6 @@ def open_storage(url: str, options: StorageOptions | None = None) -> Storage:
             from .s3store import ChecksummedS3FileSystem
 
             fs = ChecksummedS3FileSystem(**options.fsspec_kwargs(protocol))
-            # botocore owns request retries; s3fs's own loop (5 rounds around botocore's)
-            # would nest them. This is our private instance (skip_instance_cache), so the
-            # setting reaches no other user of s3fs.
-            fs.retries = 1
         else:
             fs, _ = fsspec.url_to_fs(url, **options.fsspec_kwargs(protocol))
     except (ValueError, ImportError, TypeError) as exc:

@@ -122,6 +122,16 @@ def test_verify_on_s3_fast_path_and_slow_path(s3_server, s3_bucket, capsys):
     nbytes = sum(c.bytes for c in slow.checkpoints)
     assert slow.ok and sum(c.store_checked for c in slow.checkpoints) == 0
     assert sum(c.bytes_read for c in slow.checkpoints) == nbytes > 0
+    # the tool only reads: GETs of records and listings, one HEAD per file, no bytes of files
+    requests = {}
+    with FaultProxy(ep) as proxy:
+        for how in ([], ["--read-all"]):
+            proxy.reset_stats()
+            assert cli_main(["verify", "--json", "-q", *how, fast_out, "--endpoint-url", proxy.endpoint_url]) == 0
+            assert json.loads(capsys.readouterr().out)["ok"]
+            requests[bool(how)] = proxy.stats["by_method"]
+    assert set(requests[False]) <= {"GET", "HEAD"} and requests[False]["HEAD"] >= files, requests
+    assert requests[False]["GET"] + files <= requests[True]["GET"], requests  # no file was read
     # damage is found either way, and --read-all reads even where the store has a checksum
     shard = f"{layout.artifact_path(f'{MODEL}_cp=E0_U2_S16_model.th')}/__0_0.distcp"
     _corrupt(st, shard)
