@@ -87,4 +87,4 @@ def test_error_is_said_once_per_node_under_torchrun(tmp_path):
     assert len(ours) == 1 and "'nope'" in ours[0], proc.stderr[-3000:]
     # torchrun's agent reports the failed workers with a traceback of its own; no rank does.
     frames = [line for line in proc.stderr.splitlines() if line.lstrip().startswith("File ")]
-    assert not [f for f in frames if "noether_dist" in f], proc.stderr[-3000:]
+    assert not [f for f in frames if str(ROOT / "noether_dist") in f], proc.stderr[-3000:]
