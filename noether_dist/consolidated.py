@@ -4,8 +4,9 @@ The files, as Noether writes them with ``torch.save`` on rank 0:
 
 - model file: ``{"state_dict", "checkpoint_tag", "training_iteration": {epoch, update,
   sample}, "run_id"}``, plus ``"ema"`` (the factor) for EMA files;
-- optim file: the optimizer state dict. Noether's own are keyed by parameter index
-  (``optimizer.state_dict()``); ours are keyed by parameter name (resharding-safe);
+- optim file: the optimizer state dict. Noether's own are keyed by parameter index, with
+  ``param_idx_to_name`` and named param groups; ours are keyed by parameter name
+  (resharding-safe). Both load by name (:mod:`noether_dist.optim_file`);
 - trainer file: ``{"callback_state_dicts", "training_iteration", "grad_scaler"}``; ours add
   ``"state"`` (the whole trainer state) and ``"rank_states"`` so a round trip is exact.
 
@@ -21,14 +22,16 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
 
 from .errors import ConfigError, StateMismatchError
 from .names import TrainingIteration
+from .optim_file import match_optimizer_file
 from .storage import Storage
 
 __all__ = ["model_file", "trainer_file", "read_file", "state_dict_of", "load_model_file", "load_optimizer_file",
-           "trainer_state_of", "save_file"]
+           "check_optimizer_file", "apply_optimizer_file", "trainer_state_of", "save_file"]
 
 _FULL = StateDictOptions(full_state_dict=True, strict=True)
 
@@ -107,25 +110,29 @@ def load_model_file(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> No
     set_model_state_dict(model, state_dict, options=_FULL)
 
 
-def load_optimizer_file(model: nn.Module, optimizer: torch.optim.Optimizer, osd: dict[str, Any]) -> None:
-    """Put a full optimizer state dict into an optimizer; Noether's index-keyed state is
-    mapped to parameter names in the order of ``model.named_parameters()``."""
-    set_optimizer_state_dict(model, optimizer, _by_name(model, osd), options=StateDictOptions(full_state_dict=True))
+def load_optimizer_file(model: nn.Module, optimizer: torch.optim.Optimizer, osd: dict[str, Any],
+                        what: str = "optimizer file") -> None:
+    """Put a full optimizer state dict from a file into an optimizer (sharded or not),
+    matched by parameter name (see :mod:`noether_dist.optim_file`); everything is checked
+    first, and a file that does not fit raises StateMismatchError with nothing applied."""
+    apply_optimizer_file(model, optimizer, check_optimizer_file(model, optimizer, osd, what))
 
 
-def _by_name(model: nn.Module, osd: dict[str, Any]) -> dict[str, Any]:
-    state = osd.get("state", {})
-    if not state or all(isinstance(k, str) for k in state):
-        return osd
-    names = [n for n, _ in model.named_parameters()]
-    groups = []
-    for group in osd["param_groups"]:
-        params = [names[i] if isinstance(i, int) else i for i in group["params"]]
-        groups.append({**group, "params": params})
-    if any(isinstance(i, int) and i >= len(names) for g in osd["param_groups"] for i in g["params"]):
-        raise StateMismatchError(f"optimizer file has {sum(len(g['params']) for g in osd['param_groups'])} "
-                                 f"parameters, the model has {len(names)}")
-    return {"state": {names[i]: v for i, v in state.items()}, "param_groups": groups}
+def apply_optimizer_file(model: nn.Module, optimizer: torch.optim.Optimizer, matched: dict[str, Any]) -> None:
+    """Apply what :func:`check_optimizer_file` returned: each rank keeps its own shard."""
+    set_optimizer_state_dict(model, optimizer, matched, options=StateDictOptions(full_state_dict=True))
+
+
+def check_optimizer_file(model: nn.Module, optimizer: torch.optim.Optimizer, osd: Any,
+                         what: str = "optimizer file", target: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The file's optimizer state matched to ``optimizer`` by name (nothing applied);
+    StateMismatchError when it does not fit. ``target`` is the optimizer's own name-keyed
+    state dict if the caller has it already."""
+    if not isinstance(osd, dict):
+        raise StateMismatchError(f"{what} is not an optimizer state dict")
+    if target is None:
+        target = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=False))
+    return match_optimizer_file(osd, target, _full_shapes(model), what)
 
 
 def trainer_state_of(obj: Any) -> tuple[dict[str, Any], dict[int, Any]]:

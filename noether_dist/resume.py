@@ -142,6 +142,7 @@ class _Need:
     role: str  # "model", "ema:<info>" or "optim"
     state: dict[str, Any]
     module: Any
+    owner: Any = None  # the model an optimizer belongs to
 
 
 def _needed(record: CommitRecord, targets: _Targets, model_name: str) -> list[_Need]:
@@ -165,7 +166,7 @@ def _needed(record: CommitRecord, targets: _Targets, model_name: str) -> list[_N
                 f"checkpoint {record.iteration} has no optimizer file, but full resumption needs one; "
                 "load weights only with PreviousRunInitializer instead"
             )
-        out.append(_Need(art, "optim", targets.optim_sd, targets.optimizer))
+        out.append(_Need(art, "optim", targets.optim_sd, targets.optimizer, targets.model))
     if any(n.art.format == "consolidated" and not isinstance(n.module, (nn.Module, torch.optim.Optimizer))
            for n in out):
         raise ConfigError("loading a single-file (consolidated) checkpoint needs nn.Module / optimizer targets")
@@ -261,8 +262,12 @@ def _check_file(storage: Storage, path: str, need: _Need, cache: dict[str, Any],
         raise
     except Exception as exc:  # noqa: BLE001 - a damaged file is a reason to fall back
         return f"{path} is unreadable: {type(exc).__name__}: {exc}"
-    cache[path] = obj
-    if need.role != "optim":
+    if need.role == "optim":
+        # matched by name and every shape checked here, before anything is loaded
+        cache[path] = consolidated.check_optimizer_file(need.owner, need.module, obj, f"optimizer file {path}",
+                                                        target=need.state)
+    else:
+        cache[path] = obj
         consolidated.check_model_keys(need.module, consolidated.state_dict_of(obj, path),
                                       f"{need.role} checkpoint {need.art.name}")
     return None
@@ -320,10 +325,14 @@ def load_checkpoint(record: CommitRecord, layout: StageLayout, storage: Storage,
         for need in needed:
             path = layout.artifact_path(need.art.name)
             if need.art.format == "consolidated":
-                obj = cache.pop(path, None) or consolidated.read_file(storage, path)
+                obj = cache.pop(path, None)
                 if need.role == "optim":
-                    consolidated.load_optimizer_file(targets.model, targets.optimizer, obj)
+                    if obj is None:
+                        obj = consolidated.check_optimizer_file(targets.model, targets.optimizer,
+                                                                consolidated.read_file(storage, path), path)
+                    consolidated.apply_optimizer_file(targets.model, targets.optimizer, obj)
                 else:
+                    obj = obj if obj is not None else consolidated.read_file(storage, path)
                     consolidated.load_model_file(need.module, consolidated.state_dict_of(obj, path))
             else:
                 dcp_io.load_state(need.state, path, storage, process_group=comm.group)
