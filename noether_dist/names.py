@@ -33,6 +33,13 @@ __all__ = [
     "parse_resume_checkpoint",
     "validate_name",
     "normalize_model_info",
+    "ema_factor_of",
+    "noether_model_info",
+    "noether_tag",
+    "is_tag",
+    "parse_checkpoint_tag",
+    "NOETHER_BEST_PREFIX",
+    "NOETHER_EMA_PREFIX",
 ]
 
 # Names become path components on local disks and S3 keys: keep them to a portable set.
@@ -200,7 +207,7 @@ def parse_checkpoint(text: object, what: str = "checkpoint") -> CheckpointRef:
         return CheckpointRef.latest()
     if text == "last":
         return CheckpointRef.last()
-    for prefix in ("best.", "best_model."):
+    for prefix in ("best.", NOETHER_BEST_PREFIX):
         if text.startswith(prefix):
             metric = text[len(prefix):]
             try:
@@ -243,14 +250,78 @@ def parse_resume_checkpoint(text: object) -> CheckpointRef:
         ) from exc
 
 
+# Noether's own spellings, read everywhere and written where Noether's tools must read them.
+NOETHER_BEST_PREFIX = "best_model."
+"""Noether's tag of a best checkpoint: ``best_model.{metric}`` (ours: ``best.{metric}``)."""
+NOETHER_EMA_PREFIX = "ema="
+"""Noether's model_info of EMA weights: ``ema={factor}`` (ours: ``ema_factor={factor}``)."""
+EMA_PREFIX = "ema_factor="
+
+
 def normalize_model_info(model_info: str | None) -> str | None:
     """Validate ``model_info`` and map Noether's ``ema=X`` spelling to ``ema_factor=X``."""
     if model_info is None or model_info == "":
         return None
     validate_name(model_info, "model_info")
-    if model_info.startswith("ema=") :
-        return "ema_factor=" + model_info[len("ema="):]
+    if model_info.startswith(NOETHER_EMA_PREFIX):
+        return EMA_PREFIX + model_info[len(NOETHER_EMA_PREFIX):]
     return model_info
+
+
+def ema_factor_of(model_info: str | None) -> float | None:
+    """The EMA factor a model_info names (``ema_factor=X`` or ``ema=X``), else None."""
+    info = normalize_model_info(model_info)
+    if info and info.startswith(EMA_PREFIX):
+        try:
+            return float(info[len(EMA_PREFIX):])
+        except ValueError:
+            return None
+    return None
+
+
+def noether_model_info(model_info: str | None) -> str | None:
+    """The model_info as Noether spells it in file names (``ema_factor=X`` -> ``ema=X``)."""
+    info = normalize_model_info(model_info)
+    if info and info.startswith(EMA_PREFIX):
+        return NOETHER_EMA_PREFIX + info[len(EMA_PREFIX):]
+    return info
+
+
+def noether_tag(ref: CheckpointRef) -> str:
+    """The checkpoint tag Noether writes for an alias: ``latest``, ``last``, ``best_model.{metric}``."""
+    if ref.kind is _RefKind.BEST:
+        return f"{NOETHER_BEST_PREFIX}{ref.metric}"
+    return ref.alias_name
+
+
+def is_tag(checkpoint: str) -> bool:
+    """True for a checkpoint part that names an alias (latest, last, best.x, best_model.x),
+    as in Noether's tag files, rather than a training point."""
+    try:
+        return parse_checkpoint(checkpoint).is_alias
+    except InvalidNameError:
+        return False
+
+
+def parse_checkpoint_tag(value: object, what: str = "checkpoint_tag") -> CheckpointRef:
+    """Noether's ``checkpoint_tag``: a checkpoint name (latest, last, best_model.{metric},
+    E10_U100_S200) or a dict with exactly one of epoch/update/sample (that counter, like
+    ``resume_checkpoint: E10``) or all three (that training point)."""
+    if isinstance(value, str):
+        return parse_checkpoint(value, what)
+    if not isinstance(value, dict) or not value or set(value) - {"epoch", "update", "sample"}:
+        raise ConfigError(f"{what} must be a checkpoint name such as latest or best_model.loss, or a dict with "
+                          f"epoch, update and/or sample; got {value!r}")
+    try:
+        counters = {k: int(v) for k, v in value.items() if v is not None}
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what} {value!r}: epoch, update and sample must be integers") from None
+    if len(counters) == 3:
+        return CheckpointRef.at(TrainingIteration(counters["epoch"], counters["update"], counters["sample"]))
+    if len(counters) != 1:
+        raise ConfigError(f"{what} {value!r} must set exactly one of epoch, update, sample, or all three")
+    (key, number), = counters.items()
+    return CheckpointRef(_RefKind.PARTIAL, partial=PartialIteration(key[0].upper(), number))
 
 
 class ArtifactKind(enum.Enum):
