@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from .commit import AliasRecord, CommitRecord, CorruptRecordError, list_commits, read_alias, read_commit
 from .layout import ALIASES_DIR, CHECKPOINTS_DIR, COMMITS_DIR, StageLayout, join_url
-from .names import TrainingIteration, parse_artifact
+from .names import TrainingIteration, is_tag, parse_artifact
 from .storage import Storage
 
 __all__ = ["list_runs", "list_stages", "StageSummary", "CheckpointSummary", "summarize_stage"]
@@ -68,6 +68,7 @@ def summarize_stage(storage: Storage, layout: StageLayout) -> StageSummary:
     """Summarise a stage: one listing of the checkpoints folder, one of the commits, the
     aliases, and each commit record."""
     entries = storage.list(layout.checkpoints_dir)
+    committed = {str(it): it for it in list_commits(storage, layout)}
     by_point: dict[str, list] = {}
     for entry in entries:
         if entry.name in (COMMITS_DIR, ALIASES_DIR):
@@ -76,13 +77,14 @@ def summarize_stage(storage: Storage, layout: StageLayout) -> StageSummary:
             art = parse_artifact(entry.name)
         except ValueError:
             continue
+        if committed and is_tag(art.checkpoint):
+            continue  # Noether's tag files beside committed points (copies written by convert)
         by_point.setdefault(art.checkpoint, []).append(entry)
     aliases: dict[str, AliasRecord | None] = {}
     for entry in storage.list(layout.aliases_dir):
         name = StageLayout.alias_of_file(entry.name)
         if name:
             aliases[name] = read_alias(storage, layout, name)
-    committed = {str(it): it for it in list_commits(storage, layout)}
     names = sorted(set(by_point) | set(committed), key=_sort_key)
     out = []
     for name in names:

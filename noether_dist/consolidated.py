@@ -3,7 +3,8 @@
 The files, as Noether writes them with ``torch.save`` on rank 0:
 
 - model file: ``{"state_dict", "checkpoint_tag", "training_iteration": {epoch, update,
-  sample}, "run_id"}``, plus ``"ema"`` (the factor) for EMA files;
+  sample}, "run_id"}``, plus ``"ema"`` (the factor) for EMA files and ``model_config`` /
+  ``config_kind`` where known;
 - optim file: the optimizer state dict. Noether's own are keyed by parameter index, with
   ``param_idx_to_name`` and named param groups; ours are keyed by parameter name
   (resharding-safe). Both load by name (:mod:`noether_dist.optim_file`);
@@ -31,18 +32,26 @@ from .optim_file import match_optimizer_file
 from .storage import Storage
 
 __all__ = ["model_file", "trainer_file", "read_file", "state_dict_of", "load_model_file", "load_optimizer_file",
-           "check_optimizer_file", "apply_optimizer_file", "trainer_state_of", "save_file"]
+           "check_optimizer_file", "apply_optimizer_file", "full_shapes", "trainer_state_of", "save_file"]
 
 _FULL = StateDictOptions(full_state_dict=True, strict=True)
 
 
+MODEL_CONFIG_KEYS = ("model_config", "config_kind")
+"""What Noether's model files carry so its tools can rebuild the model."""
+TRAINER_MODEL_CONFIGS = "model_configs"
+"""Key of the trainer state that holds ``{model name: {model_config, config_kind}}``."""
+
+
 def model_file(state_dict: dict[str, Any], iteration: TrainingIteration, run_id: str, checkpoint_tag: str,
-               ema: float | None = None) -> dict[str, Any]:
-    """The dict Noether stores in a model file."""
+               ema: float | None = None, model_config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The dict Noether stores in a model file; ``model_config`` holds ``model_config`` and
+    ``config_kind`` when they are known."""
     out = {"state_dict": state_dict, "checkpoint_tag": checkpoint_tag, "training_iteration": iteration.to_dict(),
            "run_id": run_id}
     if ema is not None:
         out["ema"] = ema
+    out.update({k: model_config[k] for k in MODEL_CONFIG_KEYS if model_config and k in model_config})
     return out
 
 
@@ -86,7 +95,7 @@ def iteration_of(obj: Any) -> TrainingIteration | None:
 
 def check_model_keys(model: nn.Module, state_dict: dict[str, Any], what: str) -> None:
     """StateMismatchError naming missing / unexpected keys and shape mismatches."""
-    wanted = {k: tuple(shape) for k, shape in _full_shapes(model).items()}
+    wanted = {k: tuple(shape) for k, shape in full_shapes(model).items()}
     missing = sorted(set(wanted) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(wanted))
     shapes = [f"{k} (checkpoint {list(state_dict[k].shape)}, model {list(wanted[k])})"
@@ -97,7 +106,8 @@ def check_model_keys(model: nn.Module, state_dict: dict[str, Any], what: str) ->
                                  f"shape mismatch: {', '.join(shapes) or 'none'}")
 
 
-def _full_shapes(model: nn.Module) -> dict[str, torch.Size]:
+def full_shapes(model: nn.Module) -> dict[str, torch.Size]:
+    """Every state dict key's global shape (DTensor reports the global shape)."""
     out = {}
     for key, value in model.state_dict().items():
         out[key] = value.shape  # DTensor reports the global shape
@@ -121,6 +131,9 @@ def load_optimizer_file(model: nn.Module, optimizer: torch.optim.Optimizer, osd:
 def apply_optimizer_file(model: nn.Module, optimizer: torch.optim.Optimizer, matched: dict[str, Any]) -> None:
     """Apply what :func:`check_optimizer_file` returned: each rank keeps its own shard."""
     set_optimizer_state_dict(model, optimizer, matched, options=StateDictOptions(full_state_dict=True))
+    # torch's full-state path flattens group settings (tuples come back as lists): set them as stored
+    for group, settings in zip(optimizer.param_groups, matched["param_groups"]):
+        group.update({k: v for k, v in settings.items() if k != "params"})
 
 
 def check_optimizer_file(model: nn.Module, optimizer: torch.optim.Optimizer, osd: Any,
@@ -132,7 +145,7 @@ def check_optimizer_file(model: nn.Module, optimizer: torch.optim.Optimizer, osd
         raise StateMismatchError(f"{what} is not an optimizer state dict")
     if target is None:
         target = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=False))
-    return match_optimizer_file(osd, target, _full_shapes(model), what)
+    return match_optimizer_file(osd, target, full_shapes(model), what)
 
 
 def trainer_state_of(obj: Any) -> tuple[dict[str, Any], dict[int, Any]]:

@@ -4,6 +4,13 @@ formats. Runs in one process; each artifact is held in memory once while it is c
 The converted checkpoint is written under another output dir with the same run, stage and
 Noether names, committed with its own record (format ``consolidated`` or ``dcp``), and the
 aliases are copied.
+
+To consolidated, the files are what Noether's own tools read: EMA files spelled
+``ema=<factor>``, optimizer files in Noether's layout (index-keyed with
+``param_idx_to_name``), ``model_config``/``config_kind`` in model files when the saved
+trainer state has them, and for every alias a copy under Noether's tag
+(``{model}_cp=latest_*.th``, ``cp=last``, ``cp=best_model.<metric>``). Those tag files are
+not part of any commit record: our own reader selects through commit records and aliases.
 """
 
 from __future__ import annotations
@@ -18,7 +25,9 @@ from . import consolidated, dcp_io
 from .commit import ArtifactRecord, CommitRecord, list_commits, read_alias, read_commit, write_alias, write_commit
 from .errors import CheckpointNotFoundError, ConfigError
 from .layout import StageLayout
-from .names import TrainingIteration
+from .names import (ArtifactKind, CheckpointRef, TrainingIteration, ema_factor_of, format_artifact, noether_model_info,
+                    noether_tag, normalize_model_info, parse_checkpoint)
+from .optim_file import names_from_file, to_noether_layout
 from .save import TRAINER_COMMON_KEY, trainer_rank_key
 from .statedict import pack_object, unpack_object
 from .storage import Storage
@@ -36,31 +45,64 @@ class ConvertReport:
     bytes_written: int
 
 
-def _ema_factor(model_info: str | None) -> float | None:
-    if model_info and model_info.startswith("ema_factor="):
-        try:
-            return float(model_info.split("=", 1)[1])
-        except ValueError:
-            return None
-    return None
-
-
-def _to_file(src: Storage, dst: Storage, src_path: str, dst_path: str, art: ArtifactRecord,
-             record: CommitRecord) -> dcp_io.FileRecord:
-    full = dcp_io.load_full(src_path, src)
+def _file_object(full: dict[str, Any], art: ArtifactRecord, record: CommitRecord, trainer: dict[str, Any]) -> Any:
+    """What Noether stores in the single file of one artifact."""
     if art.kind == "model":
-        obj = consolidated.model_file(full, record.iteration, record.run_id, str(record.iteration),
-                                      _ema_factor(art.model_info))
-    elif art.kind == "optim":
-        obj = full
-    else:
-        common = unpack_object(full.pop(TRAINER_COMMON_KEY)) if TRAINER_COMMON_KEY in full else {}
-        ranks = {int(k.rsplit(".", 1)[1]): unpack_object(v) for k, v in full.items()
-                 if k.startswith("noether.rank.")}
-        obj = consolidated.trainer_file(common.get("state") or {}, ranks, record.iteration)
+        configs = (trainer.get("state") or {}).get(consolidated.TRAINER_MODEL_CONFIGS) or {}
+        return consolidated.model_file(full, record.iteration, record.run_id, str(record.iteration),
+                                       ema_factor_of(art.model_info), configs.get(record.model_name))
+    if art.kind == "optim":
+        return to_noether_layout(full, f"optimizer of {record.iteration}")
+    ranks = {int(k.rsplit(".", 1)[1]): unpack_object(v) for k, v in full.items() if k.startswith("noether.rank.")}
+    return consolidated.trainer_file(trainer.get("state") or {}, ranks, record.iteration)
+
+
+def _write_file(dst: Storage, dst_path: str, obj: Any) -> dcp_io.FileRecord:
     with dcp_io.open_checksummed(dst, dst_path) as stream:
         torch.save(obj, stream)
     return dcp_io.FileRecord("", stream.size, stream.crc & 0xFFFFFFFF)
+
+
+def _trainer_common(src: Storage, src_layout: StageLayout, record: CommitRecord) -> dict[str, Any]:
+    art = record.artifact(ArtifactKind.TRAINER.value)
+    if art is None or art.format == "consolidated":
+        return {}
+    full = dcp_io.load_full(src_layout.artifact_path(art.name), src)
+    return unpack_object(full[TRAINER_COMMON_KEY]) if TRAINER_COMMON_KEY in full else {}
+
+
+def _noether_name(model_name: str, checkpoint: str, art: ArtifactRecord) -> str:
+    """The file name Noether gives this artifact (its ``ema=<factor>`` spelling)."""
+    return format_artifact(model_name, checkpoint, art.kind, noether_model_info(art.model_info))
+
+
+def _to_files(src: Storage, dst: Storage, src_layout: StageLayout, dst_layout: StageLayout, record: CommitRecord,
+              tags: list[CheckpointRef], progress: Any) -> list[ArtifactRecord]:
+    """Write every artifact of one point as Noether's single file, and the same file under
+    each Noether tag of the aliases naming this point (``cp=latest``, ``cp=last``,
+    ``cp=best_model.<metric>``; a best tag gets model files only, as Noether writes it)."""
+    trainer = _trainer_common(src, src_layout, record)
+    arts = []
+    for art in record.artifacts:
+        if progress is not None:
+            progress.describe(f"{record.iteration} {art.name}")
+        src_path = src_layout.artifact_path(art.name)
+        if art.format == "consolidated":
+            raise ConfigError(f"{src_path} is already consolidated")
+        obj = _file_object(dcp_io.load_full(src_path, src), art, record, trainer)
+        name = _noether_name(record.model_name, str(record.iteration), art)
+        dst.remove(dst_layout.artifact_path(name), recursive=True)
+        arts.append(ArtifactRecord(name, art.kind, art.model_info, "consolidated",
+                                   (_write_file(dst, dst_layout.artifact_path(name), obj),)))
+        for ref in tags:
+            if ref.kind is CheckpointRef.Kind.BEST and art.kind != ArtifactKind.MODEL.value:
+                continue
+            tag = noether_tag(ref)
+            tagged = {**obj, "checkpoint_tag": tag} if art.kind == ArtifactKind.MODEL.value else obj
+            _write_file(dst, dst_layout.artifact_path(_noether_name(record.model_name, tag, art)), tagged)
+        if progress is not None:
+            progress.update(art.total_bytes)
+    return arts
 
 
 def _to_dcp(src: Storage, dst: Storage, src_path: str, dst_path: str, art: ArtifactRecord,
@@ -69,10 +111,10 @@ def _to_dcp(src: Storage, dst: Storage, src_path: str, dst_path: str, art: Artif
     if art.kind == "model":
         state = consolidated.state_dict_of(obj, src_path)
     elif art.kind == "optim":
-        if obj.get("state") and not all(isinstance(k, str) for k in obj["state"]):
-            raise ConfigError(f"{src_path} keys optimizer state by parameter index (Noether's own format); "
+        state = names_from_file(obj, src_path)
+        if state is None:
+            raise ConfigError(f"{src_path} keys optimizer state by parameter index without param_idx_to_name; "
                               "converting it needs the model: load it with resume() and save again")
-        state = obj
     else:
         common, ranks = consolidated.trainer_state_of(obj)
         state = {TRAINER_COMMON_KEY: pack_object({"training_iteration": record.iteration.to_dict(), "state": common})}
@@ -99,6 +141,12 @@ def convert_stage(src: Storage, src_layout: StageLayout, dst: Storage, dst_layou
     if not points:
         raise CheckpointNotFoundError(f"no committed checkpoint in {src_layout.checkpoints_dir}")
     dst.check_root(dst_layout.output_dir)
+    aliases = []
+    for entry in src.list(src_layout.aliases_dir):
+        name = StageLayout.alias_of_file(entry.name)
+        alias = read_alias(src, src_layout, name) if name else None
+        if alias is not None:
+            aliases.append(alias)
     total = 0
     done = []
     records = {it: read_commit(src, src_layout, it) for it in points}
@@ -111,32 +159,30 @@ def convert_stage(src: Storage, src_layout: StageLayout, dst: Storage, dst_layou
             if progress is not None:
                 progress.update(sum(a.total_bytes for a in record.artifacts))
             continue
-        arts = []
-        for art in record.artifacts:
-            if progress is not None:
-                progress.describe(f"{it} {art.name}")
-            src_path, dst_path = src_layout.artifact_path(art.name), dst_layout.artifact_path(art.name)
-            dst.remove(dst_path, recursive=True)
-            if to == "consolidated":
-                if art.format == "consolidated":
-                    raise ConfigError(f"{src_path} is already consolidated")
-                files = (_to_file(src, dst, src_path, dst_path, art, record),)
-            else:
+        if to == "consolidated":
+            tags = [parse_checkpoint(a.name) for a in aliases if a.iteration == it]
+            arts = _to_files(src, dst, src_layout, dst_layout, record, tags, progress)
+        else:
+            arts = []
+            for art in record.artifacts:
+                if progress is not None:
+                    progress.describe(f"{it} {art.name}")
+                src_path = src_layout.artifact_path(art.name)
                 if art.format != "consolidated":
                     raise ConfigError(f"{src_path} is already sharded")
-                files = tuple(_to_dcp(src, dst, src_path, dst_path, art, record))
-            total += sum(f.size for f in files)
-            if progress is not None:
-                progress.update(art.total_bytes)
-            arts.append(ArtifactRecord(art.name, art.kind, art.model_info,
-                                       "consolidated" if to == "consolidated" else "dcp", files))
+                # sharded artifacts carry our own spelling (ema_factor=) again
+                name = format_artifact(record.model_name, str(it), art.kind, normalize_model_info(art.model_info))
+                dst.remove(dst_layout.artifact_path(name), recursive=True)
+                files = tuple(_to_dcp(src, dst, src_path, dst_layout.artifact_path(name), art, record))
+                arts.append(ArtifactRecord(name, art.kind, art.model_info, "dcp", files))
+                if progress is not None:
+                    progress.update(art.total_bytes)
+        total += sum(f.size for a in arts for f in a.files)
         new = CommitRecord(it, dst_layout.run_id, dst_layout.stage_name, record.model_name,
                            1 if to == "sharded" else record.world_size, tuple(arts), record.metrics)
         write_commit(dst, dst_layout, new)
         done.append(str(it))
-    for entry in src.list(src_layout.aliases_dir):
-        name = StageLayout.alias_of_file(entry.name)
-        alias = read_alias(src, src_layout, name) if name else None
-        if alias is not None and read_commit(dst, dst_layout, alias.iteration) is not None:
+    for alias in aliases:
+        if read_commit(dst, dst_layout, alias.iteration) is not None:
             write_alias(dst, dst_layout, alias)
     return ConvertReport(tuple(done), total)

@@ -27,7 +27,7 @@ import torch
 
 from .errors import StateMismatchError
 
-__all__ = ["PARAM_IDX_TO_NAME", "match_optimizer_file", "names_from_file"]
+__all__ = ["PARAM_IDX_TO_NAME", "match_optimizer_file", "names_from_file", "to_noether_layout"]
 
 PARAM_IDX_TO_NAME = "param_idx_to_name"
 """Key of Noether's index -> parameter name mapping in its optimizer files."""
@@ -146,3 +146,17 @@ def match_optimizer_file(osd: Mapping[str, Any], target: Mapping[str, Any], shap
     if problems:
         raise StateMismatchError(f"{what} does not match the optimizer: {'; '.join(problems)}")
     return {_STATE: {n: state[n] for n in wanted if n in state}, _GROUPS: out_groups}
+
+
+def to_noether_layout(osd: Mapping[str, Any], what: str = "optimizer state") -> dict[str, Any]:
+    """A name-keyed optimizer state dict in Noether's layout: keyed by index in group order,
+    with ``param_idx_to_name``, so that Noether's ``OptimizerWrapper.load_state_dict`` (and
+    our reader) match it by name."""
+    named = names_from_file(osd, what)
+    if named is None:
+        raise StateMismatchError(f"{what} is not keyed by parameter name")
+    order = [n for g in named[_GROUPS] for n in g[_PARAMS]]
+    index = {n: i for i, n in enumerate(order)}
+    return {_STATE: {index[n]: v for n, v in named[_STATE].items()},
+            _GROUPS: [{**g, _PARAMS: [index[n] for n in g[_PARAMS]]} for g in named[_GROUPS]],
+            PARAM_IDX_TO_NAME: dict(enumerate(order))}

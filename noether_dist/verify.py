@@ -35,7 +35,8 @@ from typing import Any, Protocol
 from .commit import AliasRecord, CommitRecord, CorruptRecordError
 from .errors import AmbiguousCheckpointError, CheckpointNotFoundError, ConfigError, InvalidNameError
 from .layout import ALIASES_DIR, COMMITS_DIR, StageLayout, join_url
-from .names import CheckpointRef, TrainingIteration, parse_artifact, parse_checkpoint, parse_resume_checkpoint
+from .names import (CheckpointRef, TrainingIteration, is_tag, parse_artifact, parse_checkpoint,
+                    parse_resume_checkpoint)
 from .storage import Storage
 
 __all__ = ["DamageKind", "Damage", "CheckpointCheck", "StageReport", "VerifyReport", "file_crc32",
@@ -353,6 +354,8 @@ def _scan(storage: Storage, layout: StageLayout) -> _Scan:
             art = parse_artifact(entry.name)
         except (InvalidNameError, ValueError):
             continue
+        if commit_files and is_tag(art.checkpoint):
+            continue  # Noether's tag files beside committed points: copies for Noether's tools (convert)
         try:
             point = str(parse_checkpoint(art.checkpoint))
         except InvalidNameError:

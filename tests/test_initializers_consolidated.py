@@ -120,9 +120,19 @@ def test_round_trip_sharded_consolidated_sharded_is_exact(tmp_path):
     src = tmp_path / "src"
     saved = run_ranks(save_source, 2, str(src))[0]
     assert cli_main(["convert", str(src / "src" / "train"), str(tmp_path / "cons"), "--to", "consolidated"]) == 0
-    files = sorted(os.listdir(tmp_path / "cons" / "src" / "train" / "checkpoints"))
-    assert "mlp_cp=E0_U3_S48_model.th" in files and os.path.isfile(
-        tmp_path / "cons" / "src" / "train" / "checkpoints" / "mlp_cp=E0_U3_S48_model.th")
+    folder = tmp_path / "cons" / "src" / "train" / "checkpoints"
+    files = sorted(os.listdir(folder))
+    assert "mlp_cp=E0_U3_S48_model.th" in files and os.path.isfile(folder / "mlp_cp=E0_U3_S48_model.th")
+    # Noether's spellings: ema=<factor>, tag files for the latest alias, index-keyed optimizer with names
+    for name in ("mlp_ema=0.9_cp=E0_U3_S48_model.th", "mlp_cp=latest_model.th", "mlp_ema=0.9_cp=latest_model.th",
+                 "mlp_cp=latest_optim.th", "mlp_cp=latest_trainer.th"):
+        assert name in files, (name, files)
+    latest = torch.load(folder / "mlp_cp=latest_model.th", weights_only=True)
+    assert latest["checkpoint_tag"] == "latest" and latest["training_iteration"] == {"epoch": 0, "update": 3, "sample": 48}
+    optim = torch.load(folder / "mlp_cp=E0_U3_S48_optim.th", weights_only=True)
+    names = optim["param_idx_to_name"]
+    assert all(torch.equal(optim["state"][i]["exp_avg_sq"], saved["optim"][names[i]]["exp_avg_sq"]) for i in names)
+    assert cli_main(["verify", str(tmp_path / "cons" / "src" / "train")]) == 0  # tag files are no leftovers
     assert cli_main(["convert", str(tmp_path / "cons" / "src" / "train"), str(tmp_path / "back"), "--to", "sharded"]) == 0
     for where in ("cons", "back"):  # consolidated files load into a sharded model too
         for r in run_ranks(resume_full, 2, str(tmp_path / where), "src", "mlp", None):

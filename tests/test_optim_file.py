@@ -82,6 +82,7 @@ def test_noether_file_loads_by_name_and_groups_by_membership():
     groups = {g["name"]: g for g in opt.param_groups}
     assert groups["weight_decay=0"]["lr"] == 7e-3 and groups["weight_decay=0"]["weight_decay"] == 0.0
     assert groups["default"]["lr"] == 3e-3 and groups["default"]["weight_decay"] == 0.05
+    assert groups["default"]["betas"] == (0.9, 0.999)  # as stored: a tuple, not the list torch's path makes
     names = {id(p): n for n, p in model.named_parameters()}
     assert [names[id(p)] for p in groups["default"]["params"]] == WEIGHTS
 
