@@ -9,7 +9,8 @@ To consolidated, the files are what Noether's own tools read: EMA files spelled
 ``ema=<factor>``, optimizer files in Noether's layout (index-keyed with
 ``param_idx_to_name``), ``model_config``/``config_kind`` in model files when the saved
 trainer state has them, and for every alias a copy under Noether's tag
-(``{model}_cp=latest_*.th``, ``cp=last``, ``cp=best_model.<metric>``). Those tag files are
+(``{model}_cp=latest_*.th``, ``cp=last``, ``cp=best_model.<metric>``), and the stage's
+``hp_resolved.yaml`` if it has one (``noether-eval`` starts from it). Those tag files are
 not part of any commit record: our own reader selects through commit records and aliases.
 """
 
@@ -24,9 +25,9 @@ import torch
 from . import consolidated, dcp_io
 from .commit import ArtifactRecord, CommitRecord, list_commits, read_alias, read_commit, write_alias, write_commit
 from .errors import CheckpointNotFoundError, ConfigError
-from .layout import StageLayout
-from .names import (ArtifactKind, CheckpointRef, TrainingIteration, ema_factor_of, format_artifact, noether_model_info,
-                    noether_tag, normalize_model_info, parse_checkpoint)
+from .layout import StageLayout, join_url
+from .names import (NOETHER_RUN_CONFIG, ArtifactKind, CheckpointRef, TrainingIteration, ema_factor_of,
+                    format_artifact, noether_model_info, noether_tag, normalize_model_info, parse_checkpoint)
 from .optim_file import names_from_file, to_noether_layout
 from .save import TRAINER_COMMON_KEY, trainer_rank_key
 from .statedict import pack_object, unpack_object
@@ -185,4 +186,7 @@ def convert_stage(src: Storage, src_layout: StageLayout, dst: Storage, dst_layou
     for alias in aliases:
         if read_commit(dst, dst_layout, alias.iteration) is not None:
             write_alias(dst, dst_layout, alias)
+    run_config = join_url(src_layout.stage_dir, NOETHER_RUN_CONFIG)
+    if to == "consolidated" and src.exists(run_config):  # noether-eval reads the run's config beside checkpoints/
+        dst.replace(join_url(dst_layout.stage_dir, NOETHER_RUN_CONFIG), src.read(run_config))
     return ConvertReport(tuple(done), total)

@@ -40,6 +40,7 @@ __all__ = [
     "parse_checkpoint_tag",
     "NOETHER_BEST_PREFIX",
     "NOETHER_EMA_PREFIX",
+    "NOETHER_RUN_CONFIG",
 ]
 
 # Names become path components on local disks and S3 keys: keep them to a portable set.
@@ -256,6 +257,8 @@ NOETHER_BEST_PREFIX = "best_model."
 NOETHER_EMA_PREFIX = "ema="
 """Noether's model_info of EMA weights: ``ema={factor}`` (ours: ``ema_factor={factor}``)."""
 EMA_PREFIX = "ema_factor="
+NOETHER_RUN_CONFIG = "hp_resolved.yaml"
+"""The resolved config Noether writes into a stage folder; ``noether-eval`` rebuilds the run from it."""
 
 
 def normalize_model_info(model_info: str | None) -> str | None:

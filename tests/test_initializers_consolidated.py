@@ -119,7 +119,9 @@ def resume_full(rank: int, world_size: int, out: str, run_id: str, model_name: s
 def test_round_trip_sharded_consolidated_sharded_is_exact(tmp_path):
     src = tmp_path / "src"
     saved = run_ranks(save_source, 2, str(src))[0]
+    (src / "src" / "train" / "hp_resolved.yaml").write_text("run_id: src\n")  # what a Noether run has there
     assert cli_main(["convert", str(src / "src" / "train"), str(tmp_path / "cons"), "--to", "consolidated"]) == 0
+    assert (tmp_path / "cons" / "src" / "train" / "hp_resolved.yaml").read_text() == "run_id: src\n"
     folder = tmp_path / "cons" / "src" / "train" / "checkpoints"
     files = sorted(os.listdir(folder))
     assert "mlp_cp=E0_U3_S48_model.th" in files and os.path.isfile(folder / "mlp_cp=E0_U3_S48_model.th")

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from noether_dist.errors import ConfigError, InvalidNameError
-from noether_dist.names import (ArtifactKind, CheckpointRef, TrainingIteration, format_artifact, normalize_model_info,
-                                parse_artifact, parse_checkpoint, parse_resume_checkpoint, validate_name)
+from noether_dist.names import (ArtifactKind, CheckpointRef, TrainingIteration, format_artifact, is_tag,
+                                noether_model_info, noether_tag, normalize_model_info, parse_artifact, parse_checkpoint,
+                                parse_checkpoint_tag, parse_resume_checkpoint, validate_name)
 
 
 def test_training_iteration_round_trip_and_order():
@@ -98,3 +99,19 @@ def test_model_name_must_not_contain_cp():
 
     with pytest.raises(InvalidNameError, match="cp="):
         validate_model_name("x_cp=y")
+
+
+def test_noether_spellings():
+    assert noether_tag(CheckpointRef.best("loss.val")) == "best_model.loss.val"
+    assert noether_tag(CheckpointRef.latest()) == "latest" and noether_tag(CheckpointRef.last()) == "last"
+    assert parse_checkpoint(noether_tag(CheckpointRef.best("loss.val"))) == CheckpointRef.best("loss.val")
+    assert noether_model_info("ema_factor=0.99") == "ema=0.99" and noether_model_info("ema=0.99") == "ema=0.99"
+    assert noether_model_info(None) is None and noether_model_info("fp16") == "fp16"
+    assert [is_tag(t) for t in ("latest", "last", "best_model.x", "best.x", "E1_U2_S3", "junk")] == [
+        True, True, True, True, False, False]
+    assert str(parse_checkpoint_tag({"epoch": 3})) == "E3" and str(parse_checkpoint_tag({"sample": 8})) == "S8"
+    assert str(parse_checkpoint_tag({"epoch": 1, "update": 2, "sample": 3})) == "E1_U2_S3"
+    assert parse_checkpoint_tag("best_model.loss") == CheckpointRef.best("loss")
+    for bad in ({"epoch": 1, "update": 2}, {}, {"step": 1}, {"epoch": "x"}, 3):
+        with pytest.raises(ConfigError):
+            parse_checkpoint_tag(bad)
