@@ -161,7 +161,7 @@ def convert_stage(src: Storage, src_layout: StageLayout, dst: Storage, dst_layou
                 progress.update(sum(a.total_bytes for a in record.artifacts))
             continue
         if to == "consolidated":
-            tags = [parse_checkpoint(a.name) for a in aliases if a.iteration == it]
+            tags = [parse_checkpoint(a.name, "alias name") for a in aliases if a.iteration == it]
             arts = _to_files(src, dst, src_layout, dst_layout, record, tags, progress)
         else:
             arts = []

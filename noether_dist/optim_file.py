@@ -129,9 +129,11 @@ def match_optimizer_file(osd: Mapping[str, Any], target: Mapping[str, Any], shap
     if no_state:
         problems.append(f"parameters without optimizer state in the file: {', '.join(no_state)}")
     for name in sorted(set(state) & set(wanted)):
+        want = tuple(shapes.get(name, ()))
         for key, value in (state[name] or {}).items():
-            if isinstance(value, torch.Tensor) and value.dim() > 0 and tuple(value.shape) != tuple(shapes[name]):
-                problems.append(f"{key} of {name} has shape {list(value.shape)}, the parameter {list(shapes[name])}")
+            # per-parameter tensors must have the parameter's (global) shape; 0-dim ones (step) are scalars
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and tuple(value.shape) != want:
+                problems.append(f"{key} of {name} has shape {list(value.shape)}, the parameter {list(want)}")
     out_groups = []
     if not problems:
         for ti, (names, tgroup) in enumerate(zip(target_groups, target[_GROUPS])):
