@@ -13,13 +13,11 @@ entry's ``kwargs`` carries noether_dist-only options (``output_dir`` for runs on
 from __future__ import annotations
 
 import logging
-from dataclasses import fields
 from typing import Any
 
 from noether.core.initializers import InitializerBase
 
-from ...errors import ConfigError
-from ...initializers import PreviousRunInitializer, build_initializers
+from ...initializers import build_initializers
 from .models import named_models
 
 __all__ = ["PreviousRunBridge", "install_previous_run_bridges", "NOETHER_PREVIOUS_RUN"]
@@ -27,7 +25,7 @@ __all__ = ["PreviousRunBridge", "install_previous_run_bridges", "NOETHER_PREVIOU
 log = logging.getLogger(__name__)
 NOETHER_PREVIOUS_RUN = "noether.core.initializers.PreviousRunInitializer"
 _NOETHER_KEYS = ("run_id", "stage_name", "model_name", "checkpoint_tag", "model_info", "keys_to_remove",
-                 "patterns_to_remove", "patterns_to_rename")
+                 "patterns_to_remove", "patterns_to_rename", "patterns_to_instantiate")
 
 
 def _spec(config: Any, model_name: str) -> dict[str, Any]:
@@ -38,16 +36,7 @@ def _spec(config: Any, model_name: str) -> dict[str, Any]:
         if value not in (None, [], {}):
             spec[key] = value
     spec.setdefault("model_name", model_name)
-    if getattr(config, "patterns_to_instantiate", None):
-        raise ConfigError("PreviousRunInitializer.patterns_to_instantiate is not supported by noether_dist")
     spec.update(config.kwargs or {})
-    known = {f.name for f in fields(PreviousRunInitializer)}
-    if "checkpoint_tag" in spec and "checkpoint_tag" not in known:
-        # An initializer without Noether's keys reads a string tag as `checkpoint`.
-        tag = spec.pop("checkpoint_tag")
-        if not isinstance(tag, str):
-            raise ConfigError(f"checkpoint_tag {tag!r}: this noether_dist reads only a checkpoint name here")
-        spec["checkpoint"] = tag
     return spec
 
 

@@ -34,7 +34,8 @@ from ...config import ResumeConfig
 from ... import consolidated
 from ...errors import CheckpointNotFoundError, ConfigError, StateMismatchError
 from ...layout import StageLayout
-from ...names import CheckpointRef, TrainingIteration, normalize_model_info, parse_resume_checkpoint
+from ...names import (CheckpointRef, TrainingIteration, normalize_model_info, parse_checkpoint_tag,
+                      parse_resume_checkpoint)
 from ...resume import ResumeResult, resume
 from ...select import resolve_record
 from ...storage import open_storage
@@ -52,14 +53,7 @@ def checkpoint_ref_of_tag(tag: str | dict | None) -> tuple[CheckpointRef, bool]:
     if tag is None or tag == "latest":
         return CheckpointRef.latest(), False
     if isinstance(tag, dict):
-        given = {k: v for k, v in tag.items() if v is not None}
-        if set(given) == {"epoch", "update", "sample"}:
-            return CheckpointRef.at(TrainingIteration(int(given["epoch"]), int(given["update"]),
-                                                      int(given["sample"]))), True
-        if len(given) != 1 or not set(given) <= {"epoch", "update", "sample"}:
-            raise ConfigError(f"checkpoint_tag {tag!r} must name one of epoch, update, sample (or all three)")
-        (key, value), = given.items()
-        return parse_resume_checkpoint(f"{key[0].upper()}{int(value)}"), True
+        return parse_checkpoint_tag(tag), True
     return parse_resume_checkpoint(str(tag)), True
 
 
