@@ -14,6 +14,9 @@ from torch import nn
 from noether_dist.errors import AmbiguousCheckpointError, ConfigError, StateMismatchError
 from noether_dist.initializers import build_initializers
 
+# torch's optimizer/model state-dict APIs are what differs between torch versions
+pytestmark = pytest.mark.torch_compat
+
 KIND = "noether.core.initializers.PreviousRunInitializer"
 
 

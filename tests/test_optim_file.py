@@ -13,6 +13,9 @@ from torch import nn
 from noether_dist.consolidated import load_optimizer_file
 from noether_dist.errors import StateMismatchError
 
+# torch's optimizer/model state-dict APIs are what differs between torch versions
+pytestmark = pytest.mark.torch_compat
+
 
 class Net(nn.Module):
     def __init__(self) -> None:
