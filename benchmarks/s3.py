@@ -2,11 +2,14 @@
 
 Started here (not borrowed from the tests) so that the benchmarks own their setup:
 ``with MotoServer() as s3: s3.create_bucket("b")``. Every wait is bounded; the server is
-terminated (then killed) on exit.
+terminated (then killed) on exit. Request counts come from moto's own recorder
+(:meth:`MotoServer.start_recording` / :meth:`MotoServer.stop_recording`): every request the
+server answered, from every process.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -19,7 +22,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-__all__ = ["MotoServer", "moto_available", "ACCESS_KEY", "SECRET_KEY"]
+__all__ = ["MotoServer", "moto_available", "start_recording", "stop_recording", "ACCESS_KEY", "SECRET_KEY"]
 
 log = logging.getLogger(__name__)
 ACCESS_KEY = "testing"
@@ -42,6 +45,40 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _recorder(endpoint_url: str, action: str, method: str = "POST") -> str:
+    req = urllib.request.Request(f"{endpoint_url}/moto-api/recorder/{action}",
+                                 data=b"" if method == "POST" else None, method=method)
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return resp.read().decode("utf-8", "replace")
+
+
+def start_recording(endpoint_url: str) -> None:
+    """Forget recorded requests, then record every S3 request from now on (moto's recorder;
+    the server must be a :class:`MotoServer`, which gives it a file to record into)."""
+    _recorder(endpoint_url, "stop-recording")
+    _recorder(endpoint_url, "reset-recording")
+    _recorder(endpoint_url, "start-recording")
+
+
+def stop_recording(endpoint_url: str) -> list[dict[str, str]]:
+    """Stop recording; every request recorded since :func:`start_recording`, in order
+    (``method``, ``url`` and ``agent``, the User-Agent header, of each; bodies dropped)."""
+    _recorder(endpoint_url, "stop-recording")
+    text = _recorder(endpoint_url, "download-recording", "GET")
+    _recorder(endpoint_url, "reset-recording")
+    # moto appends one JSON object and then a newline per request, from concurrent threads:
+    # two objects can end up on one line, so read them one after another, not per line.
+    decoder, out, pos = json.JSONDecoder(), [], 0
+    while True:
+        while pos < len(text) and text[pos].isspace():
+            pos += 1
+        if pos >= len(text):
+            return out
+        entry, pos = decoder.raw_decode(text, pos)
+        agent = next((v for k, v in (entry.get("headers") or {}).items() if k.lower() == "user-agent"), "")
+        out.append({"method": entry["method"], "url": entry["url"], "agent": agent})
+
+
 class MotoServer:
     """``moto_server`` in a subprocess on a free loopback port."""
 
@@ -50,6 +87,7 @@ class MotoServer:
         self.port: int | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: Any = None
+        self._recording_dir: str | None = None
 
     @property
     def endpoint_url(self) -> str:
@@ -66,6 +104,9 @@ class MotoServer:
         cmd = [exe] if exe else [sys.executable, "-m", "moto.server"]
         self.port = _free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_ENDPOINT_URL")}
+        # moto's request recorder appends to this file (default: the working directory)
+        self._recording_dir = tempfile.mkdtemp(prefix="nd-bench-moto-rec-")
+        env["MOTO_RECORDER_FILEPATH"] = os.path.join(self._recording_dir, "recording.jsonl")
         self._log = tempfile.TemporaryFile(prefix="nd-bench-moto-")
         self._proc = subprocess.Popen([*cmd, "-H", "127.0.0.1", "-p", str(self.port)], stdin=subprocess.DEVNULL,
                                       stdout=self._log, stderr=self._log, env=env)
@@ -101,6 +142,14 @@ class MotoServer:
         fs = s3fs.S3FileSystem(skip_instance_cache=True, endpoint_url=self.endpoint_url, **self.storage_extra())
         fs.mkdir(name)
 
+    def start_recording(self) -> None:
+        """See :func:`start_recording`."""
+        start_recording(self.endpoint_url)
+
+    def stop_recording(self) -> list[dict[str, str]]:
+        """See :func:`stop_recording`."""
+        return stop_recording(self.endpoint_url)
+
     def stop(self) -> None:
         """Terminate the server (kill after 10 s); idempotent."""
         proc, self._proc = self._proc, None
@@ -114,6 +163,9 @@ class MotoServer:
         if self._log is not None:
             self._log.close()
             self._log = None
+        if getattr(self, "_recording_dir", None):
+            shutil.rmtree(self._recording_dir, ignore_errors=True)
+            self._recording_dir = None
 
     def __enter__(self) -> MotoServer:
         return self.start()

@@ -13,26 +13,33 @@ import io
 import json
 import os
 import pickle
+import re
 import threading
 import warnings
 import zlib
 from collections.abc import Generator
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed._shard._utils import narrow_tensor_by_index
 from torch.distributed.checkpoint import DefaultLoadPlanner, DefaultSavePlanner
+from torch.distributed.checkpoint._nested_dict import flatten_state_dict, unflatten_state_dict
 from torch.distributed.checkpoint._fsspec_filesystem import FileSystem as _DcpFsspecFS
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION as _DCP_VERSION
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, StorageMeta, TensorStorageMetadata
+from torch.distributed.checkpoint.planner import LoadItemType
+from torch.futures import Future
 
 from .comm import is_distributed as _dist_ready
 from .commit import FileRecord
 from .errors import StateMismatchError
 from .storage import Storage
 
-__all__ = ["FileRecord", "save_state", "load_state", "load_full", "open_checksummed", "save_state_in_process", "collect_sidecar", "shutdown_checkpoint_process", "read_metadata", "files_needed", "check_keys", "METADATA_FILE"]
+__all__ = ["FileRecord", "save_state", "load_state", "load_checked", "LoadReport", "Staging", "staging", "is_sharded", "reader_of", "placeholder", "load_full", "open_checksummed", "save_state_in_process", "collect_sidecar", "shutdown_checkpoint_process", "read_metadata", "files_needed", "check_keys", "METADATA_FILE"]
 
 METADATA_FILE = ".metadata"
 
@@ -213,21 +220,154 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"DCP metadata may not reference {module}.{name}")
 
 
+DEFAULT_READ_THREADS = 8
+"""Files a reader fetches at once (each file one GET, or one ranged GET per span)."""
+_SPAN_GAP = 64 * 1024
+"""Spans of one file closer than this are fetched as one ranged read."""
+
+
 class _Reader(FsspecReader):
-    def __init__(self, path: str, storage: Storage) -> None:
+    """DCP's fsspec reader on our storage, with its own ``read_data``.
+
+    - files are fetched in parallel (``threads`` at once) with plain GETs (no HEAD), and
+      deserialised on the caller's thread as they arrive;
+    - a file is read whole (one GET) when this rank needs at least half of its bytes, or it
+      is at most ``whole_max_bytes``; otherwise only the spans its items occupy (ranged GETs);
+    - with ``files`` (the commit record's size and CRC32 of each file), a file read whole is
+      checked against them on the bytes just read: no second download. With ``collect``,
+      a missing, short or corrupt file is recorded in ``problems`` (its items are left
+      unloaded) instead of raised, so that the caller can decide with the other ranks;
+    - ``metadata``: DCP metadata already read (e.g. by the coordinator and broadcast); then
+      ``read_metadata`` costs no request.
+    """
+
+    def __init__(self, path: str, storage: Storage, *, metadata: Metadata | None = None,
+                 files: list[FileRecord] | tuple[FileRecord, ...] | None = None, verify: bool = True,
+                 whole_max_bytes: int = 0, threads: int = DEFAULT_READ_THREADS, collect: bool = False) -> None:
         super().__init__(path)
         self.fs = _RecordingFS(storage.fs)
         self.path = path
+        self.storage = storage
+        self._metadata = metadata
+        self._files = {f.name: f for f in files} if files is not None else {}
+        self._verify = verify
+        self._whole_max = whole_max_bytes
+        self._threads = max(1, threads)
+        self._collect = collect
+        self.problems: list[str] = []
+        self.bytes_read = 0
+        self.requests = 0
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        with self.fs.create_stream(f"{self.path}/{METADATA_FILE}", "rb") as stream:
-            metadata = _MetadataUnpickler(stream).load()
-        if not isinstance(metadata, Metadata):
-            raise pickle.UnpicklingError(f"{self.path}/{METADATA_FILE} holds {type(metadata).__name__}, not DCP metadata")
+        if self._metadata is not None:
+            metadata = self._metadata
+        else:
+            raw = self.storage.read(f"{self.path}/{METADATA_FILE}")  # one GET, no HEAD
+            metadata = _MetadataUnpickler(io.BytesIO(raw)).load()
+            if not isinstance(metadata, Metadata):
+                raise pickle.UnpicklingError(f"{self.path}/{METADATA_FILE} holds {type(metadata).__name__}, not DCP metadata")
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
         return metadata
+
+    def read_data(self, plan: Any, planner: Any) -> Future:
+        per_file: dict[str, list[Any]] = {}
+        for item in plan.items:
+            per_file.setdefault(self.storage_data[item.storage_index].relative_path, []).append(item)
+        jobs = []
+        for rel, items in sorted(per_file.items()):
+            spans = _spans([(self.storage_data[i.storage_index].offset, self.storage_data[i.storage_index].length)
+                            for i in items])
+            record = self._files.get(rel)
+            needed = sum(length for _, length in spans)
+            whole = record is None or needed * 2 >= record.size or record.size <= self._whole_max
+            jobs.append((rel, items, record, None if whole else spans))
+        if jobs:
+            with ThreadPoolExecutor(max_workers=min(self._threads, len(jobs)),
+                                    thread_name_prefix="noether-read") as pool:
+                futures = {pool.submit(self._fetch, rel, record, spans): (rel, items)
+                           for rel, items, record, spans in jobs}
+                for fut in as_completed(futures):
+                    rel, items = futures[fut]
+                    chunks, problem = fut.result()
+                    if problem is not None:
+                        if not self._collect:
+                            raise problem
+                        self.problems.append(str(problem))
+                        continue
+                    self._load_items(items, chunks, planner)
+        done: Future = Future()
+        done.set_result(None)
+        return done
+
+    def _fetch(self, rel: str, record: FileRecord | None,
+               spans: list[tuple[int, int]] | None) -> tuple[list[tuple[int, bytes]], Exception | None]:
+        """(start offset, bytes) pieces of the file, or the problem that stopped the read."""
+        path = f"{self.path}/{rel}"
+        try:
+            if spans is None:
+                data = self.storage.read(path)
+                self.requests += 1
+                self.bytes_read += len(data)
+                if record is not None and len(data) != record.size:
+                    return [], _ReadProblem(f"{path} has {len(data)} bytes, the commit record says {record.size}")
+                if record is not None and self._verify:
+                    crc = zlib.crc32(data) & 0xFFFFFFFF
+                    if crc != record.crc32:
+                        return [], _ReadProblem(f"{path} is corrupt: CRC32 {crc:08x}, the commit record says "
+                                                f"{record.crc32:08x}")
+                return [(0, data)], None
+            pieces = []
+            for start, length in spans:
+                data = self.storage.read_range(path, start, start + length)
+                self.requests += 1
+                self.bytes_read += len(data)
+                if len(data) != length:
+                    size = f", the commit record says {record.size}" if record is not None else ""
+                    return [], _ReadProblem(f"{path} ends before byte {start + length} (read {len(data)} of "
+                                            f"{length} bytes at {start}){size}")
+                pieces.append((start, data))
+            return pieces, None
+        except FileNotFoundError:
+            return [], FileNotFoundError(f"{path} is missing")
+        except Exception as exc:  # noqa: BLE001 - reported (or raised) by the caller
+            return [], _ReadProblem(f"{path} is unreadable: {type(exc).__name__}: {exc}") if self._collect else exc
+
+    def _load_items(self, items: list[Any], chunks: list[tuple[int, bytes]], planner: Any) -> None:
+        for item in items:
+            info = self.storage_data[item.storage_index]
+            start, data = next((s, d) for s, d in chunks if s <= info.offset < s + len(d))
+            view = memoryview(data)[info.offset - start: info.offset - start + info.length]
+            stream = self.transforms.transform_load_stream(item, info.transform_descriptors or (), io.BytesIO(view))
+            if item.type == LoadItemType.BYTE_IO:
+                planner.load_bytes(item, io.BytesIO(stream.read(-1)))
+                continue
+            if not stream.seekable():
+                stream = io.BytesIO(stream.read(-1))
+            tensor = torch.load(stream, map_location="cpu", weights_only=True)
+            tensor = narrow_tensor_by_index(tensor, item.storage_offsets, item.lengths)
+            target = planner.resolve_tensor(item).detach()
+            if target.size() != tensor.size():
+                raise StateMismatchError(f"{self.path}: item {item.storage_index} has size {list(tensor.size())}, "
+                                         f"the state to load into {list(target.size())}")
+            target.copy_(tensor)
+            planner.commit_tensor(item, target)
+
+
+class _ReadProblem(OSError):
+    """A file that cannot be used: missing, short, corrupt or unreadable."""
+
+
+def _spans(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """(offset, length) ranges merged into sorted spans (gaps below _SPAN_GAP bridged)."""
+    out: list[list[int]] = []
+    for offset, length in sorted(ranges):
+        if out and offset <= out[-1][0] + out[-1][1] + _SPAN_GAP:
+            out[-1][1] = max(out[-1][1], offset + length - out[-1][0])
+        else:
+            out.append([offset, length])
+    return [(a, b) for a, b in out]
 
 
 @contextlib.contextmanager
@@ -260,12 +400,100 @@ def save_state(state_dict: dict[str, Any], path: str, storage: Storage, *, proce
     return sorted(writer.fs.records.values(), key=lambda r: r.name)
 
 
-def load_state(state_dict: dict[str, Any], path: str, storage: Storage, *, process_group: Any = None) -> None:
-    """Load a DCP directory into ``state_dict`` in place (a collective), resharding as needed."""
-    reader = _Reader(path, storage)
+def load_state(state_dict: dict[str, Any], path: str, storage: Storage, *, process_group: Any = None,
+               metadata: Metadata | None = None) -> None:
+    """Load a DCP directory into ``state_dict`` in place (a collective), resharding as needed.
+    Files are read in parallel; ``metadata``: already read (no request for it)."""
+    reader = _Reader(path, storage, metadata=metadata)
     with _quiet():
         dcp.load(state_dict, storage_reader=reader, planner=DefaultLoadPlanner(), process_group=process_group,
                  no_dist=process_group is None and not _dist_ready())
+
+
+@dataclass
+class LoadReport:
+    """What one rank's :func:`load_checked` read, and what was wrong with it."""
+
+    problems: list[str]
+    """Missing, short, corrupt or unreadable files (their items were not loaded)."""
+    requests: int
+    bytes_read: int
+
+
+def load_checked(flat: dict[str, Any], path: str, storage: Storage, *, metadata: Metadata,
+                 files: tuple[FileRecord, ...], verify: bool, whole_max_bytes: int, process_group: Any = None,
+                 collective: bool = True) -> LoadReport:
+    """Load a flat state dict (see :func:`staging`) from a DCP directory; check each file read
+    whole against its commit-record size and CRC32 (``verify``) on the bytes loaded, reading
+    files of at most ``whole_max_bytes`` whole even when only part is needed. Problems are
+    reported, not raised, so that the ranks can agree before anything is applied.
+    ``collective=False``: this rank alone (no process group)."""
+    reader = _Reader(path, storage, metadata=metadata, files=files, verify=verify, whole_max_bytes=whole_max_bytes,
+                     collect=True)
+    with _quiet():
+        dcp.load(flat, storage_reader=reader, planner=DefaultLoadPlanner(), process_group=process_group,
+                 no_dist=not collective or (process_group is None and not _dist_ready()))
+    return LoadReport(reader.problems, reader.requests, reader.bytes_read)
+
+
+@dataclass
+class Staging:
+    """A flat copy of a (nested) state dict to load into before anything is applied:
+    ``flat`` maps DCP's flattened keys to fresh tensors (same shape, dtype, device and
+    sharding) or to the original non-tensor values; :meth:`nested` rebuilds the structure."""
+
+    flat: dict[str, Any]
+    mapping: dict[str, Any]
+
+    def nested(self) -> dict[str, Any]:
+        """The staged values in the original nesting (new containers; values are shared)."""
+        return unflatten_state_dict(self.flat, self.mapping)
+
+    def copy_into(self, target: dict[str, Any]) -> None:
+        """Write the staged values into ``target`` in place (tensors copied, others set)."""
+        for key, path in self.mapping.items():
+            parent: Any = target
+            for part in path[:-1]:
+                parent = parent[part]
+            old = parent[path[-1]]
+            if isinstance(old, torch.Tensor) and isinstance(self.flat[key], torch.Tensor):
+                old.detach().copy_(self.flat[key])
+            else:
+                parent[path[-1]] = self.flat[key]
+
+
+def staging(state_dict: dict[str, Any]) -> Staging:
+    """Fresh, uninitialised storage shaped like ``state_dict`` (see :class:`Staging`)."""
+    flat, mapping = flatten_state_dict(state_dict)
+    return Staging({k: torch.empty_like(v) if isinstance(v, torch.Tensor) else v for k, v in flat.items()}, mapping)
+
+
+def reader_of(key: str, metadata: Metadata, world_size: int) -> int:
+    """The rank that reads the replicated entry ``key`` for everyone: the rank whose own
+    file holds it (DCP names files ``__<rank>_<n>.distcp``; that rank reads the file whole
+    anyway), so that reading replicated state adds no request; files of ranks beyond
+    ``world_size`` (a checkpoint saved on more ranks) are spread over the ranks."""
+    meta = metadata.state_dict_metadata[key]
+    index = MetadataIndex(key, meta.chunks[0].offsets) if isinstance(meta, TensorStorageMetadata) else MetadataIndex(key)
+    name = (metadata.storage_data or {})[index].relative_path
+    match = re.match(r"__(\d+)_", name)
+    return int(match.group(1)) % world_size if match else zlib.crc32(name.encode()) % world_size
+
+
+def placeholder(key: str, metadata: Metadata) -> Any:
+    """A CPU value to load the entry ``key`` into, made from the metadata alone."""
+    meta = metadata.state_dict_metadata[key]
+    if isinstance(meta, TensorStorageMetadata):
+        return torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
+    return None
+
+
+def is_sharded(value: Any) -> bool:
+    """True for a DTensor (each rank holds its own part); plain tensors and other values
+    are the same on every rank that holds them, as DCP's dedup assumes."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(value, DTensor)
 
 
 @contextlib.contextmanager

@@ -6,16 +6,26 @@ Protocol, in order (every step is a collective over the control group):
    (alias, then commit record); a listing of ``_commits/`` only when the alias is missing
    or broken, or for a partial spec (E10, U100, S200). Only committed points are ever
    candidates. The choice is broadcast.
-2. **check** - every rank reads the DCP metadata of each artifact it needs from its own
-   view of the store (per-node local disks are allowed), checks that its state matches
-   the checkpoint's keys, and that the data files its load plan reads are present with
-   the committed sizes.
-3. **agree** - the ranks exchange their verdicts. All ok: load. A rank that cannot read
+2. **stage** - per artifact: the coordinator reads its DCP ``.metadata`` (the one read of
+   it) and broadcasts it with the names of the small replicated entries (optimizer
+   ``step``, hyperparameters, the trainer's common state); every rank checks that its
+   state matches the checkpoint's keys, then one DCP load (resharding: saved on N ranks,
+   loaded on M) fills fresh staging memory, nothing of the model yet: each rank reads the
+   files its own shards lie in (from its own view of the store: per-node local disks are
+   allowed), in parallel, and checks every file it reads whole against the commit record
+   (size and CRC32, on the bytes loaded); each replicated entry is read by the one rank
+   whose own file holds it and shared with one all_gather. No rank lists the store. A
+   file that is missing, short or corrupt is a reason, not an error.
+3. **agree** - the ranks exchange their reasons. None: apply. A rank that cannot read
    the candidate makes every rank fall back together to the next older committed point
    (only when no checkpoint was asked for by name), or every rank raises the same error.
    A state that does not match the checkpoint raises on every rank (no fallback: an older
    checkpoint would not match either).
-4. **load** - DCP loads each artifact (a checkpoint saved on N ranks loads on M ranks).
+4. **apply** - the staged state is put into the model, optimizer and EMA models.
+
+Requests per rank stay bounded as the world size grows: the coordinator reads the alias,
+the commit record and one ``.metadata`` per artifact; every rank reads the data files
+its own shards lie in (at the same world size: its own files), nothing else.
 """
 
 from __future__ import annotations
@@ -30,7 +40,7 @@ import torch
 from torch import nn
 
 from . import consolidated, dcp_io
-from .comm import Comm, current_rank as comm_rank
+from .comm import Comm
 from .commit import ArtifactRecord, CommitRecord, CorruptRecordError, list_commits, read_commit
 from .config import ResumeConfig
 from .errors import CheckpointNotFoundError, ConfigError, NoetherDistError
@@ -46,9 +56,13 @@ __all__ = ["resume", "ResumeResult", "select_checkpoint", "load_checkpoint"]
 
 log = logging.getLogger(__name__)
 DEFAULT_VERIFY_MAX_BYTES = 256 * 2**20
-# On object stores a CRC check is a second download: by default only small files (DCP
-# metadata, trainer state) are verified there; sizes are always checked.
+# Every file a rank reads whole is checked (size and CRC32) on the bytes it loads. A file
+# of which a rank needs only a part is read whole when it is at most this size (so that it
+# can be checked), else only the parts it needs. On object stores those extra bytes cost
+# more: 1 MiB there.
 DEFAULT_VERIFY_MAX_BYTES_REMOTE = 2**20
+REPLICATED_MAX_BYTES = 2**20
+"""Plain (not DTensor) entries up to this size are read by one rank and shared."""
 
 
 @dataclass(frozen=True)
@@ -99,9 +113,12 @@ def resume(
     ``config`` is a :class:`ResumeConfig` or a root config mapping with the user's keys
     (``output_dir``, ``resume_run_id``, ``resume_stage_name``, ``stage_name``,
     ``resume_checkpoint``). Every rank loads the same checkpoint or every rank raises the
-    same error. Files the load reads are checked against the commit record: sizes always,
-    CRC32 for files of at most ``verify_max_bytes`` (an extra read; 0 turns it off;
-    default 256 MiB on local disks, 1 MiB on object stores).
+    same error. Files the load reads are checked against the commit record before anything
+    is applied: every file a rank reads whole, by size and CRC32 of the bytes loaded (no
+    second read); files of at most ``verify_max_bytes`` are always read whole (default
+    256 MiB on local disks, 1 MiB on object stores), bigger ones only in the parts a rank
+    needs when that is less than half (those parts are checked for length only).
+    ``verify_max_bytes=0`` turns the CRC32 check off.
     """
     if not isinstance(config, ResumeConfig):
         parsed = ResumeConfig.from_root_config(config)
@@ -115,8 +132,9 @@ def resume(
     layout = StageLayout(config.output_dir, config.resume_run_id, config.resume_stage_name)
     targets = comm.each(lambda: _targets(model, optimizer, ema))
     cache: dict[str, Any] = {}
-    record, skipped = _select_and_agree(comm, storage, layout, config, targets, model_name, cache, verify_max_bytes)
-    trainer_state, rank_state = load_checkpoint(record, layout, storage, comm, targets, cache)
+    record, skipped, staged, trainer = _select_load_and_agree(comm, storage, layout, config, targets, model_name,
+                                                              cache, verify_max_bytes)
+    trainer_state, rank_state = _apply(comm, targets, staged, trainer)
     log.info("resumed %s/%s at %s", config.resume_run_id, config.resume_stage_name or "-", record.iteration)
     return ResumeResult(record.iteration, record, layout, config.continue_stage_name, trainer_state, rank_state, skipped)
 
@@ -173,32 +191,117 @@ def _needed(record: CommitRecord, targets: _Targets, model_name: str) -> list[_N
     return out
 
 
-def _check_readable(storage: Storage, layout: StageLayout, record: CommitRecord, needed: list[_Need],
-                    cache: dict[str, Any], verify_max_bytes: int = 0) -> str | None:
-    """None if this rank can read all it needs, else why not. Key mismatches raise."""
+@dataclass
+class _Staged:
+    """One artifact loaded into staging memory (nothing applied yet)."""
+
+    need: _Need
+    staging: dcp_io.Staging | None = None
+    """DCP artifacts: the loaded values."""
+    obj: Any = None
+    """Single-file artifacts: the file's content."""
+
+
+def _replicated_small(key: str, value: Any) -> bool:
+    """Entries one rank reads for everyone: every value that is not a DTensor shard and is
+    small (optimizer ``step``, hyperparameters). DCP's dedup stores each once, in whichever
+    rank's file, so every rank reading them costs ws x ws requests."""
+    if dcp_io.is_sharded(value):
+        return False
+    return not isinstance(value, torch.Tensor) or value.numel() * value.element_size() <= REPLICATED_MAX_BYTES
+
+
+def _stage_dcp(comm: Comm, storage: Storage, path: str, art: ArtifactRecord, role: str, state_of: Any,
+               shared: Any, verify_max_bytes: int) -> tuple[dcp_io.Staging | None, str | None]:
+    """Load one DCP artifact into staging memory (collective); (staging, None) or (None or
+    partial staging, why this rank cannot use it).
+
+    1. the coordinator reads ``.metadata`` (the only read of it) and names the replicated
+       entries that one rank reads for everyone (``shared``); both are broadcast;
+    2. every rank checks its keys against the metadata and allocates its staging;
+    3. one DCP load: each rank reads its own entries and the shared ones that lie in its
+       own files (:func:`dcp_io.reader_of`), checking each file it reads whole against the
+       commit record;
+    4. the shared entries are exchanged (one all_gather of small values).
+    """
+    def coordinator_part() -> tuple[Any, str | None, list[str]]:
+        metadata, reason = _metadata_or_reason(storage, path)
+        if reason or comm.world_size == 1:
+            return metadata, reason, []
+        flat = dcp_io.staging(state_of(metadata)).flat
+        return metadata, None, sorted(k for k, v in flat.items() if shared(k, v))
+
+    metadata, reason, shared_keys = comm.on_coordinator(coordinator_part)
+    if reason:
+        return None, reason  # the same on every rank: every rank stops here
+
+    def prepare() -> dcp_io.Staging:
+        state = state_of(metadata)
+        if role != "trainer":  # (a trainer artifact holds every rank's own state: each rank loads a part)
+            dcp_io.check_keys(state, metadata, f"{role} checkpoint {art.name}")
+        return dcp_io.staging(state)
+
+    staged = comm.each(prepare)
+    shared_set = set(shared_keys)
+    mine = [k for k in shared_keys if dcp_io.reader_of(k, metadata, comm.world_size) == comm.rank]
+    own = {k: v for k, v in staged.flat.items() if k not in shared_set}
+    own.update({k: dcp_io.placeholder(k, metadata) for k in mine})
+    report = comm.each(lambda: dcp_io.load_checked(
+        own, path, storage, metadata=metadata, files=art.files, verify=verify_max_bytes > 0,
+        whole_max_bytes=verify_max_bytes, process_group=comm.group))
+    if shared_keys:
+        for part in comm.all_gather({k: own.pop(k) for k in mine}):
+            for key, value in part.items():
+                if key in staged.flat and not dcp_io.is_sharded(staged.flat[key]):
+                    own[key] = value
+    for key, value in own.items():  # DCP replaced non-tensors in the dict it was given
+        old = staged.flat[key]
+        if isinstance(old, torch.Tensor) and isinstance(value, torch.Tensor) and old is not value:
+            old.copy_(value)
+        else:
+            staged.flat[key] = value
+    return staged, "; ".join(report.problems) or None
+
+
+def _stage_all(comm: Comm, storage: Storage, layout: StageLayout, record: CommitRecord, needed: list[_Need],
+               cache: dict[str, Any], verify_max_bytes: int) -> tuple[list[_Staged], _Staged | None, str | None]:
+    """Load every artifact this resume needs into staging (collective); (staged artifacts,
+    staged trainer artifact, why this rank cannot use this checkpoint or None)."""
+    reasons: list[str] = []
+    staged: list[_Staged] = []
     for need in needed:
         path = layout.artifact_path(need.art.name)
         if need.art.format == "consolidated":
-            reason = _check_file(storage, path, need, cache, verify_max_bytes)
+            reason = comm.each(lambda: _check_file(storage, path, need, cache, verify_max_bytes))
+            staged.append(_Staged(need, obj=cache.get(path)))
         else:
-            metadata, reason = _metadata_or_reason(storage, path)
-            if not reason:
-                reason = _check_dcp(storage, path, need, metadata, verify_max_bytes)
+            staging, reason = _stage_dcp(comm, storage, path, need.art, need.role, lambda _md, n=need: n.state,
+                                         _replicated_small, verify_max_bytes)
+            staged.append(_Staged(need, staging=staging))
         if reason:
-            return reason
+            reasons.append(reason)
     trainer = record.artifact(ArtifactKind.TRAINER.value)
-    if trainer is None:
-        return None
-    path = layout.artifact_path(trainer.name)
-    if trainer.format == "consolidated":
-        if not storage.exists(path):
-            return f"{path} is missing"
-        return _check_crcs(storage, path, trainer, [""], verify_max_bytes)
-    metadata, reason = _metadata_or_reason(storage, path)
-    if reason:
-        return reason
-    trainer_need = _Need(trainer, "trainer", _trainer_placeholders(metadata, comm_rank()), None)
-    return _check_dcp(storage, path, trainer_need, metadata, verify_max_bytes, exact_keys=False)
+    trainer_staged = None
+    if trainer is not None:
+        path = layout.artifact_path(trainer.name)
+        need = _Need(trainer, "trainer", {}, None)
+        if trainer.format == "consolidated":
+            def read_trainer() -> tuple[Any, str | None]:
+                if not storage.exists(path):
+                    return None, f"{path} is missing"
+                reason = _check_crcs(storage, path, trainer, [""], verify_max_bytes)
+                return (None if reason else consolidated.read_file(storage, path)), reason
+
+            obj, reason = comm.each(read_trainer)
+            trainer_staged = _Staged(need, obj=obj)
+        else:
+            staging, reason = _stage_dcp(comm, storage, path, trainer, "trainer",
+                                         lambda md: _trainer_placeholders(md, comm.rank),
+                                         lambda key, _v: key == TRAINER_COMMON_KEY, verify_max_bytes)
+            trainer_staged = _Staged(need, staging=staging)
+        if reason:
+            reasons.append(reason)
+    return staged, trainer_staged, "; ".join(reasons) or None
 
 
 def _trainer_placeholders(metadata: Any, rank: int) -> dict[str, Any]:
@@ -212,7 +315,7 @@ def _trainer_placeholders(metadata: Any, rank: int) -> dict[str, Any]:
 
 
 def _metadata_or_reason(storage: Storage, path: str) -> tuple[Any, str | None]:
-    """(DCP metadata, None), or (None, why this rank cannot read it)."""
+    """(DCP metadata, None), or (None, why it cannot be read)."""
     try:
         return dcp_io.read_metadata(path, storage), None
     except FileNotFoundError:
@@ -223,24 +326,9 @@ def _metadata_or_reason(storage: Storage, path: str) -> tuple[Any, str | None]:
         return None, f"{path}/.metadata is unreadable: {type(exc).__name__}: {exc}"
 
 
-def _check_dcp(storage: Storage, path: str, need: _Need, metadata: Any, verify_max_bytes: int, *,
-               exact_keys: bool = True) -> str | None:
-    sizes = {f.name: f.size for f in need.art.files}
-    if exact_keys:  # (a trainer artifact holds every rank's own state: each rank loads a part)
-        dcp_io.check_keys(need.state, metadata, f"{need.role} checkpoint {need.art.name}")
-    present = {e.name: e.size for e in storage.list(path)}
-    needed = sorted(dcp_io.files_needed(need.state, metadata) | {dcp_io.METADATA_FILE})
-    for fname in needed:
-        if fname not in present:
-            return f"{path}/{fname} is missing"
-        if fname in sizes and present[fname] != sizes[fname]:
-            return f"{path}/{fname} has {present[fname]} bytes, the commit record says {sizes[fname]}"
-    return _check_crcs(storage, path, need.art, needed, verify_max_bytes)
-
-
 def _check_crcs(storage: Storage, path: str, art: ArtifactRecord, names: list[str], limit: int) -> str | None:
-    """Compare CRC32s with the commit record for files of at most ``limit`` bytes (reading
-    them costs one extra read; bigger files are checked by size only)."""
+    """Single files: compare CRC32s with the commit record for files of at most ``limit``
+    bytes (reading them costs one extra read; bigger files are checked by size only)."""
     for rec in art.files:
         if rec.name in names and rec.size <= limit:
             where = f"{path}/{rec.name}" if rec.name else path
@@ -273,18 +361,19 @@ def _check_file(storage: Storage, path: str, need: _Need, cache: dict[str, Any],
     return None
 
 
-def _select_and_agree(comm: Comm, storage: Storage, layout: StageLayout, config: ResumeConfig,
-                      targets: _Targets, model_name: str, cache: dict[str, Any],
-                      verify_max_bytes: int) -> tuple[CommitRecord, tuple[str, ...]]:
+def _select_load_and_agree(comm: Comm, storage: Storage, layout: StageLayout, config: ResumeConfig,
+                           targets: _Targets, model_name: str, cache: dict[str, Any], verify_max_bytes: int
+                           ) -> tuple[CommitRecord, tuple[str, ...], list[_Staged], _Staged | None]:
     record = comm.on_coordinator(lambda: resolve_record(storage, layout, config.checkpoint_ref, model_name))
     skipped: list[str] = []
     while True:
         needed = comm.each(lambda: _needed(record, targets, model_name))
         cache.clear()
-        verdicts = comm.on_all(lambda: _check_readable(storage, layout, record, needed, cache, verify_max_bytes))
+        staged, trainer, reason = _stage_all(comm, storage, layout, record, needed, cache, verify_max_bytes)
+        verdicts = comm.on_all(lambda: reason)
         bad = {r: v for r, v in enumerate(verdicts) if v is not None}
         if not bad:
-            return record, tuple(skipped)
+            return record, tuple(skipped), staged, trainer
         detail = "; ".join(f"rank {r}: {v}" for r, v in sorted(bad.items()))
         if config.explicit:
             raise CheckpointNotFoundError(
@@ -314,50 +403,48 @@ def _select_and_agree(comm: Comm, storage: Storage, layout: StageLayout, config:
         record = comm.on_coordinator(older)
 
 
-def load_checkpoint(record: CommitRecord, layout: StageLayout, storage: Storage, comm: Comm,
-                    targets: _Targets, cache: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Load the agreed checkpoint into the targets (collective); return (trainer state,
-    this rank's state)."""
-    cache = {} if cache is None else cache
-    needed = _needed(record, targets, record.model_name)
-
-    def load_all() -> None:
-        for need in needed:
-            path = layout.artifact_path(need.art.name)
-            if need.art.format == "consolidated":
-                obj = cache.pop(path, None)
+def _apply(comm: Comm, targets: _Targets, staged: list[_Staged], trainer: _Staged | None
+           ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Put the staged state into the targets (collective: fails on every rank alike);
+    return (trainer state, this rank's state)."""
+    def apply_all() -> tuple[dict[str, Any], dict[str, Any] | None]:
+        for st in staged:
+            need = st.need
+            if st.staging is None:  # a single file
                 if need.role == "optim":
-                    if obj is None:
-                        obj = consolidated.check_optimizer_file(targets.model, targets.optimizer,
-                                                                consolidated.read_file(storage, path), path)
-                    consolidated.apply_optimizer_file(targets.model, targets.optimizer, obj)
+                    consolidated.apply_optimizer_file(targets.model, targets.optimizer, st.obj)
                 else:
-                    obj = obj if obj is not None else consolidated.read_file(storage, path)
-                    consolidated.load_model_file(need.module, consolidated.state_dict_of(obj, path))
+                    consolidated.load_model_file(need.module, consolidated.state_dict_of(st.obj, need.art.name))
+            elif need.role == "optim":
+                apply_optimizer_state(targets.model, targets.optimizer, st.staging.nested())
+            elif isinstance(need.module, nn.Module):
+                apply_model_state(need.module, st.staging.nested())
             else:
-                dcp_io.load_state(need.state, path, storage, process_group=comm.group)
-                if need.role == "optim":
-                    apply_optimizer_state(targets.model, targets.optimizer, need.state)
-                else:
-                    apply_model_state(need.module, need.state)
-
-    comm.each(load_all)
-    trainer = record.artifact(ArtifactKind.TRAINER.value)
-    if trainer is None:
-        return {}, None
-    path = layout.artifact_path(trainer.name)
-    if trainer.format == "consolidated":
-        def load_file() -> tuple[dict[str, Any], dict[str, Any] | None]:
-            common, ranks = consolidated.trainer_state_of(consolidated.read_file(storage, path))
+                st.staging.copy_into(need.state)
+        if trainer is None:
+            return {}, None
+        if trainer.staging is None:
+            common, ranks = consolidated.trainer_state_of(trainer.obj)
             return dict(common), ranks.get(comm.rank)
-
-        return comm.each(load_file)
-
-    def load_trainer() -> tuple[dict[str, Any], dict[str, Any] | None]:
-        sd = _trainer_placeholders(dcp_io.read_metadata(path, storage), comm.rank)
-        dcp_io.load_state(sd, path, storage, process_group=comm.group)
-        common = unpack_object(sd[TRAINER_COMMON_KEY]) if TRAINER_COMMON_KEY in sd else {}
-        own = unpack_object(sd[trainer_rank_key(comm.rank)]) if trainer_rank_key(comm.rank) in sd else None
+        flat = trainer.staging.flat
+        common = unpack_object(flat[TRAINER_COMMON_KEY]) if TRAINER_COMMON_KEY in flat else {}
+        own = unpack_object(flat[trainer_rank_key(comm.rank)]) if trainer_rank_key(comm.rank) in flat else None
         return dict(common.get("state") or {}), own
 
-    return comm.each(load_trainer)
+    return comm.each(apply_all)
+
+
+def load_checkpoint(record: CommitRecord, layout: StageLayout, storage: Storage, comm: Comm,
+                    targets: _Targets, cache: dict[str, Any] | None = None, verify_max_bytes: int = 0
+                    ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Load an agreed checkpoint into the targets (collective): stage every artifact, check
+    it on every rank, then apply; return (trainer state, this rank's state). A rank that
+    cannot read it makes every rank raise CheckpointNotFoundError before anything is applied."""
+    needed = comm.each(lambda: _needed(record, targets, record.model_name))
+    staged, trainer, reason = _stage_all(comm, storage, layout, record, needed, {} if cache is None else cache,
+                                         verify_max_bytes)
+    bad = {r: v for r, v in enumerate(comm.on_all(lambda: reason)) if v is not None}
+    if bad:
+        raise CheckpointNotFoundError(f"checkpoint {record.iteration} cannot be read by every rank: "
+                                      + "; ".join(f"rank {r}: {v}" for r, v in sorted(bad.items())))
+    return _apply(comm, targets, staged, trainer)

@@ -450,6 +450,19 @@ class Storage:
             return self.retry("read", path, lambda: self.fs.cat_file(stripped, max_concurrency=1))
         return self.retry("read", path, lambda: self.fs.cat_file(stripped))
 
+    def read_range(self, path: str, start: int, end: int) -> bytes:
+        """Bytes ``start`` up to ``end`` (exclusive) of ``path``, fewer if it ends earlier;
+        FileNotFoundError if it does not exist. One ranged GET on S3 (no HEAD first)."""
+        stripped = self._strip(path)
+        if self.is_local:
+            def local() -> bytes:
+                with open(stripped, "rb") as fh:
+                    fh.seek(start)
+                    return fh.read(end - start)
+
+            return self.retry("read", path, local)
+        return self.retry("read", path, lambda: self.fs.cat_file(stripped, start=start, end=end))
+
     def exists(self, path: str) -> bool:
         """True/False for found/not found; any other failure raises StorageError."""
         stripped = self._strip(path)
