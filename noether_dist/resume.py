@@ -219,9 +219,10 @@ def _stage_dcp(comm: Comm, storage: Storage, path: str, art: ArtifactRecord, rol
     1. the coordinator reads ``.metadata`` (the only read of it) and names the replicated
        entries that one rank reads for everyone (``shared``); both are broadcast;
     2. every rank checks its keys against the metadata and allocates its staging;
-    3. one DCP load: each rank reads its own entries and the shared ones that lie in its
-       own files (:func:`dcp_io.reader_of`), checking each file it reads whole against the
-       commit record;
+    3. one DCP load, planned on the metadata cut down to this rank's chunks
+       (:func:`dcp_io.metadata_for`): each rank reads its own entries and the shared ones
+       that lie in its own files (:func:`dcp_io.reader_of`), checking each file it reads
+       whole against the commit record;
     4. the shared entries are exchanged (one all_gather of small values).
     """
     def coordinator_part() -> tuple[Any, str | None, list[str]]:
@@ -247,8 +248,8 @@ def _stage_dcp(comm: Comm, storage: Storage, path: str, art: ArtifactRecord, rol
     own = {k: v for k, v in staged.flat.items() if k not in shared_set}
     own.update({k: dcp_io.placeholder(k, metadata) for k in mine})
     report = comm.each(lambda: dcp_io.load_checked(
-        own, path, storage, metadata=metadata, files=art.files, verify=verify_max_bytes > 0,
-        whole_max_bytes=verify_max_bytes, process_group=comm.group))
+        own, path, storage, metadata=dcp_io.metadata_for(own, metadata), files=art.files,
+        verify=verify_max_bytes > 0, whole_max_bytes=verify_max_bytes, process_group=comm.group))
     if shared_keys:
         for part in comm.all_gather({k: own.pop(k) for k in mine}):
             for key, value in part.items():
