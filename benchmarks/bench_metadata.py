@@ -7,7 +7,8 @@ them once they ran: one chunk per rank per sharded tensor, one storage entry per
 replicated entries spread over the ranks' files by dedup. From that:
 
 - ``.metadata`` bytes of each artifact (pickled exactly as our writer stores it);
-- seconds to unpickle it (what a rank spends after reading it);
+- seconds to unpickle it (what a rank spends after reading it), as DCP does it and with
+  Python's garbage collector paused, as ours does;
 - seconds for one rank's load plan on it with DCP's own ``DefaultLoadPlanner`` (its local
   shards stand in for DTensors through ``__create_chunk_list__``, which is what DCP asks
   a DTensor for), and with the metadata cut down to that rank's chunks first
@@ -114,16 +115,25 @@ def measure(world_size: int, tensors: int, *, rank: int | None = None, optimizer
     """Bytes and seconds of one artifact's metadata at ``world_size`` (see the module doc)."""
     from torch.distributed.checkpoint.default_planner import create_default_local_load_plan
 
-    from noether_dist.dcp_io import metadata_for
+    from noether_dist.dcp_io import metadata_for, paused_gc
 
     rank = world_size // 2 if rank is None else rank
     gc.collect()
     t0 = time.perf_counter()
-    metadata = synthesize(world_size, tensors, optimizer=optimizer)
+    with paused_gc():
+        metadata = synthesize(world_size, tensors, optimizer=optimizer)
     built = time.perf_counter() - t0
     raw = pickle.dumps(metadata, protocol=pickle.HIGHEST_PROTOCOL)
+    del metadata
+    gc.collect()
     t0 = time.perf_counter()
-    metadata = pickle.loads(raw)
+    metadata = pickle.loads(raw)  # as DCP's reader does it
+    unpickle_gc_s = time.perf_counter() - t0
+    del metadata
+    gc.collect()
+    t0 = time.perf_counter()
+    with paused_gc():  # as ours does it
+        metadata = pickle.loads(raw)
     unpickle_s = time.perf_counter() - t0
     state = local_state(metadata, rank)
 
@@ -148,7 +158,7 @@ def measure(world_size: int, tensors: int, *, rank: int | None = None, optimizer
     entries = sum(len(md.chunks) if hasattr(md, "chunks") else 1 for md in metadata.state_dict_metadata.values())
     out = {"world_size": world_size, "tensors": tensors, "optimizer": optimizer, "entries": entries,
            "metadata_bytes": len(raw), "sliced_metadata_bytes": len(pickle.dumps(sliced)),
-           "synthesize_s": built, "unpickle_s": unpickle_s, "plan_full_s": plan_full_s,
+           "synthesize_s": built, "unpickle_s": unpickle_s, "unpickle_gc_s": unpickle_gc_s, "plan_full_s": plan_full_s,
            "slice_s": slice_s, "plan_sliced_s": plan_sliced_s, "same_plan": same,
            "rank_read_items": len(local.items), "rank_files": len(files), "rank_bytes_read": read}
     del metadata, raw, state, sliced

@@ -33,7 +33,7 @@ from benchmarks.common import MiB, Figure, median, ratio  # noqa: E402
 
 log = logging.getLogger("benchmarks")
 
-BENCHMARKS = ("rss", "sync", "async", "dedup", "s3", "resume", "scaling")
+BENCHMARKS = ("rss", "sync", "async", "dedup", "s3", "resume", "scaling", "requests", "metadata")
 """In the order they run (``rss`` first: its process has not run anything else yet)."""
 
 FIGURE_KEYS = (
@@ -53,11 +53,16 @@ FIGURE_KEYS = (
     "resume_requests_vs_dir_listing",
     "scaling_save_time_vs_ws1",
     "scaling_load_time_vs_ws1",
+    "s3_resume_requests_vs_dcp_load",
+    "s3_resume_requests_per_rank_growth",
+    "s3_save_requests_per_rank_growth",
+    "metadata_plan_time_sliced_vs_full",
 )
 """Every figure a full run reports (one per key; scaling keys are for the largest world size)."""
 
 TINY = {"size_mib": 2, "s3_size_mib": 2, "rss_size_mib": 1, "scaling_size_mib": 2, "repeats": 1,
-        "async_saves": 3, "rss_saves": 20, "checkpoints": 200}
+        "async_saves": 3, "rss_saves": 20, "checkpoints": 200, "request_world_sizes": "1,2",
+        "metadata_world_sizes": "64", "metadata_tensors": 100}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -69,6 +74,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--s3-size-mib", type=float, default=128, help="total state of the S3 benchmark (default 128)")
     p.add_argument("--scaling-size-mib", type=float, default=256, help="total state of the scaling table (default 256)")
     p.add_argument("--scaling-world-sizes", default="1,2,4", help="world sizes of the scaling table (default 1,2,4)")
+    p.add_argument("--request-world-sizes", default="1,2,4,8,16",
+                   help="world sizes of the request-count table (default 1,2,4,8,16)")
+    p.add_argument("--metadata-world-sizes", default="1024,4096",
+                   help="world sizes of the modelled DCP metadata (default 1024,4096; one process)")
+    p.add_argument("--metadata-tensors", type=int, default=1000, help="tensors of the modelled model (default 1000)")
     p.add_argument("--repeats", type=int, default=5, help="repetitions of each timed step; medians are reported")
     p.add_argument("--async-saves", type=int, default=6, help="async saves in the stall benchmark (default 6)")
     p.add_argument("--rss-saves", type=int, default=20, help="async saves after warm-up in the memory benchmark")
@@ -90,6 +100,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         p.error(f"unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}")
     args.scaling_world_sizes = [int(x) for x in args.scaling_world_sizes.split(",") if x.strip()]
+    args.request_world_sizes = [int(x) for x in str(args.request_world_sizes).split(",") if x.strip()]
+    args.metadata_world_sizes = [int(x) for x in str(args.metadata_world_sizes).split(",") if x.strip()]
     if args.world_size < 1 or args.repeats < 1 or args.async_saves < 2 or args.rss_saves < 1:
         p.error("need --world-size >= 1, --repeats >= 1, --async-saves >= 2, --rss-saves >= 1")
     if args.timeout is None:
@@ -106,6 +118,8 @@ class Runner:
         self.figures: dict[str, Figure] = {}
         self.raw: dict[str, Any] = {}
         self.scaling_rows: list[dict[str, Any]] = []
+        self.request_rows: list[dict[str, Any]] = []
+        self.metadata_rows: list[dict[str, Any]] = []
         self.raw_profile: list[str] = []
         self.loadavg: dict[str, float] = {"before_run": os.getloadavg()[0]}
         """1-minute load average before the run and when each benchmark started (this run's
@@ -150,10 +164,12 @@ class Runner:
             local_jobs.append(("dedup", dedup, {"out": self.work, "total_bytes": int(a.size_mib * MiB)}))
         if local_jobs:
             self._local(local_jobs)
-        if "s3" in a.only or "resume" in a.only:
+        if "s3" in a.only or "resume" in a.only or "requests" in a.only:
             self._s3()
         if "scaling" in a.only:
             self._scaling()
+        if "metadata" in a.only:
+            self._metadata()
 
     # -- groups ----------------------------------------------------------------------
     def _local(self, jobs: list[tuple[str, Any, dict[str, Any]]]) -> None:
@@ -196,6 +212,16 @@ class Runner:
                                                        // self.args.world_size, thread_count=self.args.thread_count)
                 self._figures_s3(per_rank)
                 self.done("s3", started, ["s3_save_throughput_vs_raw_put", "s3_load_throughput_vs_raw_get"])
+            if "requests" in self.args.only:
+                from benchmarks.bench_requests import scale_table
+
+                started = self.progress("requests", f"S3 requests of saves and resumes at world sizes "
+                                                    f"{self.args.request_world_sizes}, next to plain DCP (moto's recorder)")
+                self.request_rows = scale_table(server, self.args.request_world_sizes, timeout_s=self.args.timeout)
+                self.raw["requests"] = self.request_rows
+                self._figures_requests(self.request_rows)
+                self.done("requests", started, [k for k in self.figures if k.endswith("_requests_vs_dcp_load")
+                                                or k.endswith("_per_rank_growth")])
             if "resume" in self.args.only:
                 from benchmarks.bench_resume import resume_requests
 
@@ -236,7 +262,47 @@ class Runner:
                         f"load {base['load_s']:.3f}s at ws={base['world_size']}", note))
         self.done("scaling", started, ["scaling_save_time_vs_ws1", "scaling_load_time_vs_ws1"])
 
+    def _metadata(self) -> None:
+        from benchmarks.bench_metadata import measure
+
+        started = self.progress("metadata", f"DCP metadata of a {self.args.metadata_tensors}-tensor model and its "
+                                            f"AdamW state at {self.args.metadata_world_sizes} ranks (modelled in "
+                                            "one process)")
+        for ws in self.args.metadata_world_sizes:
+            for optimizer in (False, True):
+                row = measure(ws, self.args.metadata_tensors, optimizer=optimizer)
+                log.info("metadata ws=%d %s: %s", ws, "optim" if optimizer else "model", row)
+                self.metadata_rows.append(row)
+        self.raw["metadata"] = self.metadata_rows
+        last = [r for r in self.metadata_rows if r["world_size"] == self.args.metadata_world_sizes[-1]]
+        full = sum(r["plan_full_s"] for r in last)
+        sliced = sum(r["slice_s"] + r["plan_sliced_s"] for r in last)
+        self.add(Figure("metadata_plan_time_sliced_vs_full", ratio(sliced, full), "info",
+                        f"cut to the rank's chunks + plan {sliced:.3f}s", f"DCP's plan on the whole metadata {full:.3f}s",
+                        f"one rank, model + optimizer artifact at {last[0]['world_size']} ranks; the same reads: "
+                        f"{all(r['same_plan'] for r in last)}; unpickling the metadata "
+                        f"({sum(r['metadata_bytes'] for r in last) / MiB:.1f} MiB) "
+                        f"{sum(r['unpickle_s'] for r in last):.2f}s with the garbage collector paused (ours), "
+                        f"{sum(r['unpickle_gc_s'] for r in last):.2f}s without (DCP's reader)"))
+        self.done("metadata", started, ["metadata_plan_time_sliced_vs_full"])
+
     # -- figures ---------------------------------------------------------------------
+    def _figures_requests(self, rows: list[dict[str, Any]]) -> None:
+        last = rows[-1]
+        self.add(Figure("s3_resume_requests_vs_dcp_load", ratio(last["resume"], last["dcp_load"]), "<= 0.5",
+                        f"resume {last['resume']} requests", f"plain dcp.load {last['dcp_load']} requests",
+                        f"at {last['world_size']} ranks; model + AdamW + trainer state (8 Linear(64, 64), FSDP2)"))
+        for what, key in (("resume", "s3_resume_requests_per_rank_growth"), ("save2", "s3_save_requests_per_rank_growth")):
+            # the busiest rank other than the coordinator, and the coordinator, at each world size
+            others = [max(r["by_rank"][what][1:]) for r in rows if r["world_size"] > 1]
+            coord = [r["by_rank"][what][0] for r in rows]
+            worst = max(max(others) / min(others) if others else 1.0, max(coord) / min(coord))
+            self.add(Figure(key, worst, "<= 1.2", f"most requests of one rank: coordinator {max(coord)}, other "
+                            f"{max(others) if others else '-'}", f"fewest: coordinator {min(coord)}, other "
+                            f"{min(others) if others else '-'}",
+                            f"{'two saves' if what == 'save2' else 'one resume'} at world sizes "
+                            f"{[r['world_size'] for r in rows]}"))
+
     def _figures_sync(self, per_rank: list[dict[str, Any]]) -> None:
         samples = per_rank[0]["times"]  # timed() gives the slowest rank's time on every rank
         times = {k: median(v) for k, v in samples.items()}
@@ -356,7 +422,7 @@ class Runner:
 
 def busy_threshold(args: argparse.Namespace) -> float:
     """A 1-min load average above this means work other than this run's own ranks."""
-    return (os.cpu_count() or 1) + max(args.world_size, *args.scaling_world_sizes) / 2
+    return (os.cpu_count() or 1) + max(args.world_size, *args.scaling_world_sizes, *args.request_world_sizes) / 2
 
 
 def machine_info() -> dict[str, Any]:
@@ -364,6 +430,46 @@ def machine_info() -> dict[str, Any]:
 
     return {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
             "platform": platform.platform(), "cuda": torch.cuda.is_available()}
+
+
+def print_requests(rows: list[dict[str, Any]], metadata_rows: list[dict[str, Any]], out: Any = None) -> None:
+    """The request-count table (measured) and the model of it up to 4,096 ranks."""
+    out = out or sys.stdout
+    if rows:
+        print("\nS3 requests (moto's recorder; 8 Linear(64,64), FSDP2, AdamW, trainer state):", file=out)
+        print("  ranks  2 saves  /rank  dcp.save  resume  /rank  coord  other  dcp.load  resume/dcp", file=out)
+        for r in rows:
+            ws, res = r["world_size"], r["by_rank"]["resume"]
+            print(f"  {ws:>5}  {r['save2']:>7}  {r['save2'] / ws:5.1f}  {r['dcp_save'] or '-':>8}  {r['resume']:>6}  "
+                  f"{r['resume'] / ws:5.1f}  {res[0]:>5}  {max(res[1:]) if ws > 1 else '-':>5}  "
+                  f"{r['dcp_load'] or '-':>8}  {ratio(r['resume'], r['dcp_load'] or 0):10.2f}", file=out)
+    model = model_rows(rows, metadata_rows)
+    if model:
+        print("\nmodelled (requests from the per-rank counts above; bytes from the metadata model):", file=out)
+        print("  ranks  requests/save  requests/resume  metadata MiB  shard MiB read/rank", file=out)
+        for m in model:
+            meta = f"{m['metadata_mib']:12.1f}" if m["metadata_mib"] is not None else f"{'-':>12}"
+            shard = f"{m['shard_mib']:19.2f}" if m["shard_mib"] is not None else f"{'-':>19}"
+            print(f"  {m['world_size']:>5}  {m['save']:>13.1f}  {m['resume']:>15}  {meta}  {shard}", file=out)
+
+
+def model_rows(rows: list[dict[str, Any]], metadata_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Requests per save and resume at 1..4096 ranks from the measured per-rank counts
+    (coordinator + (ws - 1) x the busiest other rank), with the modelled metadata bytes."""
+    multi = [r for r in rows if r["world_size"] > 1]
+    if not multi:
+        return []
+    ref = multi[-1]
+    out = []
+    sizes = sorted({1, 8, 64, 1024, 4096} | {r["world_size"] for r in metadata_rows})
+    for ws in sizes:
+        counts = {w: ref["by_rank"][w][0] + (ws - 1) * max(ref["by_rank"][w][1:]) for w in ("save2", "resume")}
+        meta = [m for m in metadata_rows if m["world_size"] == ws]
+        out.append({"world_size": ws, "save": counts["save2"] / 2,
+                    "resume": counts["resume"],
+                    "metadata_mib": sum(m["metadata_bytes"] for m in meta) / MiB if meta else None,
+                    "shard_mib": sum(m["rank_bytes_read"] for m in meta) / MiB if meta else None})
+    return out
 
 
 def print_table(figures: dict[str, Figure], scaling_rows: list[dict[str, Any]], out: Any = None) -> None:
@@ -407,6 +513,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     duration = time.perf_counter() - started
     print_table(runner.figures, runner.scaling_rows)
+    print_requests(runner.request_rows, runner.metadata_rows)
     busy = {k: v for k, v in runner.loadavg.items()
             if v > (busy_threshold(args) if k != "before_run" else (os.cpu_count() or 1) / 2)}
     if busy:
@@ -420,6 +527,9 @@ def main(argv: list[str] | None = None) -> int:
         "loadavg": runner.loadavg,
         "figures": {k: f.to_dict() for k, f in runner.figures.items()},
         "scaling": runner.scaling_rows,
+        "requests": runner.request_rows,
+        "requests_model": model_rows(runner.request_rows, runner.metadata_rows),
+        "metadata": runner.metadata_rows,
         "raw": runner.raw,
     }
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

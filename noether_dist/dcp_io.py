@@ -42,7 +42,7 @@ from .commit import FileRecord
 from .errors import StateMismatchError
 from .storage import Storage
 
-__all__ = ["FileRecord", "save_state", "load_state", "load_checked", "LoadReport", "Staging", "staging", "is_sharded", "reader_of", "placeholder", "metadata_for", "load_full", "open_checksummed", "save_state_in_process", "collect_sidecar", "shutdown_checkpoint_process", "read_metadata", "files_needed", "check_keys", "METADATA_FILE"]
+__all__ = ["FileRecord", "save_state", "load_state", "load_checked", "LoadReport", "Staging", "staging", "is_sharded", "reader_of", "placeholder", "metadata_for", "paused_gc", "load_full", "open_checksummed", "save_state_in_process", "collect_sidecar", "shutdown_checkpoint_process", "read_metadata", "files_needed", "check_keys", "METADATA_FILE"]
 
 METADATA_FILE = ".metadata"
 
@@ -266,7 +266,8 @@ class _Reader(FsspecReader):
             metadata = self._metadata
         else:
             raw = self.storage.read(f"{self.path}/{METADATA_FILE}")  # one GET, no HEAD
-            metadata = _MetadataUnpickler(io.BytesIO(raw)).load()
+            with paused_gc():
+                metadata = _MetadataUnpickler(io.BytesIO(raw)).load()
             if not isinstance(metadata, Metadata):
                 raise pickle.UnpicklingError(f"{self.path}/{METADATA_FILE} holds {type(metadata).__name__}, not DCP metadata")
         if getattr(metadata, "storage_meta", None) is None:
@@ -371,6 +372,22 @@ def _spans(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
         else:
             out.append([offset, length])
     return [(a, b) for a, b in out]
+
+
+@contextlib.contextmanager
+def paused_gc() -> Generator[None, None, None]:
+    """Python's cyclic garbage collector off for a moment: unpickling DCP metadata creates
+    millions of objects at thousands of ranks, and the collector would walk them again and
+    again (measured: 86 % of the unpickling time; benchmarks/bench_metadata.py)."""
+    import gc
+
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 @contextlib.contextmanager

@@ -232,7 +232,8 @@ def _stage_dcp(comm: Comm, storage: Storage, path: str, art: ArtifactRecord, rol
         flat = dcp_io.staging(state_of(metadata)).flat
         return metadata, None, sorted(k for k, v in flat.items() if shared(k, v))
 
-    metadata, reason, shared_keys = comm.on_coordinator(coordinator_part)
+    with dcp_io.paused_gc():  # the metadata is unpickled here on every rank
+        metadata, reason, shared_keys = comm.on_coordinator(coordinator_part)
     if reason:
         return None, reason  # the same on every rank: every rank stops here
 

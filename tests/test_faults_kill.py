@@ -288,14 +288,14 @@ def resume_with_dead_peer(rank: int, world_size: int, out: str, how: str) -> dic
 
     pids, model, opt, ema = _pids_and_save(rank, out)
     if rank == 1:
-        original = resume_mod._check_readable
+        original = resume_mod._stage_all  # loads into staging; the agreement follows
 
         def check_then_vanish(*args, **kwargs):
             verdict = original(*args, **kwargs)
             os.kill(os.getpid(), signal.SIGKILL if how == "kill" else signal.SIGSTOP)
             return verdict
 
-        resume_mod._check_readable = check_then_vanish
+        resume_mod._stage_all = check_then_vanish
     started = time.perf_counter()
     try:
         resume({"output_dir": out, "resume_run_id": RUN, "resume_stage_name": STAGE}, model=model, optimizer=opt,
