@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -212,7 +213,8 @@ def _replicated_small(key: str, value: Any) -> bool:
 
 
 def _stage_dcp(comm: Comm, storage: Storage, path: str, art: ArtifactRecord, role: str, state_of: Any,
-               shared: Any, verify_max_bytes: int) -> tuple[dcp_io.Staging | None, str | None]:
+               shared: Any, verify_max_bytes: int, prefetched: dict[str, Any] | None = None
+               ) -> tuple[dcp_io.Staging | None, str | None]:
     """Load one DCP artifact into staging memory (collective); (staging, None) or (None or
     partial staging, why this rank cannot use it).
 
@@ -226,7 +228,10 @@ def _stage_dcp(comm: Comm, storage: Storage, path: str, art: ArtifactRecord, rol
     4. the shared entries are exchanged (one all_gather of small values).
     """
     def coordinator_part() -> tuple[Any, str | None, list[str]]:
-        metadata, reason = _metadata_or_reason(storage, path)
+        early = (prefetched or {}).get(path)
+        if isinstance(early, BaseException):
+            raise early
+        metadata, reason = early if early is not None else _metadata_or_reason(storage, path)
         if reason or comm.world_size == 1:
             return metadata, reason, []
         flat = dcp_io.staging(state_of(metadata)).flat
@@ -271,6 +276,9 @@ def _stage_all(comm: Comm, storage: Storage, layout: StageLayout, record: Commit
     staged trainer artifact, why this rank cannot use this checkpoint or None)."""
     reasons: list[str] = []
     staged: list[_Staged] = []
+    trainer = record.artifact(ArtifactKind.TRAINER.value)
+    prefetched = _prefetch_metadata(storage, layout, [n.art for n in needed] + ([trainer] if trainer else [])) \
+        if comm.is_coordinator else {}
     for need in needed:
         path = layout.artifact_path(need.art.name)
         if need.art.format == "consolidated":
@@ -278,11 +286,10 @@ def _stage_all(comm: Comm, storage: Storage, layout: StageLayout, record: Commit
             staged.append(_Staged(need, obj=cache.get(path)))
         else:
             staging, reason = _stage_dcp(comm, storage, path, need.art, need.role, lambda _md, n=need: n.state,
-                                         _replicated_small, verify_max_bytes)
+                                         _replicated_small, verify_max_bytes, prefetched)
             staged.append(_Staged(need, staging=staging))
         if reason:
             reasons.append(reason)
-    trainer = record.artifact(ArtifactKind.TRAINER.value)
     trainer_staged = None
     if trainer is not None:
         path = layout.artifact_path(trainer.name)
@@ -299,11 +306,29 @@ def _stage_all(comm: Comm, storage: Storage, layout: StageLayout, record: Commit
         else:
             staging, reason = _stage_dcp(comm, storage, path, trainer, "trainer",
                                          lambda md: _trainer_placeholders(md, comm.rank),
-                                         lambda key, _v: key == TRAINER_COMMON_KEY, verify_max_bytes)
+                                         lambda key, _v: key == TRAINER_COMMON_KEY, verify_max_bytes, prefetched)
             trainer_staged = _Staged(need, staging=staging)
         if reason:
             reasons.append(reason)
     return staged, trainer_staged, "; ".join(reasons) or None
+
+
+def _prefetch_metadata(storage: Storage, layout: StageLayout, arts: list[ArtifactRecord]) -> dict[str, Any]:
+    """The coordinator's reads of every DCP artifact's ``.metadata``, all at once (one
+    round trip instead of one per artifact): path -> (metadata, reason) or the exception,
+    which :func:`_stage_dcp` raises inside its collective (so every rank raises it)."""
+    paths = [layout.artifact_path(a.name) for a in arts if a.format == "dcp"]
+
+    def read(path: str) -> Any:
+        try:
+            return _metadata_or_reason(storage, path)
+        except Exception as exc:  # noqa: BLE001 - raised on every rank by _stage_dcp
+            return exc
+
+    if len(paths) < 2:
+        return {}
+    with ThreadPoolExecutor(max_workers=len(paths), thread_name_prefix="noether-metadata") as pool:
+        return dict(zip(paths, pool.map(read, paths)))
 
 
 def _trainer_placeholders(metadata: Any, rank: int) -> dict[str, Any]:
