@@ -42,7 +42,7 @@ from .commit import FileRecord
 from .errors import StateMismatchError
 from .storage import Storage
 
-__all__ = ["FileRecord", "save_state", "load_state", "load_checked", "LoadReport", "Staging", "staging", "is_sharded", "reader_of", "placeholder", "metadata_for", "paused_gc", "load_full", "open_checksummed", "save_state_in_process", "collect_sidecar", "shutdown_checkpoint_process", "read_metadata", "files_needed", "check_keys", "METADATA_FILE"]
+__all__ = ["FileRecord", "save_state", "load_state", "load_checked", "LoadReport", "Staging", "staging", "is_sharded", "reader_of", "placeholder", "metadata_for", "paused_gc", "load_full", "open_checksummed", "save_state_in_process", "collect_sidecar", "shutdown_checkpoint_process", "read_metadata", "check_keys", "METADATA_FILE"]
 
 METADATA_FILE = ".metadata"
 
@@ -615,15 +615,6 @@ def check_keys(state_dict: dict[str, Any], metadata: Metadata, what: str) -> Non
             f"{what} does not match the state to load into: missing in checkpoint: {show(missing)}; "
             f"unexpected in checkpoint: {show(unexpected)}; shape mismatch: {show(shapes)}"
         )
-
-
-def files_needed(state_dict: dict[str, Any], metadata: Metadata) -> set[str]:
-    """The data files this rank must read to load ``state_dict`` from ``metadata``."""
-    plan = _plan(state_dict, metadata).create_local_plan()
-    storage_data = metadata.storage_data or {}
-    return {storage_data[item.storage_index].relative_path for item in plan.items}
-
-
 
 
 def load_full(path: str, storage: Storage) -> dict[str, Any]:
