@@ -5,7 +5,9 @@ grows from save to save (rank side).
 (``wait``), so the stall (``Checkpointer.last_stall_s``: capture + agreement + staging
 copy) is measured on its own, and right before it the baseline: one plain copy of this
 rank's state (its local shards) into preallocated, already touched memory, the least any
-staging can cost. The first save allocates the staging buffers; later saves reuse them.
+staging can cost. The staging buffers are allocated by ``Checkpointer.prepare`` before
+the first save; every save reuses them. One more Checkpointer, not prepared, saves once
+beside it: its first save allocates the buffers (what ``prepare`` moves out of the stall).
 
 ``async_rss``: resident memory (VmRSS) after ``warmup`` async saves and after ``saves``
 more, all finished; the growth is compared with this rank's state size.
@@ -60,20 +62,40 @@ def _checkpointer(out: str, run_id: str) -> Any:
 
 def async_stall(rank: int, world_size: int, *, out: str, total_bytes: int, saves: int,
                 settle: bool = True) -> dict[str, Any]:
-    """Stall of each of ``saves`` async saves, completion time of each, and the copy baseline."""
+    """Stall of each of ``saves`` async saves of a Checkpointer whose staging was prepared
+    (``Checkpointer.prepare``) before its first save, completion time of each, and the copy
+    baseline; and, for comparison, the stall of the first save of a Checkpointer that was
+    not prepared (it allocates its staging buffers during that save)."""
     from noether_dist import TrainingIteration
     from noether_dist.statedict import model_state
 
     model = build_model(total_bytes)
     tensors = local_tensors(model_state(model))
     baseline = CopyBaseline(tensors)
-    ck = _checkpointer(os.path.join(out, "async"), "stall")
-    stalls, completed, copies = [], [], []
-    for i in range(1, saves + 1):
-        ck.wait()
+
+    def settle_down() -> None:
         gc.collect()
         if settle:
             os.sync()  # the previous save's dirty pages go to disk now, not during the next stall
+
+    cold = _checkpointer(os.path.join(out, "async-cold"), "cold")
+    settle_down()
+    cold_copy = baseline.time()
+    barrier()
+    cold.save(TrainingIteration(0, 1, 1), model=model)
+    cold_stall = cold.last_stall_s
+    cold.close()
+    del cold
+
+    ck = _checkpointer(os.path.join(out, "async"), "stall")
+    barrier()
+    started = time.perf_counter()
+    ck.prepare(model=model)
+    prepare_s = time.perf_counter() - started
+    stalls, completed, copies = [], [], []
+    for i in range(1, saves + 1):
+        ck.wait()
+        settle_down()
         copies.append(baseline.time())
         barrier()
         start = time.perf_counter()
@@ -87,46 +109,52 @@ def async_stall(rank: int, world_size: int, *, out: str, total_bytes: int, saves
     ck.close()
     del baseline
     return {"copy_s": copies, "stalls": stalls, "completed_s": completed, "local_bytes": nbytes(tensors),
+            "prepare_s": prepare_s, "unprepared_first_stall_s": cold_stall, "unprepared_first_copy_s": cold_copy,
             "parts": stall_parts(model)}
 
 
 def stall_parts(model: Any, repeats: int = 5) -> dict[str, float]:
     """Median seconds of each piece an async save's stall is made of, timed on their own:
-    capturing the state dict, one ``Comm.each`` agreement (the stall has two), and the
-    staging copy into already allocated buffers (DefaultStager, as the Checkpointer uses it);
-    and, for comparison, the cheapest agreement there is: an all_reduce of one int."""
+    capturing the state dict, packing a small trainer state, the one ``Comm.each``
+    agreement, and the staging copy into already allocated buffers (``Staging``, as the
+    Checkpointer uses it); and, for comparison, the cheapest agreement there is: an
+    all_reduce of one int."""
     import torch
     import torch.distributed as dist
-    from torch.distributed.checkpoint.staging import DefaultStager
 
     from noether_dist.comm import Comm
-    from noether_dist.statedict import model_state, staging_options
+    from noether_dist.statedict import Staging, model_state, pack_object
 
     comm = Comm(600)
-    stager = DefaultStager(staging_options())
-    stager.stage(model_state(model))  # allocate the staging buffers
-    samples: dict[str, list[float]] = {"capture_s": [], "each_s": [], "stage_s": [], "flag_allreduce_s": []}
+    staging = Staging()
+    staging.stage("model:", model_state(model))  # allocate the staging buffers
+    samples: dict[str, list[float]] = {"capture_s": [], "pack_s": [], "each_s": [], "stage_s": [],
+                                       "flag_allreduce_s": []}
     flag = torch.ones(1, dtype=torch.int32)
     for _ in range(repeats):
         barrier()
         t0 = time.perf_counter()
         sd = model_state(model)
         t1 = time.perf_counter()
-        comm.each(lambda: None)
+        pack_object({"training_iteration": {"epoch": 0, "update": 1, "sample": 1}, "state": {}})
         t2 = time.perf_counter()
-        stager.stage(sd)
+        comm.each(lambda: None)
         t3 = time.perf_counter()
+        staging.stage("model:", sd)
+        staging.synchronize()
+        t4 = time.perf_counter()
         if comm.distributed:
             barrier()
-            t4 = time.perf_counter()
+            t5 = time.perf_counter()
             dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=comm.group)
-            samples["flag_allreduce_s"].append(time.perf_counter() - t4)
+            samples["flag_allreduce_s"].append(time.perf_counter() - t5)
         else:
             samples["flag_allreduce_s"].append(0.0)
         samples["capture_s"].append(t1 - t0)
-        samples["each_s"].append(t2 - t1)
-        samples["stage_s"].append(t3 - t2)
-    stager.close()
+        samples["pack_s"].append(t2 - t1)
+        samples["each_s"].append(t3 - t2)
+        samples["stage_s"].append(t4 - t3)
+    staging.close()
     return {k: sorted(v)[len(v) // 2] for k, v in samples.items()}
 
 

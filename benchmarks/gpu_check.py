@@ -9,8 +9,9 @@ copy of the same tensors into preallocated pinned memory (non-blocking copies, t
 synchronize). Figures (each a ratio measured side by side in this run):
 
 - ``stall_vs_pinned_copy``: the save's stall (``Checkpointer.last_stall_s``) / that copy,
-  median over saves 2..5 (goal <= 1.1; the first save allocates its pinned buffers);
-- ``first_stall_vs_pinned_copy``: the same for the first save (info);
+  median over saves 2..5 (goal <= 1.1);
+- ``first_stall_vs_pinned_copy``: the same for the first save, whose pinned staging buffers
+  ``Checkpointer.prepare`` allocated before it (goal <= 1.5);
 - ``write_throughput_vs_raw_disk``: bytes / (time from the save call until it committed),
   median over saves 2..5, against writing the same bytes from pinned host memory to the
   same disk with the same number of threads, each file fsynced (info).
@@ -161,6 +162,10 @@ def check(args: argparse.Namespace, work: str) -> dict[str, Any]:
              raw_s, state_bytes / raw_s / 1e9)
     ck = Checkpointer(CheckpointerConfig(output_dir=ckdir, run_id="gpu", model_name="m", timeout_s=600,
                                          thread_count=args.thread_count, async_mode=AsyncMode.THREAD))
+    t0 = time.perf_counter()
+    ck.prepare(model=model)  # pinned staging buffers before the first save
+    prepare_s = time.perf_counter() - t0
+    log.info("staging prepared in %.2fs", prepare_s)
     saves: list[dict[str, Any]] = []
     previous = None
     for i in range(1, args.saves + 1):
@@ -194,8 +199,9 @@ def check(args: argparse.Namespace, work: str) -> dict[str, Any]:
         "stall_vs_pinned_copy": {"value": _median(s["stall_vs_copy"] for s in later), "goal": "<= 1.1",
                                  "numerator": f"stall {_median(s['stall_s'] for s in later):.3f}s (saves 2..)",
                                  "denominator": f"pinned D2H copy {_median(s['pinned_copy_s'] for s in later):.3f}s"},
-        "first_stall_vs_pinned_copy": {"value": saves[0]["stall_vs_copy"], "goal": "info",
-                                       "numerator": f"first stall {saves[0]['stall_s']:.3f}s",
+        "first_stall_vs_pinned_copy": {"value": saves[0]["stall_vs_copy"], "goal": "<= 1.5",
+                                       "numerator": f"first stall {saves[0]['stall_s']:.3f}s (staging prepared "
+                                                    f"before it in {prepare_s:.2f}s)",
                                        "denominator": f"pinned D2H copy {saves[0]['pinned_copy_s']:.3f}s"},
         "write_throughput_vs_raw_disk": {"value": ratio(write_gbs, raw_gbs), "goal": "info",
                                          "numerator": f"save to commit {write_gbs:.2f} GB/s (saves 2..)",

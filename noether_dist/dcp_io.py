@@ -1,6 +1,7 @@
 """DCP on our storage: sharded save that records what each rank wrote, and load.
 
-This is the only module that imports DCP's private fsspec writer/reader. DCP does the
+This is the only module that imports DCP's private parts (the fsspec writer/reader, the
+planner internals of a full load, the allocation of staging memory). DCP does the
 planning, resharding and dedup of replicated tensors; this module adds two things DCP
 does not do: every write goes through :class:`noether_dist.storage.Storage`'s filesystem,
 and every file written is recorded with its size and CRC32, computed while writing.
@@ -42,7 +43,7 @@ from .commit import FileRecord
 from .errors import StateMismatchError
 from .storage import Storage
 
-__all__ = ["FileRecord", "save_state", "load_state", "load_checked", "LoadReport", "Staging", "staging", "is_sharded", "reader_of", "placeholder", "metadata_for", "paused_gc", "load_full", "open_checksummed", "save_state_in_process", "collect_sidecar", "shutdown_checkpoint_process", "read_metadata", "check_keys", "METADATA_FILE"]
+__all__ = ["FileRecord", "save_state", "load_state", "load_checked", "LoadReport", "Staging", "staging", "is_sharded", "reader_of", "placeholder", "metadata_for", "paused_gc", "load_full", "open_checksummed", "save_state_in_process", "collect_sidecar", "shutdown_checkpoint_process", "read_metadata", "check_keys", "cpu_buffers_like", "METADATA_FILE"]
 
 METADATA_FILE = ".metadata"
 
@@ -651,3 +652,14 @@ def shutdown_checkpoint_process() -> None:
     if process is not None:
         executor._CHECKPOINT_PROCESS = None
         process.__del__()
+
+
+def cpu_buffers_like(state: Any, *, pinned: bool, shared: bool) -> Any:
+    """A copy of ``state``'s structure whose tensors are new CPU tensors of the same shapes
+    and dtypes (DTensors keep their placements), in pinned and/or shared memory: staging
+    buffers for asynchronous saves. Their contents are undefined until copied into."""
+    # DCP's own helper (what its async staging and torchtitan use): it knows how to pin
+    # shared memory (cudaHostRegister) and how to give a DTensor a CPU local tensor.
+    from torch.distributed._state_dict_utils import _create_cpu_state_dict
+
+    return _create_cpu_state_dict(state, pin_memory=pinned, share_memory=shared)

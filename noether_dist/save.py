@@ -23,7 +23,7 @@ from .mirror import is_node_leader, mirror_from_coordinator
 from .retention import prune
 from .spawn_check import check_process_mode
 from .names import ArtifactKind, TrainingIteration, format_artifact, normalize_model_info, parse_checkpoint
-from .statedict import model_state, optimizer_state, pack_object, staging_options
+from .statedict import Staging, model_state, optimizer_state, pack_object
 from .storage import Storage, open_storage
 
 __all__ = ["Checkpointer", "SaveResult", "AliasUpdateError", "TRAINER_COMMON_KEY", "trainer_rank_key"]
@@ -59,6 +59,11 @@ class _Artifact:
     kind: ArtifactKind
     model_info: str | None
     state: dict[str, Any]
+
+    @property
+    def slot(self) -> str:
+        """What stays the same from save to save (the name holds the training point)."""
+        return f"{self.kind.value}:{self.model_info or ''}"
 
 
 @dataclass
@@ -148,6 +153,39 @@ class Checkpointer:
         self._pending = self._background.submit(lambda: self._write_and_commit(plan, self._background.comm))
         return self._pending
 
+    def prepare(
+        self,
+        *,
+        model: nn.Module | dict[str, Any],
+        optimizer: torch.optim.Optimizer | dict[str, Any] | None = None,
+        ema: Mapping[str, nn.Module | dict[str, Any]] | None = None,
+    ) -> None:
+        """Allocate the staging memory of asynchronous saves now, once the model, optimizer
+        and EMA models exist (collective): every later save copies into these buffers
+        (pinned on CUDA), so that even the first one blocks only for that copy. Call it
+        again after the state changed shape; a no-op for synchronous saves.
+
+        An optimizer that never stepped has no state yet: it is initialised (a step with
+        zero gradients and learning rate, as DCP does when saving it) to learn the shapes,
+        and then emptied again, so that training goes on exactly as without this call.
+        """
+        if self.config.async_mode is AsyncMode.OFF:
+            return
+        self.wait()  # the buffers may still be read by a save in flight
+
+        def reserve() -> None:
+            fresh = isinstance(optimizer, torch.optim.Optimizer) and not optimizer.state
+            try:
+                self._background.reserve(_states(model, optimizer, ema))
+            finally:
+                if fresh:
+                    optimizer.state.clear()  # back to never stepped: the first step initialises it
+
+        started = time.perf_counter()
+        self.comm.each(reserve)
+        log.info("staging memory prepared: %.1f MiB in %.3fs", self._background.staging.nbytes / 2**20,
+                 time.perf_counter() - started)
+
     def wait(self) -> SaveResult | None:
         """Block until no save is in flight; return its result, or raise its failure on every
         rank alike (a collective when a save was in flight). A no-op for synchronous saves."""
@@ -178,21 +216,8 @@ class Checkpointer:
             raise ConfigError(f"iteration must be a TrainingIteration, got {type(iteration).__name__}")
         cp = str(iteration)
         name = self.config.model_name
-        arts = [_Artifact(format_artifact(name, cp, ArtifactKind.MODEL), ArtifactKind.MODEL, None, model_state(model))]
-        for info, ema_model in (ema or {}).items():
-            info = normalize_model_info(info)
-            if info is None:
-                raise ConfigError("an EMA model needs a model_info such as 'ema_factor=0.9999'")
-            arts.append(_Artifact(format_artifact(name, cp, ArtifactKind.MODEL, info), ArtifactKind.MODEL, info,
-                                  model_state(ema_model)))
-        if optimizer is not None:
-            if isinstance(optimizer, dict):
-                optim_sd = optimizer
-            elif isinstance(model, nn.Module):
-                optim_sd = optimizer_state(model, optimizer)
-            else:
-                raise ConfigError("saving an optimizer object needs the model as an nn.Module")
-            arts.append(_Artifact(format_artifact(name, cp, ArtifactKind.OPTIM), ArtifactKind.OPTIM, None, optim_sd))
+        arts = [_Artifact(format_artifact(name, cp, kind, info), kind, info, state)
+                for kind, info, state in _states(model, optimizer, ema)]
         trainer = {trainer_rank_key(self.comm.rank): pack_object(rank_state or {})}
         if self.comm.is_coordinator:
             trainer[TRAINER_COMMON_KEY] = pack_object({"training_iteration": iteration.to_dict(),
@@ -352,31 +377,58 @@ class Checkpointer:
         return tuple(moved)
 
 
+def _states(model, optimizer, ema) -> list[tuple[ArtifactKind, str | None, dict[str, Any]]]:
+    """(kind, model_info, state dict) of the model, each EMA model and the optimizer."""
+    out = [(ArtifactKind.MODEL, None, model_state(model))]
+    for info, ema_model in (ema or {}).items():
+        info = normalize_model_info(info)
+        if info is None:
+            raise ConfigError("an EMA model needs a model_info such as 'ema_factor=0.9999'")
+        out.append((ArtifactKind.MODEL, info, model_state(ema_model)))
+    if optimizer is not None:
+        if isinstance(optimizer, dict):
+            optim_sd = optimizer
+        elif isinstance(model, nn.Module):
+            optim_sd = optimizer_state(model, optimizer)
+        else:
+            raise ConfigError("saving an optimizer object needs the model as an nn.Module")
+        out.append((ArtifactKind.OPTIM, None, optim_sd))
+    return out
+
+
 class _Background:
-    """The background side of asynchronous saves: a reusable stager and one writer thread
-    with a gloo group of its own (the training loop's groups are never used from it). In
+    """The background side of asynchronous saves: staging memory reused by every save, and
+    one writer thread with a gloo group of its own (the training loop's groups are never
+    used from it). In
     process mode the thread hands each artifact to DCP's checkpoint process (staging in
     shared memory) and runs the commit protocol when it reports back."""
 
     def __init__(self, config: CheckpointerConfig) -> None:
-        from torch.distributed.checkpoint.staging import DefaultStager
-
         self.comm = Comm(config.timeout_s, private=True)
-        # Staging buffers are allocated on the first save and reused (pinned on CUDA).
-        self.stager = DefaultStager(staging_options(shared=config.async_mode is AsyncMode.PROCESS))
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="noether-ckpt-writer")
         self.process_mode = config.async_mode is AsyncMode.PROCESS
+        self.staging = Staging(shared=self.process_mode)
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="noether-ckpt-writer")
 
     def stage(self, plan: _Plan) -> _Plan:
-        staged = self.stager.stage({i: art.state for i, art in enumerate(plan.artifacts)})
-        arts = [_Artifact(a.name, a.kind, a.model_info, staged[i]) for i, a in enumerate(plan.artifacts)]
+        arts = []
+        for art in plan.artifacts:
+            if art.kind is ArtifactKind.TRAINER and not self.process_mode:
+                arts.append(art)  # freshly packed by pack_object: already a copy of this moment
+            else:
+                arts.append(_Artifact(art.name, art.kind, art.model_info, self.staging.stage(art.slot, art.state)))
+        self.staging.synchronize()
         return _Plan(plan.iteration, arts, plan.metrics, plan.aliases)
+
+    def reserve(self, states: list[tuple[ArtifactKind, str | None, dict[str, Any]]]) -> None:
+        for kind, info, state in states:
+            self.staging.stage(_Artifact("", kind, info, state).slot, state)
+        self.staging.synchronize()
 
     def submit(self, fn: Callable[[], SaveResult]) -> Future[SaveResult]:
         return self.executor.submit(fn)
 
     def close(self) -> None:
         self.executor.shutdown(wait=True)
-        self.stager.close()
+        self.staging.close()
         if self.process_mode:
             dcp_io.shutdown_checkpoint_process()

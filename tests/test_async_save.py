@@ -120,3 +120,50 @@ def test_async_process_mode_commits_exact_state_with_checksums(tmp_path):
     for r in run_ranks(resume_state, 2, out):
         assert r["cp"] == "E0_U2_S32"
         assert_states_equal(results[0]["states"][1], r["state"])
+
+
+def consecutive_async_saves(rank: int, world_size: int, out: str, mode: str) -> dict:
+    model, opt, ema = build()
+    ck = Checkpointer(CheckpointerConfig(output_dir=out, run_id="run1", stage_name="train", model_name="mlp",
+                                         async_mode=AsyncMode(mode), timeout_s=90))
+    ck.prepare(model=model, optimizer=opt, ema={EMA_INFO: ema})  # before the first step
+    prepared = ck._background.staging.storage_ptrs()
+    # prepare initialised the optimizer to learn its shapes: training must not notice
+    ref_model, ref_opt, ref_ema = build()
+    train_steps(ref_model, ref_opt, ref_ema, 1, rank, start=1)
+    states, buffers = [], []
+    for update in (1, 2, 3, 4):
+        train_steps(model, opt, ema, 1, rank, start=update)
+        if update == 1:
+            untouched = full_state(model, opt, ema)
+        ck.save(TrainingIteration(0, update, 16 * update), model=model, optimizer=opt, ema={EMA_INFO: ema},
+                trainer_state={"update": update})
+        states.append(full_state(model, opt, ema))
+        buffers.append(ck._background.staging.storage_ptrs())
+        train_steps(model, opt, ema, 1, rank, start=10 + update)  # changes after the call are not saved
+    ck.wait()
+    ck.close()
+    return {"states": states, "buffers": buffers, "prepared": prepared, "untouched": untouched,
+            "reference": full_state(ref_model, ref_opt, ref_ema)}
+
+
+def resume_each(rank: int, world_size: int, out: str, checkpoints: list[str]) -> list[dict]:
+    return [resume_state(rank, world_size, out, resume_checkpoint=cp) for cp in checkpoints]
+
+
+@pytest.mark.parametrize("mode", ["thread", "process"])
+def test_consecutive_async_saves_reuse_staging_and_resume_exactly(tmp_path, mode):
+    out = str(tmp_path)
+    results = run_ranks(consecutive_async_saves, 2, out, mode, timeout_s=240)
+    for r in results:
+        assert_states_equal(r["reference"], r["untouched"])  # prepare left training as it was
+        assert r["prepared"], "prepare allocated no staging buffers"
+        # every save copied into the buffers prepare allocated (process mode stages the small
+        # trainer state too, from the first save on): none reallocated, none added
+        assert r["prepared"] <= r["buffers"][0], (r["prepared"], r["buffers"][0])
+        assert all(ptrs == r["buffers"][0] for ptrs in r["buffers"]), r["buffers"]
+    checkpoints = [f"U{u}" for u in (1, 2, 3, 4)]
+    for r in run_ranks(resume_each, 2, out, checkpoints, timeout_s=240):
+        for i, resumed in enumerate(r):
+            assert resumed["cp"] == f"E0_U{i + 1}_S{16 * (i + 1)}"
+            assert_states_equal(results[0]["states"][i], resumed["state"])
