@@ -112,6 +112,18 @@ class Comm:
             self.group = new_gloo_group(self.timeout_s) if private else _control_group(self.timeout_s)
         else:
             self.rank, self.world_size, self.group = 0, 1, None
+        self._lanes: list[Any] = [self.group]
+
+    def lanes(self, count: int) -> list[Any]:
+        """``count`` groups of these ranks for as many DCP saves running at once on threads
+        (a gloo group must not carry two collectives at the same time): this Comm's own
+        group first, then gloo groups made on first need, in the same order on every rank
+        (making them is a collective). None for each when not distributed."""
+        if not self.distributed:
+            return [None] * count
+        while len(self._lanes) < count:
+            self._lanes.append(new_gloo_group(self.timeout_s))
+        return self._lanes[:count]
 
     @property
     def is_coordinator(self) -> bool:

@@ -9,6 +9,8 @@ and every file written is recorded with its size and CRC32, computed while writi
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import bisect
 import contextlib
 import dataclasses
@@ -28,6 +30,8 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
+from fsspec.asyn import sync as fsspec_sync
+from fsspec.implementations.local import LocalFileSystem
 from torch.distributed._shard._utils import narrow_tensor_by_index
 from torch.distributed.checkpoint import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint._nested_dict import flatten_state_dict, unflatten_state_dict
@@ -69,14 +73,91 @@ class _ChecksumStream:
         return getattr(self._raw, name)
 
 
+class _ObjectUpload:
+    """Where a file for an object store gathers while it is written (one copy, in memory),
+    and how it goes up on close: one PUT, or for a big file a multipart upload whose parts
+    go up in parallel. Each request carries the CRC32 of what it sends, which the store
+    checks on arrival and which spares botocore its own pass over the bytes."""
+
+    def __init__(self, fs: Any, path: str) -> None:
+        self.fs = fs
+        self.path = path
+        self.buffer = bytearray()
+
+    def write(self, data: Any) -> int:
+        self.buffer += data
+        return len(data) if isinstance(data, (bytes, bytearray)) else memoryview(data).nbytes
+
+    def flush(self) -> None:
+        pass  # everything goes up in upload(), once the file is complete
+
+    def close(self) -> None:
+        pass  # DCP closes the stream inside the block; the upload follows the block
+
+    def upload(self, crc: int) -> None:
+        bucket, key, _ = self.fs.split_path(self.path)
+        data, self.buffer = self.buffer, bytearray()
+        if len(data) < MULTIPART_MIN_BYTES:
+            self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, ChecksumAlgorithm="CRC32",
+                            ChecksumCRC32=_crc_header(crc))
+        else:
+            _multipart_upload(self.fs, bucket, key, data)
+
+
+MULTIPART_MIN_BYTES = 64 << 20
+"""Files from this size on go up as a multipart upload (parts in parallel), smaller ones in one PUT."""
+_PART_BYTES = 16 << 20
+_PARTS_IN_FLIGHT = 8
+
+
+def _crc_header(crc: int) -> str:
+    return base64.b64encode((crc & 0xFFFFFFFF).to_bytes(4, "big")).decode()
+
+
+def _multipart_upload(fs: Any, bucket: str, key: str, data: bytearray) -> None:
+    part = max(_PART_BYTES, -(-len(data) // 10_000))  # S3 allows at most 10,000 parts
+    view = memoryview(data)
+    starts = range(0, len(data), part)
+    # on this (a DCP writer) thread, beside the other writers, not on s3fs's event loop
+    checksums = [_crc_header(zlib.crc32(view[start:start + part])) for start in starts]
+    fsspec_sync(fs.loop, _send_parts, fs, bucket, key, view, part, checksums)
+
+
+async def _send_parts(fs: Any, bucket: str, key: str, view: memoryview, part: int, checksums: list[str]) -> None:
+    mpu = await fs._call_s3("create_multipart_upload", Bucket=bucket, Key=key, ChecksumAlgorithm="CRC32")
+    upload_id = mpu["UploadId"]
+    gate = asyncio.Semaphore(_PARTS_IN_FLIGHT)
+
+    async def send(index: int) -> dict[str, Any]:
+        async with gate:
+            start = index * part
+            out = await fs._call_s3("upload_part", Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=index + 1,
+                                    Body=bytes(view[start:start + part]),  # botocore takes bytes, not views
+                                    ChecksumCRC32=checksums[index])
+        return {"PartNumber": index + 1, "ETag": out["ETag"], "ChecksumCRC32": checksums[index]}
+
+    try:
+        parts = await asyncio.gather(*(send(i) for i in range(len(checksums))))
+        await fs._call_s3("complete_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id,
+                          MultipartUpload={"Parts": list(parts)})
+    except BaseException:
+        try:
+            await fs._call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
+        except Exception:  # noqa: BLE001 - the first error is the one to report
+            pass
+        raise
+
+
 class _RecordingFS(_DcpFsspecFS):
-    """DCP's fsspec FileSystem bound to our filesystem instance, recording written files."""
+    """DCP's fsspec FileSystem bound to our filesystem instance, recording written files.
+    On an object store a file is written by :class:`_ObjectUpload`."""
 
     def __init__(self, fs: Any) -> None:
         super().__init__()
         self.fs = fs
         self.records: dict[str, FileRecord] = {}
         self._lock = threading.Lock()
+        self.object_store = not isinstance(fs, LocalFileSystem)
 
     def init_path(self, path: str | os.PathLike, **kwargs: Any) -> str | os.PathLike:
         return path  # keep our filesystem instance (and its options)
@@ -96,9 +177,15 @@ class _RecordingFS(_DcpFsspecFS):
             with super().create_stream(path, mode) as stream:
                 yield stream
             return
-        with super().create_stream(path, mode) as stream:
-            wrapped = _ChecksumStream(stream)
+        if self.object_store:
+            upload = _ObjectUpload(self.fs, os.fspath(path))
+            wrapped = _ChecksumStream(upload)
             yield wrapped  # type: ignore[misc]
+            upload.upload(wrapped.crc)
+        else:
+            with super().create_stream(path, mode) as stream:
+                wrapped = _ChecksumStream(stream)
+                yield wrapped  # type: ignore[misc]
         name = os.fspath(path).rsplit("/", 1)[-1]
         if name.endswith(".tmp"):
             name = name[: -len(".tmp")]  # DCP renames .metadata.tmp to .metadata
@@ -117,6 +204,7 @@ class _Writer(FsspecWriter):
 
     def __init__(self, path: str, storage: Storage, thread_count: int, sidecar: bool = False) -> None:
         super().__init__(path, sync_files=storage.is_local, thread_count=thread_count, overwrite=True)
+        self._threads = thread_count
         self.fs = _RecordingFS(storage.fs)
         self.path = path
         self.sidecar = sidecar
@@ -145,6 +233,11 @@ class _Writer(FsspecWriter):
             pickle.dump(metadata, stream)
 
     def write_data(self, plan: Any, planner: Any) -> Any:
+        # DCP writes one file per writer thread, empty ones included: a small state goes
+        # into fewer files (one PUT each on an object store), at least MIN_FILE_BYTES each.
+        size = sum(math.prod(item.tensor_data.chunk.sizes) * item.tensor_data.properties.dtype.itemsize
+                   for item in plan.items if item.tensor_data is not None)
+        self.thread_count = max(1, min(self._threads, len(plan.items), size // MIN_FILE_BYTES))
         fut = super().write_data(plan, planner)
         if self.sidecar and not self._coordinator:
             fut.wait()
@@ -163,6 +256,10 @@ class _Writer(FsspecWriter):
         data = json.dumps([r.to_dict() for r in self.fs.records.values()]).encode()
         with self.fs.fs.open(f"{self.path}/{_sidecar_name(self.rank)}", "wb") as fh:
             fh.write(data)
+
+
+MIN_FILE_BYTES = 8 << 20
+"""A rank writes its part of an artifact into at most one file per this many bytes."""
 
 
 def _sidecar_name(rank: int | None) -> str:
@@ -391,19 +488,30 @@ def paused_gc() -> Generator[None, None, None]:
             gc.enable()
 
 
+_ZIP_CRC_LOCK = threading.Lock()
+_ZIP_CRC_USERS = [0, True]  # saves running with torch's zip CRC32 off, and its value before them
+
+
 @contextlib.contextmanager
 def _without_zip_crc() -> Generator[None, None, None]:
     # torch.save computes a CRC32 per zip record; ours already covers every byte, and the
     # second pass over the data is about a sixth of a save's time. The flag is process-wide:
-    # used only for blocking saves, on the caller's thread.
+    # used only for blocking saves (no torch.save of the caller runs beside them); several
+    # of our saves may run at once on threads, and the last one out restores the flag.
     from torch.utils.serialization import config
 
-    previous = config.save.compute_crc32
-    config.save.compute_crc32 = False
+    with _ZIP_CRC_LOCK:
+        if _ZIP_CRC_USERS[0] == 0:
+            _ZIP_CRC_USERS[1] = config.save.compute_crc32
+            config.save.compute_crc32 = False
+        _ZIP_CRC_USERS[0] += 1
     try:
         yield
     finally:
-        config.save.compute_crc32 = previous
+        with _ZIP_CRC_LOCK:
+            _ZIP_CRC_USERS[0] -= 1
+            if _ZIP_CRC_USERS[0] == 0:
+                config.save.compute_crc32 = _ZIP_CRC_USERS[1]
 
 
 def save_state(state_dict: dict[str, Any], path: str, storage: Storage, *, process_group: Any = None,

@@ -150,6 +150,8 @@ class Checkpointer:
         plan = self.comm.each(lambda: self._background.stage(self._capture(
             iteration, model, optimizer, ema, trainer_state, rank_state, metrics, last, aliases)))
         self.last_stall_s = time.perf_counter() - started
+        if not self._background.process_mode:
+            self._background.comm.lanes(len(plan.artifacts))  # groups are made on this thread, not the writer's
         self._pending = self._background.submit(lambda: self._write_and_commit(plan, self._background.comm))
         return self._pending
 
@@ -238,22 +240,28 @@ class Checkpointer:
                 aliases += (ref.alias_name,)
         return _Plan(iteration, arts, clean_metrics, aliases)
 
-    def _prepare(self, plan: _Plan) -> bool:
-        """Coordinator: False if the point already committed; clear leftovers otherwise."""
-        existing = read_commit(self.storage, self.layout, plan.iteration)
-        if existing is not None:
-            return False
-        present = {e.name for e in self.storage.list(self.layout.checkpoints_dir)}  # one listing
+    def _prepare(self, plan: _Plan) -> tuple[bool, AliasRecord | None]:
+        """Coordinator: (False, _) if the point already committed; otherwise clear what an
+        uncommitted save of it left and return (True, the current ``latest`` alias). The
+        three reads (commit record, one listing, alias) go out together: one round trip."""
+        with ThreadPoolExecutor(max_workers=3, thread_name_prefix="noether-ckpt-prepare") as pool:
+            existing = pool.submit(read_commit, self.storage, self.layout, plan.iteration)
+            listing = pool.submit(self.storage.list, self.layout.checkpoints_dir)
+            latest = pool.submit(read_alias, self.storage, self.layout, "latest")
+            if existing.result() is not None:
+                return False, None
+            present = {e.name for e in listing.result()}
+            previous = latest.result()
         for art in plan.artifacts:
             if art.name in present:
                 path = self.layout.artifact_path(art.name)
                 log.warning("removing %s left by an earlier save that never committed", path)
                 self.storage.remove(path, recursive=True)
-        return True
+        return True, previous
 
     def _write_and_commit(self, plan: _Plan, comm: Comm) -> SaveResult:
         group = comm.group
-        fresh = comm.on_coordinator(lambda: self._prepare(plan))
+        fresh, previous = comm.on_coordinator(lambda: self._prepare(plan))
         if not fresh:
             log.info("checkpoint %s is already committed: keeping it, moving aliases only", plan.iteration)
 
@@ -273,11 +281,20 @@ class Checkpointer:
                     rank=comm.rank, thread_count=self.config.thread_count,
                     replicated_on_rank0=self.config.node_local, timeout_s=self.config.timeout_s)
                     for art in plan.artifacts]
-            return [dcp_io.save_state(art.state, self.layout.artifact_path(art.name), self.storage,
-                                      process_group=group, thread_count=self.config.thread_count,
-                                      replicated_on_rank0=self.config.node_local,
-                                      blocking=self.config.async_mode is AsyncMode.OFF)
-                    for art in plan.artifacts]
+            # Every artifact at once, each on a group of its own: the small ones (trainer
+            # state) no longer wait for the big ones, nor their round trips for each other.
+            lanes = comm.lanes(len(plan.artifacts))
+
+            def one(idx: int) -> list[dcp_io.FileRecord]:
+                art = plan.artifacts[idx]
+                return dcp_io.save_state(art.state, self.layout.artifact_path(art.name), self.storage,
+                                         process_group=lanes[idx], thread_count=self.config.thread_count,
+                                         replicated_on_rank0=self.config.node_local,
+                                         blocking=self.config.async_mode is AsyncMode.OFF)
+
+            with ThreadPoolExecutor(max_workers=len(plan.artifacts), thread_name_prefix="noether-ckpt-artifact") as pool:
+                futures = [pool.submit(one, idx) for idx in range(len(plan.artifacts))]
+                return [f.result() for f in futures]
 
         try:
             reports = comm.on_all(write_all)
@@ -297,7 +314,7 @@ class Checkpointer:
             # `latest` moves just BEFORE the record: a crash in between leaves it naming a point
             # that is not committed, which selection skips (one listing finds the newest
             # committed). Moved after, a crash in between would leave it one checkpoint behind.
-            previous = read_alias(self.storage, self.layout, "latest")
+            # `previous`: the alias as _prepare read it; only this coordinator moves it
             moved_latest = previous is None or previous.iteration <= plan.iteration
             if moved_latest:
                 write_alias(self.storage, self.layout, AliasRecord("latest", plan.iteration))
