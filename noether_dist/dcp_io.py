@@ -31,7 +31,6 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from fsspec.asyn import sync as fsspec_sync
-from fsspec.implementations.local import LocalFileSystem
 from torch.distributed._shard._utils import narrow_tensor_by_index
 from torch.distributed.checkpoint import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint._nested_dict import flatten_state_dict, unflatten_state_dict
@@ -79,9 +78,12 @@ class _ObjectUpload:
     go up in parallel. Each request carries the CRC32 of what it sends, which the store
     checks on arrival and which spares botocore its own pass over the bytes."""
 
-    def __init__(self, fs: Any, path: str) -> None:
+    def __init__(self, fs: Any, path: str, crc32: bool) -> None:
         self.fs = fs
         self.path = path
+        self.crc32 = crc32
+        """True when the store's uploads carry CRC32 (``StorageOptions.checksum``): then
+        ours is sent, and botocore computes none; otherwise the store's own settings apply."""
         self.buffer = bytearray()
 
     def write(self, data: Any) -> int:
@@ -98,10 +100,10 @@ class _ObjectUpload:
         bucket, key, _ = self.fs.split_path(self.path)
         data, self.buffer = self.buffer, bytearray()
         if len(data) < MULTIPART_MIN_BYTES:
-            self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, ChecksumAlgorithm="CRC32",
-                            ChecksumCRC32=_crc_header(crc))
+            checksum = {"ChecksumCRC32": _crc_header(crc)} if self.crc32 else {}
+            self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, **checksum)
         else:
-            _multipart_upload(self.fs, bucket, key, data)
+            _multipart_upload(self.fs, bucket, key, data, crc if self.crc32 else None)
 
 
 MULTIPART_MIN_BYTES = 64 << 20
@@ -114,32 +116,38 @@ def _crc_header(crc: int) -> str:
     return base64.b64encode((crc & 0xFFFFFFFF).to_bytes(4, "big")).decode()
 
 
-def _multipart_upload(fs: Any, bucket: str, key: str, data: bytearray) -> None:
+def _multipart_upload(fs: Any, bucket: str, key: str, data: bytearray, crc: int | None) -> None:
     part = max(_PART_BYTES, -(-len(data) // 10_000))  # S3 allows at most 10,000 parts
     view = memoryview(data)
     starts = range(0, len(data), part)
     # on this (a DCP writer) thread, beside the other writers, not on s3fs's event loop
-    checksums = [_crc_header(zlib.crc32(view[start:start + part])) for start in starts]
-    fsspec_sync(fs.loop, _send_parts, fs, bucket, key, view, part, checksums)
+    checksums = [_crc_header(zlib.crc32(view[start:start + part])) if crc is not None else None for start in starts]
+    fsspec_sync(fs.loop, _send_parts, fs, bucket, key, view, part, checksums, crc)
 
 
-async def _send_parts(fs: Any, bucket: str, key: str, view: memoryview, part: int, checksums: list[str]) -> None:
-    mpu = await fs._call_s3("create_multipart_upload", Bucket=bucket, Key=key, ChecksumAlgorithm="CRC32")
+async def _send_parts(fs: Any, bucket: str, key: str, view: memoryview, part: int, checksums: list[str | None],
+                      crc: int | None) -> None:
+    # The checksum algorithm and type (a full-object CRC32) come with the store's options
+    # (s3_additional_kwargs); with CRC32 each part carries its own and the completion ours
+    # of the whole file, which the store checks against the parts.
+    mpu = await fs._call_s3("create_multipart_upload", Bucket=bucket, Key=key)
     upload_id = mpu["UploadId"]
     gate = asyncio.Semaphore(_PARTS_IN_FLIGHT)
 
     async def send(index: int) -> dict[str, Any]:
+        extra = {"ChecksumCRC32": checksums[index]} if checksums[index] else {}
         async with gate:
             start = index * part
             out = await fs._call_s3("upload_part", Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=index + 1,
                                     Body=bytes(view[start:start + part]),  # botocore takes bytes, not views
-                                    ChecksumCRC32=checksums[index])
-        return {"PartNumber": index + 1, "ETag": out["ETag"], "ChecksumCRC32": checksums[index]}
+                                    **extra)
+        return {"PartNumber": index + 1, "ETag": out["ETag"], **extra}
 
     try:
         parts = await asyncio.gather(*(send(i) for i in range(len(checksums))))
+        whole = {"ChecksumCRC32": _crc_header(crc)} if crc is not None else {}
         await fs._call_s3("complete_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id,
-                          MultipartUpload={"Parts": list(parts)})
+                          MultipartUpload={"Parts": list(parts)}, **whole)
     except BaseException:
         try:
             await fs._call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
@@ -152,12 +160,13 @@ class _RecordingFS(_DcpFsspecFS):
     """DCP's fsspec FileSystem bound to our filesystem instance, recording written files.
     On an object store a file is written by :class:`_ObjectUpload`."""
 
-    def __init__(self, fs: Any) -> None:
+    def __init__(self, storage: Storage) -> None:
         super().__init__()
-        self.fs = fs
+        self.fs = storage.fs
         self.records: dict[str, FileRecord] = {}
         self._lock = threading.Lock()
-        self.object_store = not isinstance(fs, LocalFileSystem)
+        self.object_store = not storage.is_local
+        self.crc32_uploads = storage.protocol in ("s3", "s3a") and storage.options.checksum == "CRC32"
 
     def init_path(self, path: str | os.PathLike, **kwargs: Any) -> str | os.PathLike:
         return path  # keep our filesystem instance (and its options)
@@ -178,7 +187,7 @@ class _RecordingFS(_DcpFsspecFS):
                 yield stream
             return
         if self.object_store:
-            upload = _ObjectUpload(self.fs, os.fspath(path))
+            upload = _ObjectUpload(self.fs, os.fspath(path), self.crc32_uploads)
             wrapped = _ChecksumStream(upload)
             yield wrapped  # type: ignore[misc]
             upload.upload(wrapped.crc)
@@ -205,7 +214,7 @@ class _Writer(FsspecWriter):
     def __init__(self, path: str, storage: Storage, thread_count: int, sidecar: bool = False) -> None:
         super().__init__(path, sync_files=storage.is_local, thread_count=thread_count, overwrite=True)
         self._threads = thread_count
-        self.fs = _RecordingFS(storage.fs)
+        self.fs = _RecordingFS(storage)
         self.path = path
         self.sidecar = sidecar
         self.local = storage.is_local
@@ -346,7 +355,7 @@ class _Reader(FsspecReader):
                  files: list[FileRecord] | tuple[FileRecord, ...] | None = None, verify: bool = True,
                  whole_max_bytes: int = 0, threads: int = DEFAULT_READ_THREADS, collect: bool = False) -> None:
         super().__init__(path)
-        self.fs = _RecordingFS(storage.fs)
+        self.fs = _RecordingFS(storage)
         self.path = path
         self.storage = storage
         self._metadata = metadata
