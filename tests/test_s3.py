@@ -80,6 +80,7 @@ def test_s3_storage_primitives(s3_bucket, s3_env):
     assert other.list(f"s3://{s3_bucket}/a") == []
 
 
+@pytest.mark.torch_compat
 def test_big_files_go_up_in_parts_with_checksums_and_load_back(s3_bucket, s3_env, monkeypatch):
     import zlib
 
@@ -107,6 +108,7 @@ def test_big_files_go_up_in_parts_with_checksums_and_load_back(s3_bucket, s3_env
     assert torch.equal(target["big"], state["big"]) and torch.equal(target["small"], state["small"])
 
 
+@pytest.mark.torch_compat
 def test_each_object_carries_the_crc32_of_the_commit_record(s3_bucket, s3_env):
     """The CRC32 recorded for a file travels with its PUT (S3 checks it on arrival, and
     botocore need not compute its own): the store keeps the same value."""
@@ -122,6 +124,7 @@ def test_each_object_carries_the_crc32_of_the_commit_record(s3_bucket, s3_env):
         assert st.stored_checksum(f"{path}/{record.name}") == (record.size, record.crc32)
 
 
+@pytest.mark.torch_compat
 def test_save_and_load_with_upload_checksums_off(s3_bucket, s3_env):
     import torch
 
