@@ -149,9 +149,9 @@ class Checkpointer:
         started = time.perf_counter()
         plan = self.comm.each(lambda: self._background.stage(self._capture(
             iteration, model, optimizer, ema, trainer_state, rank_state, metrics, last, aliases)))
-        self.last_stall_s = time.perf_counter() - started
         if not self._background.process_mode:
             self._background.comm.lanes(len(plan.artifacts))  # groups are made on this thread, not the writer's
+        self.last_stall_s = time.perf_counter() - started
         self._pending = self._background.submit(lambda: self._write_and_commit(plan, self._background.comm))
         return self._pending
 
@@ -175,16 +175,20 @@ class Checkpointer:
             return
         self.wait()  # the buffers may still be read by a save in flight
 
-        def reserve() -> None:
+        def reserve() -> int:
             fresh = isinstance(optimizer, torch.optim.Optimizer) and not optimizer.state
             try:
-                self._background.reserve(_states(model, optimizer, ema))
+                states = _states(model, optimizer, ema)
+                self._background.reserve(states)
+                return len(states)
             finally:
                 if fresh:
                     optimizer.state.clear()  # back to never stepped: the first step initialises it
 
         started = time.perf_counter()
-        self.comm.each(reserve)
+        states = self.comm.each(reserve)
+        if not self._background.process_mode:  # a writer group per artifact, the trainer state's included
+            self._background.comm.lanes(states + 1)
         log.info("staging memory prepared: %.1f MiB in %.3fs", self._background.staging.nbytes / 2**20,
                  time.perf_counter() - started)
 
