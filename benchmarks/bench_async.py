@@ -116,17 +116,17 @@ def async_stall(rank: int, world_size: int, *, out: str, total_bytes: int, saves
 def stall_parts(model: Any, repeats: int = 5) -> dict[str, float]:
     """Median seconds of each piece an async save's stall is made of, timed on their own:
     capturing the state dict, packing a small trainer state, the one ``Comm.each``
-    agreement, and the staging copy into already allocated buffers (``Staging``, as the
+    agreement, and the staging copy into already allocated buffers (``SaveStaging``, as the
     Checkpointer uses it); and, for comparison, the cheapest agreement there is: an
     all_reduce of one int."""
     import torch
     import torch.distributed as dist
 
     from noether_dist.comm import Comm
-    from noether_dist.statedict import Staging, model_state, pack_object
+    from noether_dist.statedict import SaveStaging, model_state, pack_object
 
     comm = Comm(600)
-    staging = Staging()
+    staging = SaveStaging()
     staging.stage("model:", model_state(model))  # allocate the staging buffers
     samples: dict[str, list[float]] = {"capture_s": [], "pack_s": [], "each_s": [], "stage_s": [],
                                        "flag_allreduce_s": []}

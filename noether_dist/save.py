@@ -23,7 +23,7 @@ from .mirror import is_node_leader, mirror_from_coordinator
 from .retention import prune
 from .spawn_check import check_process_mode
 from .names import ArtifactKind, TrainingIteration, format_artifact, normalize_model_info, parse_checkpoint
-from .statedict import Staging, model_state, optimizer_state, pack_object
+from .statedict import SaveStaging, model_state, optimizer_state, pack_object
 from .storage import Storage, open_storage
 
 __all__ = ["Checkpointer", "SaveResult", "AliasUpdateError", "TRAINER_COMMON_KEY", "trainer_rank_key"]
@@ -427,7 +427,7 @@ class _Background:
     def __init__(self, config: CheckpointerConfig) -> None:
         self.comm = Comm(config.timeout_s, private=True)
         self.process_mode = config.async_mode is AsyncMode.PROCESS
-        self.staging = Staging(shared=self.process_mode)
+        self.staging = SaveStaging(shared=self.process_mode)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="noether-ckpt-writer")
 
     def stage(self, plan: _Plan) -> _Plan:

@@ -27,7 +27,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from .errors import ConfigError
 
-__all__ = ["Staging", "model_state", "optimizer_state", "apply_model_state", "apply_optimizer_state",
+__all__ = ["SaveStaging", "model_state", "optimizer_state", "apply_model_state", "apply_optimizer_state",
            "pack_object", "unpack_object", "empty_like_packed"]
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ class _Mismatch(Exception):
     """A state no longer fits the staging buffers reserved for its slot."""
 
 
-class Staging:
+class SaveStaging:
     """CPU copies of state dicts that a background writer reads while training goes on.
 
     Each slot (an artifact: model, an EMA, the optimizer) has its buffers, allocated the
