@@ -27,7 +27,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,8 @@ import time
 import urllib.error
 import urllib.request
 from typing import Any
+
+from tests.ports import free_port
 
 logger = logging.getLogger(__name__)
 
@@ -44,13 +45,6 @@ TEST_SECRET_KEY = "testing"
 TEST_REGION = "us-east-1"
 
 _STDERR_TAIL_CHARS = 4000
-
-
-def _free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _moto_command() -> list[str] | None:
@@ -81,7 +75,7 @@ def s3_server_available() -> tuple[bool, str]:
     if _moto_command() is None:
         return False, "moto_server executable not found and moto.server not importable"
     try:
-        _free_port()
+        free_port()
     except OSError as exc:
         return False, f"cannot bind a loopback socket: {exc}"
     return True, ""
@@ -168,7 +162,7 @@ class S3Server:
             return self
         last_error: Exception | None = None
         for attempt in range(self.start_attempts):
-            port = self._requested_port or _free_port()
+            port = self._requested_port or free_port()
             try:
                 self._launch(port)
                 self._wait_ready()

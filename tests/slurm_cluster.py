@@ -59,13 +59,14 @@ import pwd
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
+
+from tests.ports import free_port
 
 __all__ = [
     "LocalSlurmCluster",
@@ -150,12 +151,6 @@ def _die_with_parent() -> None:
         libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # 1 == PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _tail(path: Path, lines: int = 40) -> str:
@@ -502,10 +497,10 @@ class LocalSlurmCluster:
 
     def _write_conf(self) -> None:
         w = self._require_workdir()
-        self.slurmctld_port = _free_port()
-        self.slurmd_port = _free_port()
+        self.slurmctld_port = free_port()
+        self.slurmd_port = free_port()
         while self.slurmd_port == self.slurmctld_port:
-            self.slurmd_port = _free_port()
+            self.slurmd_port = free_port()
         self.conf_path = w / "slurm.conf"
         self.conf_path.write_text(self.slurm_conf_text())
         os.chmod(self.conf_path, 0o644)

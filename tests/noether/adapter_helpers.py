@@ -23,6 +23,7 @@ from noether_dist.dcp_io import load_full
 from noether_dist.layout import StageLayout
 from noether_dist.commit import read_alias, read_commit
 from noether_dist.storage import open_storage
+from tests.ports import free_port
 
 __all__ = ["project_config", "start_run", "run_to_end", "kill_tree", "digest_at", "commits_of", "alias_of",
            "wait_for_commit", "REPO"]
@@ -40,7 +41,7 @@ def project_config(out: Path, run_id: str, **root: Any) -> dict[str, Any]:
     Dropout makes the result depend on every rank's random stream."""
     return {
         "output_path": str(out), "run_id": run_id, "stage_name": STAGE, "accelerator": "cpu", "num_workers": 0,
-        "seed": 3, "store_code_in_output": False, "tracker": "disabled", "master_port": 29500,
+        "seed": 3, "store_code_in_output": False, "tracker": "disabled",
         "datasets": {"train": {"kind": f"{PROJECT}.SyntheticDataset", "num_samples": 32}},
         "model": {"kind": f"{PROJECT}.TinyNet", "name": "tinynet", "dropout": 0.2,
                   "optimizer_config": {"kind": "torch.optim.AdamW", "lr": 0.01, "weight_decay": 0.05}},
@@ -62,8 +63,9 @@ def project_config(out: Path, run_id: str, **root: Any) -> dict[str, Any]:
     }
 
 
-def start_run(config: dict[str, Any], workdir: Path, *, nproc: int = 2, port: int = 29500) -> subprocess.Popen:
-    """Start ``torchrun --nproc-per-node=<nproc> -m noether_dist.integrations.noether.train``."""
+def start_run(config: dict[str, Any], workdir: Path, *, nproc: int = 2) -> subprocess.Popen:
+    """Start ``torchrun --nproc-per-node=<nproc> -m noether_dist.integrations.noether.train`` on a
+    master port of its own (concurrent test runs never clash)."""
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / f"{config['run_id']}.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -72,13 +74,13 @@ def start_run(config: dict[str, Any], workdir: Path, *, nproc: int = 2, port: in
     env.pop("SLURM_PROCID", None)
     log = open(workdir / f"{config['run_id']}.log", "ab")
     return subprocess.Popen([torchrun, f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
-                             f"--master-port={port}", "-m", "noether_dist.integrations.noether.train", str(path)],
+                             f"--master-port={free_port()}", "-m", "noether_dist.integrations.noether.train", str(path)],
                             cwd=str(workdir), env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
-def run_to_end(config: dict[str, Any], workdir: Path, *, timeout_s: float = 240, port: int = 29500) -> None:
+def run_to_end(config: dict[str, Any], workdir: Path, *, timeout_s: float = 240, nproc: int = 2) -> None:
     """Run to the end; AssertionError with the log's tail when it fails."""
-    proc = start_run(config, workdir, port=port)
+    proc = start_run(config, workdir, nproc=nproc)
     try:
         rc = proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:

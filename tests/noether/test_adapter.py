@@ -31,7 +31,7 @@ def full_run(tmp_path_factory) -> Path:
     """One uninterrupted run ("full") of the project; returns the output_path."""
     root = tmp_path_factory.mktemp("adapter")
     out = root / "out"
-    run_to_end(project_config(out, "full"), root / "work", port=29631)
+    run_to_end(project_config(out, "full"), root / "work")
     return out
 
 
@@ -78,7 +78,7 @@ def test_sigkill_at_random_update_then_resume_with_noether_keys_gives_same_diges
     commits_before_kill = rng.randrange(2, 10)
     delay = rng.uniform(0.0, 0.3)
     work = tmp_path / "work"
-    proc = start_run(project_config(full_run, f"killed{seed}"), work, port=29632)
+    proc = start_run(project_config(full_run, f"killed{seed}"), work)
     try:
         wait_for_commit(full_run, f"killed{seed}", commits_before_kill, proc)
         time.sleep(delay)
@@ -90,7 +90,7 @@ def test_sigkill_at_random_update_then_resume_with_noether_keys_gives_same_diges
     # Noether's own keys; the continued run gets an id of its own.
     resumed = f"resumed{seed}"
     run_to_end(project_config(full_run, resumed, resume_run_id=f"killed{seed}", resume_stage_name=STAGE),
-               work, port=29633)
+               work)
     first = min(commits_of(full_run, resumed), key=lambda n: int(n.split("_U")[1].split("_")[0]))
     newest_update = int(committed[-1].split("_U")[1].split("_")[0])
     assert int(first.split("_U")[1].split("_")[0]) == newest_update + 2, f"seed {seed}"
@@ -103,7 +103,7 @@ def test_resume_from_noethers_best_model_tag_continues_exactly(full_run: Path, t
     # resume_checkpoint in Noether's spelling: the best point (E1_U8_S32, an epoch boundary),
     # not the newest; the continued run then trains to the end exactly like the first one.
     run_to_end(project_config(full_run, "from_best", resume_run_id="full", resume_stage_name=STAGE,
-                              resume_checkpoint="best_model.loss.val"), tmp_path / "work", port=29634)
+                              resume_checkpoint="best_model.loss.val"), tmp_path / "work")
     assert min(commits_of(full_run, "from_best"), key=lambda n: int(n.split("_U")[1].split("_")[0])) == "E1_U10_S40"
     assert digest_at(full_run, "from_best") == digest_at(full_run, "full")
     assert alias_of(full_run, "from_best", "best.loss.val") is None  # Noether found nothing better
