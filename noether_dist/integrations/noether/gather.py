@@ -33,13 +33,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ...comm import Comm
-from ...errors import ConfigError
-from ...names import TrainingIteration, parse_checkpoint
+from ...consolidated import TRAINER_MODEL_CONFIGS
+from ...errors import ConfigError, InvalidNameError
+from ...names import CheckpointRef, TrainingIteration, parse_checkpoint
 from ...save import Checkpointer, SaveResult
 from ...state import capture_rng
 from ...statedict import optimizer_state
 from .block import checkpointer_config
-from .models import model_configs, torch_optimizers
+from .models import model_configs, variant_model_info, torch_optimizers
 
 __all__ = ["GatheringCheckpointWriter", "PointSummary", "noether_tag"]
 
@@ -74,20 +75,21 @@ def noether_tag(tag: str) -> tuple[str, str | None]:
     """Classify a Noether checkpoint tag: ("point", None), ("latest", None), ("alias", name),
     ("error", None) or ("early_exit", None). Anything else is a ConfigError."""
     tag = str(tag)
-    if _POINT_RE.match(tag):
-        return "point", None
-    if tag == "latest":
-        return "latest", None
-    if tag == "last":
-        return "alias", "last"
-    if tag.startswith("best_model.") or tag.startswith("best."):
-        return "alias", parse_checkpoint(tag, what="Noether checkpoint tag").alias_name
     if tag.endswith(".error"):
         return "error", None
     if tag.endswith(".early_exit"):
         return "early_exit", None
-    raise ConfigError(f"Noether checkpoint tag {tag!r} has no noether_dist meaning; expected a training point "
-                      "E<e>_U<u>_S<s>, latest, last, best_model.<metric>, <point>.error or <point>.early_exit")
+    try:
+        ref = parse_checkpoint(tag, what="Noether checkpoint tag")  # Noether's and our spellings
+    except InvalidNameError as exc:
+        raise ConfigError(f"Noether checkpoint tag {tag!r} has no noether_dist meaning; expected a training point "
+                          "E<e>_U<u>_S<s>, latest, last, best_model.<metric>, <point>.error or <point>.early_exit "
+                          f"({exc})") from None
+    if ref.kind is CheckpointRef.Kind.ITERATION:
+        return "point", None
+    if ref.kind is CheckpointRef.Kind.LATEST:
+        return "latest", None
+    return "alias", ref.alias_name
 
 
 def to_iteration(noether_iteration: Any) -> TrainingIteration:
@@ -143,8 +145,6 @@ class GatheringCheckpointWriter:
     def save_model_checkpoint(self, model_name: str, checkpoint_tag: str, state_dict: dict[str, Any],
                               model_config: Any = None, model_info: str | None = None, **extra: Any) -> None:
         """Record a model-variant file (EMA; Noether calls this on rank 0 only). No collective."""
-        from .models import ema_model_info
-
         kind, alias = noether_tag(checkpoint_tag)
         if kind not in ("point", "latest", "alias"):
             log.warning("model file %s with tag %r is not written by the adapter", model_name, checkpoint_tag)
@@ -156,12 +156,8 @@ class GatheringCheckpointWriter:
         if not model_info:
             raise ConfigError(f"save_model_checkpoint({model_name!r}) without model_info would replace the model "
                               "weights; the adapter saves those itself")
-        if model_info.startswith("ema="):
-            info = ema_model_info(path, model_info[len("ema="):])
-        else:
-            info = model_info if path is None else f"{path}.{model_info}"
         point = self._point()
-        point.extra[info] = state_dict
+        point.extra[variant_model_info(path, model_info)] = state_dict
         if alias:
             point.aliases.add(alias)
 
@@ -225,7 +221,7 @@ class GatheringCheckpointWriter:
         noether_state = self.trainer.state_dict()  # every rank: callbacks may gather
         trainer_state = {"callbacks": noether_state.get("callback_state_dicts", {}),
                          "grad_scaler": noether_state.get("grad_scaler"),
-                         "model_configs": model_configs(model)}
+                         TRAINER_MODEL_CONFIGS: model_configs(model)}
         rank_state = {"rng": capture_rng(), "data_position": summary.iteration.to_dict()}
         return self.checkpointer.save(summary.iteration, model=model, optimizer=optim, ema=ema or None,
                                       trainer_state=trainer_state, rank_state=rank_state, aliases=summary.aliases)

@@ -16,9 +16,11 @@ import torch
 from noether.core.models import CompositeModel, Model, ModelBase
 from noether.core.utils.common import select_with_path
 
-from ...names import normalize_model_info
+from ...consolidated import MODEL_CONFIG_KEYS
+from ...names import NOETHER_EMA_PREFIX, normalize_model_info
 
-__all__ = ["named_models", "torch_optimizers", "model_configs", "ema_model_info", "ema_targets", "ema_callbacks"]
+__all__ = ["named_models", "torch_optimizers", "model_configs", "variant_model_info", "ema_model_info", "ema_targets",
+           "ema_callbacks"]
 
 
 def named_models(model: ModelBase, name: str | None = None) -> Iterator[tuple[str, ModelBase]]:
@@ -45,20 +47,26 @@ def model_configs(model: ModelBase) -> dict[str, dict[str, Any]]:
     """``{Noether model file name: {"model_config": ..., "config_kind": ...}}`` for the model
     and its submodels: what Noether writes into its model files so its tools can rebuild
     the model (JSON-safe, so that it loads with ``weights_only=True``)."""
+    config_key, kind_key = MODEL_CONFIG_KEYS
     out = {}
     for name, sub in named_models(model):
         config = getattr(sub, "model_config", None)
         if config is not None:
-            out[name] = {"model_config": config.model_dump(mode="json", exclude_computed_fields=True),
-                         "config_kind": config.config_kind}
+            out[name] = {config_key: config.model_dump(mode="json", exclude_computed_fields=True),
+                         kind_key: config.config_kind}
     return out
 
 
-def ema_model_info(model_path: str | None, factor: float | str) -> str:
-    """Our model_info for the EMA of ``model_path`` (None: the whole model) with ``factor``:
-    ``ema_factor=0.999`` or ``<path>.ema_factor=0.999``."""
-    info = normalize_model_info(f"ema={factor}")
+def variant_model_info(model_path: str | None, model_info: str) -> str:
+    """Our model_info for a variant (Noether's ``model_info``, e.g. ``ema=0.999``) of the submodel
+    at ``model_path`` (None: the whole model): ``ema_factor=0.999`` or ``<path>.ema_factor=0.999``."""
+    info = normalize_model_info(model_info)
     return info if not model_path else f"{model_path}.{info}"
+
+
+def ema_model_info(model_path: str | None, factor: float | str) -> str:
+    """Our model_info for the EMA of ``model_path`` (None: the whole model) with ``factor``."""
+    return variant_model_info(model_path, f"{NOETHER_EMA_PREFIX}{factor}")
 
 
 def ema_callbacks(callbacks: list[Any]) -> list[Any]:
