@@ -25,7 +25,7 @@ from noether_dist.commit import read_alias, read_commit
 from noether_dist.storage import open_storage
 from tests.ports import free_port
 
-__all__ = ["project_config", "start_run", "run_to_end", "kill_tree", "digest_at", "commits_of", "alias_of",
+__all__ = ["project_config", "plain_config", "start_run", "run_to_end", "kill_tree", "digest_at", "commits_of", "alias_of",
            "wait_for_commit", "REPO"]
 
 REPO = Path(__file__).resolve().parents[2]
@@ -61,6 +61,14 @@ def project_config(out: Path, run_id: str, **root: Any) -> dict[str, Any]:
         },
         **root,
     }
+
+
+def plain_config(out: Path, run_id: str, **root: Any) -> dict[str, Any]:
+    """The same project with the adapter off: Noether's own trainer and CheckpointWriter."""
+    config = project_config(out, run_id, **root)
+    config["trainer"]["kind"] = f"{PROJECT}.PlainTinyTrainer"
+    del config["trainer"]["checkpointer"]
+    return config
 
 
 def start_run(config: dict[str, Any], workdir: Path, *, nproc: int = 2) -> subprocess.Popen:

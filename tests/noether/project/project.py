@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from noether.core.callbacks.periodic import PeriodicCallback
+from noether.core.distributed import get_rank
 from noether.core.models import CompositeModel, Model
 from noether.core.schemas.dataset import DatasetBaseConfig
 from noether.core.schemas.models import ModelBaseConfig
@@ -119,3 +120,35 @@ class ValMetricCallback(PeriodicCallback):
         if interval_type == "eval":
             return
         self.writer.add_scalar(METRIC_KEY, metric_value(update_counter.cur_iteration.update))
+
+
+RESUMED_STATE_DIR = "resumed_state"
+
+
+class ResumedStateProbe(PeriodicCallback):
+    """Records, before the first update of a run (after any resume), what each rank trains from:
+    model weights, optimizer state and param group settings by parameter name, every EMA the
+    EmaCallbacks hold, the callbacks' states and the update counter, into
+    ``<stage folder>/resumed_state/rank<r>.th``. Put it after the EmaCallbacks."""
+
+    def before_training(self, *, update_counter: Any) -> None:
+        model = self.model
+        names = {id(p): n for n, p in model.named_parameters()}
+        optim = model.optimizer.torch_optim
+        emas = {}
+        for cb in self.trainer.callbacks:
+            if type(cb).__name__ == "EmaCallback":
+                for (path, factor), params in cb.parameters.items():
+                    emas[f"{path}:{factor}"] = {**params, **cb.buffers[path]}
+        record = {
+            "model": model.state_dict(),
+            "optim": {names[id(p)]: dict(state) for p, state in optim.state.items()},
+            "groups": [(sorted(names[id(p)] for p in g["params"]), {k: v for k, v in g.items() if k != "params"})
+                       for g in optim.param_groups],
+            "ema": emas,
+            "callbacks": self.trainer.state_dict()["callback_state_dicts"],
+            "iteration": dict(update_counter.cur_iteration),
+        }
+        folder = self.trainer.path_provider.run_output_path / RESUMED_STATE_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save(record, folder / f"rank{get_rank()}.th")
