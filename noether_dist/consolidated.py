@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -31,7 +32,7 @@ from .names import TrainingIteration
 from .optim_file import match_optimizer_file
 from .storage import Storage
 
-__all__ = ["model_file", "trainer_file", "read_file", "state_dict_of", "load_model_file", "load_optimizer_file",
+__all__ = ["model_file", "trainer_file", "submodel_names", "submodel_of_variant", "submodel_state", "submodel_optimizer", "read_file", "state_dict_of", "load_model_file", "load_optimizer_file",
            "check_optimizer_file", "apply_optimizer_file", "full_shapes", "trainer_state_of", "save_file"]
 
 _FULL = StateDictOptions(full_state_dict=True, strict=True)
@@ -53,6 +54,53 @@ def model_file(state_dict: dict[str, Any], iteration: TrainingIteration, run_id:
         out["ema"] = ema
     out.update({k: model_config[k] for k in MODEL_CONFIG_KEYS if model_config and k in model_config})
     return out
+
+
+def submodel_names(model_name: str, model_configs: Mapping[str, Any]) -> list[str]:
+    """The file names Noether gives the submodels of a CompositeModel ``model_name``
+    (``comp.encoder``, ...), as the trainer state's ``model_configs`` lists them: the submodels
+    without submodels of their own, the ones Noether's CheckpointWriter writes files for.
+    Empty for a plain Model."""
+    below = [n for n in model_configs if n.startswith(model_name + ".")]
+    return sorted(n for n in below if not any(o.startswith(n + ".") for o in below))
+
+
+def submodel_of_variant(model_name: str, model_info: str, model_configs: Mapping[str, Any]) -> tuple[str, str] | None:
+    """(Noether file name of the submodel, its own model_info) for the model_info of a
+    submodel's variant (``encoder.ema_factor=0.9`` -> ``comp.encoder``, ``ema_factor=0.9``);
+    None when ``model_info`` names no submodel of ``model_name``."""
+    subs = [n for n in model_configs if n.startswith(model_name + ".")
+            and model_info.startswith(n[len(model_name) + 1:] + ".")]
+    if not subs:
+        return None
+    sub = max(subs, key=len)
+    return sub, model_info[len(sub) - len(model_name):]
+
+
+def _prefix(model_name: str, submodel: str) -> str:
+    return submodel[len(model_name) + 1:] + "."
+
+
+def submodel_state(state_dict: Mapping[str, Any], model_name: str, submodel: str) -> dict[str, Any]:
+    """The part of the whole model's state dict that belongs to ``submodel`` (a Noether file
+    name below ``model_name``), keyed as the submodel's own state dict."""
+    prefix = _prefix(model_name, submodel)
+    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
+def submodel_optimizer(osd: Mapping[str, Any], model_name: str, submodel: str) -> dict[str, Any] | None:
+    """The state of ``submodel``'s own optimizer within a name-keyed optimizer state dict of
+    the whole model (one group list for all optimizers: each group holds one submodel's
+    parameters), keyed by the submodel's parameter names; None when it has no parameters there."""
+    prefix = _prefix(model_name, submodel)
+    groups = []
+    for group in osd["param_groups"]:
+        params = [p[len(prefix):] for p in group["params"] if p.startswith(prefix)]
+        if params:
+            groups.append({**group, "params": params})
+    if not groups:
+        return None
+    return {"state": submodel_state(osd.get("state") or {}, model_name, submodel), "param_groups": groups}
 
 
 def trainer_file(trainer_state: dict[str, Any], rank_states: dict[int, Any], iteration: TrainingIteration) -> dict:

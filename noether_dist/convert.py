@@ -10,8 +10,14 @@ To consolidated, the files are what Noether's own tools read: EMA files spelled
 ``param_idx_to_name``), ``model_config``/``config_kind`` in model files when the saved
 trainer state has them, and for every alias a copy under Noether's tag
 (``{model}_cp=latest_*.th``, ``cp=last``, ``cp=best_model.<metric>``), and the stage's
-``hp_resolved.yaml`` if it has one (``noether-eval`` starts from it). Those tag files are
-not part of any commit record: our own reader selects through commit records and aliases.
+``hp_resolved.yaml`` if it has one (``noether-eval`` starts from it). A CompositeModel,
+which the adapter saves as one model and one optimizer artifact (keys ``encoder.*``, ...),
+also gets the files Noether writes for it: per submodel a model file (the submodel's own
+keys, ``model_config``/``config_kind`` from the trainer state's ``model_configs``) and an
+optimizer file (``comp.encoder_cp=..._model.th``, ``..._optim.th``), and a submodel's EMA
+under the submodel's name (``comp.encoder_ema=<factor>_cp=...``). Those tag and submodel
+files are not part of any commit record: our own reader selects through commit records and
+aliases and reads the whole-model artifacts.
 """
 
 from __future__ import annotations
@@ -46,16 +52,48 @@ class ConvertReport:
     bytes_written: int
 
 
+def _model_configs(trainer: dict[str, Any]) -> dict[str, Any]:
+    return (trainer.get("state") or {}).get(consolidated.TRAINER_MODEL_CONFIGS) or {}
+
+
 def _file_object(full: dict[str, Any], art: ArtifactRecord, record: CommitRecord, trainer: dict[str, Any]) -> Any:
     """What Noether stores in the single file of one artifact."""
     if art.kind == "model":
-        configs = (trainer.get("state") or {}).get(consolidated.TRAINER_MODEL_CONFIGS) or {}
         return consolidated.model_file(full, record.iteration, record.run_id, str(record.iteration),
-                                       ema_factor_of(art.model_info), configs.get(record.model_name))
+                                       ema_factor_of(art.model_info), _model_configs(trainer).get(record.model_name))
     if art.kind == "optim":
         return to_noether_layout(full, f"optimizer of {record.iteration}")
     ranks = {int(k.rsplit(".", 1)[1]): unpack_object(v) for k, v in full.items() if k.startswith("noether.rank.")}
     return consolidated.trainer_file(trainer.get("state") or {}, ranks, record.iteration)
+
+
+def _submodel_files(full: dict[str, Any], art: ArtifactRecord, record: CommitRecord,
+                    trainer: dict[str, Any]) -> list[tuple[str, str | None, Any]]:
+    """(model name, model_info, file object) of the files Noether writes for the submodels of
+    a CompositeModel, which the adapter saves as ONE model and ONE optimizer artifact: a model
+    file (with the submodel's model_config) and an optimizer file per submodel
+    (``comp.encoder_cp=..._model.th``, ``..._optim.th``), and a submodel's EMA under the
+    submodel's name (``comp.encoder_ema=0.9_cp=...``, with the whole model's config, as
+    Noether's EmaCallback writes it). Empty for a plain Model."""
+    configs = _model_configs(trainer)
+    name, it = record.model_name, record.iteration
+    out: list[tuple[str, str | None, Any]] = []
+    if art.kind == "model" and art.model_info:
+        variant = consolidated.submodel_of_variant(name, normalize_model_info(art.model_info), configs)
+        if variant is not None:
+            sub, info = variant
+            out.append((sub, info, consolidated.model_file(full, it, record.run_id, str(it), ema_factor_of(info),
+                                                           configs.get(name))))
+    elif art.kind == "model":
+        for sub in consolidated.submodel_names(name, configs):
+            out.append((sub, None, consolidated.model_file(consolidated.submodel_state(full, name, sub), it,
+                                                           record.run_id, str(it), None, configs[sub])))
+    elif art.kind == "optim":
+        for sub in consolidated.submodel_names(name, configs):
+            osd = consolidated.submodel_optimizer(full, name, sub)
+            if osd is not None:  # frozen submodels have no optimizer
+                out.append((sub, None, to_noether_layout(osd, f"optimizer of {sub} at {it}")))
+    return out
 
 
 def _write_file(dst: Storage, dst_path: str, obj: Any) -> dcp_io.FileRecord:
@@ -72,9 +110,9 @@ def _trainer_common(src: Storage, src_layout: StageLayout, record: CommitRecord)
     return unpack_object(full[TRAINER_COMMON_KEY]) if TRAINER_COMMON_KEY in full else {}
 
 
-def _noether_name(model_name: str, checkpoint: str, art: ArtifactRecord) -> str:
-    """The file name Noether gives this artifact (its ``ema=<factor>`` spelling)."""
-    return format_artifact(model_name, checkpoint, art.kind, noether_model_info(art.model_info))
+def _noether_name(model_name: str, checkpoint: str, kind: str, model_info: str | None) -> str:
+    """The file name Noether gives an artifact (its ``ema=<factor>`` spelling)."""
+    return format_artifact(model_name, checkpoint, kind, noether_model_info(model_info))
 
 
 def _to_files(src: Storage, dst: Storage, src_layout: StageLayout, dst_layout: StageLayout, record: CommitRecord,
@@ -90,17 +128,24 @@ def _to_files(src: Storage, dst: Storage, src_layout: StageLayout, dst_layout: S
         src_path = src_layout.artifact_path(art.name)
         if art.format == "consolidated":
             raise ConfigError(f"{src_path} is already consolidated")
-        obj = _file_object(dcp_io.load_full(src_path, src), art, record, trainer)
-        name = _noether_name(record.model_name, str(record.iteration), art)
+        full = dcp_io.load_full(src_path, src)
+        obj = _file_object(full, art, record, trainer)
+        name = _noether_name(record.model_name, str(record.iteration), art.kind, art.model_info)
         dst.remove(dst_layout.artifact_path(name), recursive=True)
         arts.append(ArtifactRecord(name, art.kind, art.model_info, "consolidated",
                                    (_write_file(dst, dst_layout.artifact_path(name), obj),)))
+        # Noether's own files for submodels: beside the commit, like the tag files
+        extra = _submodel_files(full, art, record, trainer)
+        for model_name, info, sub_obj in extra:
+            _write_file(dst, dst_layout.artifact_path(_noether_name(model_name, str(record.iteration), art.kind, info)),
+                        sub_obj)
         for ref in tags:
             if ref.kind is CheckpointRef.Kind.BEST and art.kind != ArtifactKind.MODEL.value:
                 continue
             tag = noether_tag(ref)
-            tagged = {**obj, "checkpoint_tag": tag} if art.kind == ArtifactKind.MODEL.value else obj
-            _write_file(dst, dst_layout.artifact_path(_noether_name(record.model_name, tag, art)), tagged)
+            for model_name, info, file_obj in [(record.model_name, art.model_info, obj), *extra]:
+                tagged = {**file_obj, "checkpoint_tag": tag} if art.kind == ArtifactKind.MODEL.value else file_obj
+                _write_file(dst, dst_layout.artifact_path(_noether_name(model_name, tag, art.kind, info)), tagged)
         if progress is not None:
             progress.update(art.total_bytes)
     return arts
