@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from torch.utils.data import DistributedSampler
 
@@ -11,6 +13,7 @@ from noether_dist.integrations.noether.data import EpochCountingSampler
 from noether_dist.integrations.noether.gather import noether_tag
 from noether_dist.integrations.noether.resume import checkpoint_ref_of_tag
 from noether_dist.names import CheckpointRef, TrainingIteration
+from tests.distributed import run_ranks
 
 
 @pytest.mark.parametrize("tag, expected", [
@@ -77,3 +80,34 @@ def test_epoch_counting_sampler_numbers_the_epochs_after_a_mid_epoch_resume() ->
         reference.set_epoch(real_epoch)
         assert list(counted) == list(reference)
     assert len(counted) == 8 and counted.dataset is data
+
+
+def link_ancestor(rank: int, world_size: int, out: str) -> bool:
+    """Rank 1 links first (a no-op), then rank 0; returns whether rank 1's call made a link."""
+    from noether.core.providers import PathProvider
+
+    from noether_dist.comm import Comm
+    from noether_dist.integrations.noether.train import link_ancestor_on_rank0
+
+    link_ancestor_on_rank0()
+    link_ancestor_on_rank0()  # idempotent: still one wrapper
+    comm = Comm(60.0)
+    paths = PathProvider(output_root_path=Path(out), run_id="resumed", stage_name="train")
+    ancestor = PathProvider(output_root_path=Path(out), run_id="first", stage_name="train")
+    made_by_rank1 = False
+    if rank == 1:
+        paths.link(ancestor)
+        made_by_rank1 = (paths.run_output_path / "ancestor").is_symlink()
+    comm.barrier()
+    if rank == 0:
+        paths.link(ancestor)
+    comm.barrier()
+    return made_by_rank1
+
+
+def test_only_rank0_links_the_ancestor_of_a_resumed_run(tmp_path) -> None:
+    # Noether lets every rank replace the symlink, a race that fails one rank at random
+    (tmp_path / "first" / "train").mkdir(parents=True)
+    assert run_ranks(link_ancestor, 2, str(tmp_path), timeout_s=120) == [False, False]
+    link = tmp_path / "resumed" / "train" / "ancestor"
+    assert link.is_symlink() and link.resolve() == (tmp_path / "first" / "train").resolve()

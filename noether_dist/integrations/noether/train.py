@@ -12,7 +12,9 @@ Noether's own rank, world size, seeds, samplers and DDP see the real job, then r
     srun --ntasks-per-node=8 python -m noether_dist.integrations.noether.train configs/train.yaml
 
 Under srun (no torchrun) Noether's own SLURM path sets everything up; this entry point only
-passes through. With torchrun, leave ``devices`` unset in the config (one device per
+passes through, except for one race it removes on either launcher: Noether 2026.4.0 has every
+rank of a resumed run replace the stage's ``ancestor`` symlink (``PathProvider.link``), so on
+two or more ranks one of them fails with FileExistsError at random; here rank 0 alone links. With torchrun, leave ``devices`` unset in the config (one device per
 process: ``CUDA_VISIBLE_DEVICES`` is narrowed to this process's local rank).
 """
 
@@ -21,7 +23,7 @@ from __future__ import annotations
 import logging
 import os
 
-__all__ = ["prepare_torchrun", "main"]
+__all__ = ["prepare_torchrun", "link_ancestor_on_rank0", "main"]
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +52,28 @@ def prepare_torchrun(env: dict[str, str] | None = None) -> bool:
     return True
 
 
+def link_ancestor_on_rank0() -> None:
+    """Make Noether's ``PathProvider.link`` (the ``ancestor`` symlink of a resumed run, a
+    convenience nothing reads back) run on rank 0 only (idempotent)."""
+    from noether.core.distributed import is_rank0
+    from noether.core.providers import PathProvider
+
+    link = PathProvider.link
+    if getattr(link, "_noether_dist_rank0", False):
+        return
+
+    def rank0_link(self: PathProvider, ancestor: PathProvider) -> None:
+        if is_rank0():
+            link(self, ancestor)
+
+    rank0_link._noether_dist_rank0 = True  # type: ignore[attr-defined]
+    PathProvider.link = rank0_link  # type: ignore[method-assign]
+
+
 def main() -> None:
     """Entry point: prepare torchrun, then run Noether's ``noether-train``."""
     prepare_torchrun()
+    link_ancestor_on_rank0()
     from noether.training.cli import main_train  # rewrites sys.argv for hydra on import
 
     main_train.main()
