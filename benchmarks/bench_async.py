@@ -67,7 +67,7 @@ def async_stall(rank: int, world_size: int, *, out: str, total_bytes: int, saves
     baseline; and, for comparison, the stall of the first save of a Checkpointer that was
     not prepared (it allocates its staging buffers during that save)."""
     from noether_dist import TrainingIteration
-    from noether_dist.statedict import model_state
+    from noether_dist.io.statedict import model_state
 
     model = build_model(total_bytes)
     tensors = local_tensors(model_state(model))
@@ -122,8 +122,8 @@ def stall_parts(model: Any, repeats: int = 5) -> dict[str, float]:
     import torch
     import torch.distributed as dist
 
-    from noether_dist.comm import Comm
-    from noether_dist.statedict import SaveStaging, model_state, pack_object
+    from noether_dist.dist.comm import Comm
+    from noether_dist.io.statedict import SaveStaging, model_state, pack_object
 
     comm = Comm(600)
     staging = SaveStaging()
@@ -163,7 +163,7 @@ def async_rss(rank: int, world_size: int, *, out: str, total_bytes: int, warmup:
     import torch
 
     from noether_dist import TrainingIteration
-    from noether_dist.statedict import model_state
+    from noether_dist.io.statedict import model_state
 
     model = build_model(total_bytes)
     local = nbytes(local_tensors(model_state(model)))

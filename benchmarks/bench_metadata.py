@@ -12,7 +12,7 @@ replicated entries spread over the ranks' files by dedup. From that:
 - seconds for one rank's load plan on it with DCP's own ``DefaultLoadPlanner`` (its local
   shards stand in for DTensors through ``__create_chunk_list__``, which is what DCP asks
   a DTensor for), and with the metadata cut down to that rank's chunks first
-  (:func:`noether_dist.dcp_io.metadata_for`);
+  (:func:`noether_dist.io.dcp_io.metadata_for`);
 - bytes each rank reads (its shards), requests per rank and per resume, by the counts
   that ``benchmarks/bench_requests.py`` measures at 1..16 ranks.
 
@@ -115,7 +115,7 @@ def measure(world_size: int, tensors: int, *, rank: int | None = None, optimizer
     """Bytes and seconds of one artifact's metadata at ``world_size`` (see the module doc)."""
     from torch.distributed.checkpoint.default_planner import create_default_local_load_plan
 
-    from noether_dist.dcp_io import metadata_for, paused_gc
+    from noether_dist.io.dcp_io import metadata_for, paused_gc
 
     rank = world_size // 2 if rank is None else rank
     gc.collect()

@@ -66,7 +66,7 @@ def _build(seed: int) -> tuple[Any, Any]:
     import torch
     from torch import nn
 
-    from noether_dist.train import shard_model
+    from noether_dist.trainer.run import shard_model
 
     torch.manual_seed(seed)
     model = nn.Sequential(*[nn.Linear(WIDTH, WIDTH) for _ in range(LAYERS)])
@@ -89,7 +89,7 @@ def request_counts(rank: int, world_size: int, *, endpoint: str, extra: dict[str
 
     from benchmarks.s3 import start_recording, stop_recording
     from noether_dist import Checkpointer, CheckpointerConfig, StorageOptions, TrainingIteration, resume
-    from noether_dist.storage import open_storage
+    from noether_dist.io.storage import open_storage
 
     # each rank's User-Agent names it, so that the recording tells whose request it was
     extra = {**extra, "config_kwargs": {"user_agent_extra": f"{AGENT_TAG}{rank}"}}

@@ -8,7 +8,7 @@ naming three artifacts; the model's folder exists and holds a tiny ``.metadata``
 
 - ``ours``: ``noether_dist.resume.select_checkpoint(storage, layout, latest)``;
 - ``ours_resolve_record``: what ``resume`` itself runs on the coordinator
-  (``noether_dist.select.resolve_record``: a check for a stage without commit records, the
+  (``noether_dist.stage.select.resolve_record``: a check for a stage without commit records, the
   selection, then the record);
 - ``ours_one_get_read`` / ``ours_resolve_record_one_get_read``: the same with ``Storage.read``
   as one GET (s3fs's ``cat_file`` asks for the size first, HEAD + GET, unless
@@ -34,9 +34,9 @@ KINDS = ("model", "optim", "trainer")
 
 def _populate(storage: Any, layout: Any, count: int) -> Any:
     """``count`` committed checkpoints with tiny DCP folders and a latest alias; the newest."""
-    from noether_dist.commit import AliasRecord, ArtifactRecord, CommitRecord, write_alias, write_commit
-    from noether_dist.dcp_io import FileRecord
-    from noether_dist.names import ArtifactKind, TrainingIteration, format_artifact
+    from noether_dist.stage.commit import AliasRecord, ArtifactRecord, CommitRecord, write_alias, write_commit
+    from noether_dist.io.dcp_io import FileRecord
+    from noether_dist.format.names import ArtifactKind, TrainingIteration, format_artifact
 
     objects: dict[str, bytes] = {}
     records = []
@@ -59,7 +59,7 @@ def _populate(storage: Any, layout: Any, count: int) -> Any:
 
 def _one_get_storage(storage: Any) -> Any:
     """A Storage whose ``read`` is a single GET (benchmark-local, to measure a proposed change)."""
-    from noether_dist.storage import Storage
+    from noether_dist.io.storage import Storage
 
     class OneGetRead(Storage):
         def read(self, path: str) -> bytes:
@@ -71,7 +71,7 @@ def _one_get_storage(storage: Any) -> Any:
 
 def _dir_listing_select(storage: Any, layout: Any) -> Any:
     """Pick the newest checkpoint as torchtitan-style tools do: list, check each folder."""
-    from noether_dist.names import TrainingIteration
+    from noether_dist.format.names import TrainingIteration
 
     valid = []
     for entry in storage.list(layout.checkpoints_dir):
@@ -87,12 +87,12 @@ def resume_requests(server: MotoServer, *, checkpoints: int) -> dict[str, Any]:
     """Request counts (and wall ms) of each selection method; all must pick the same point."""
     from tests.fault_proxy import FaultProxy  # the one helper borrowed from the test suite
 
-    from noether_dist.commit import list_commits, read_commit
-    from noether_dist.layout import StageLayout
-    from noether_dist.names import parse_resume_checkpoint
+    from noether_dist.stage.commit import list_commits, read_commit
+    from noether_dist.format.layout import StageLayout
+    from noether_dist.format.names import parse_resume_checkpoint
     from noether_dist.resume import select_checkpoint
-    from noether_dist.select import resolve_record
-    from noether_dist.storage import StorageOptions, open_storage
+    from noether_dist.stage.select import resolve_record
+    from noether_dist.io.storage import StorageOptions, open_storage
 
     bucket = "nd-bench-resume"
     server.create_bucket(bucket)

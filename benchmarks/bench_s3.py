@@ -45,8 +45,8 @@ def s3_throughput(rank: int, world_size: int, *, endpoint: str, extra: dict[str,
                   total_bytes: int, repeats: int, thread_count: int) -> dict[str, Any]:
     """Seconds of raw put/get and of our save/load, per repetition (slowest rank)."""
     from noether_dist import Checkpointer, CheckpointerConfig, StorageOptions, TrainingIteration, resume
-    from noether_dist.statedict import model_state
-    from noether_dist.storage import open_storage
+    from noether_dist.io.statedict import model_state
+    from noether_dist.io.storage import open_storage
 
     opts = StorageOptions(endpoint_url=endpoint, extra=dict(extra))
     root = f"s3://{bucket}"
@@ -109,7 +109,7 @@ def request_census(server: Any, *, total_bytes: int, thread_count: int) -> dict[
     from tests.fault_proxy import FaultProxy  # the one helper borrowed from the test suite
 
     from noether_dist import Checkpointer, CheckpointerConfig, StorageOptions, TrainingIteration, resume
-    from noether_dist.storage import open_storage
+    from noether_dist.io.storage import open_storage
 
     bucket = "nd-bench-census"
     server.create_bucket(bucket)

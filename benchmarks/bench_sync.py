@@ -47,8 +47,8 @@ def sync_save(rank: int, world_size: int, *, out: str, total_bytes: int, repeats
 
     from noether_dist import Checkpointer, CheckpointerConfig, TrainingIteration
     from noether_dist import dcp_io
-    from noether_dist.statedict import model_state
-    from noether_dist.storage import open_storage
+    from noether_dist.io.statedict import model_state
+    from noether_dist.io.storage import open_storage
 
     model = build_model(total_bytes)
     local = nbytes(local_tensors(model_state(model)))

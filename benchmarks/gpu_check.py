@@ -142,7 +142,7 @@ def check(args: argparse.Namespace, work: str) -> dict[str, Any]:
     from benchmarks.common import GiB, build_model, local_tensors, nbytes, ratio
     from benchmarks.common import median as _median
     from noether_dist import AsyncMode, Checkpointer, CheckpointerConfig, TrainingIteration
-    from noether_dist.statedict import model_state
+    from noether_dist.io.statedict import model_state
 
     started = time.perf_counter()
     device = _init(args.dry_run, os.path.join(work, "rdzv"))

@@ -12,9 +12,9 @@ from .config import AsyncMode, CheckpointerConfig, ResumeConfig
 from .errors import (AmbiguousCheckpointError, CheckpointNotFoundError, CommitError, ConfigError,
                      DistributedTimeoutError, InvalidNameError, NoetherDistError, RemoteRankError,
                      StateMismatchError, StorageError)
-from .layout import StageLayout, default_run_id
-from .names import TrainingIteration
-from .storage import StorageOptions
+from .format.layout import StageLayout, default_run_id
+from .format.names import TrainingIteration
+from .io.storage import StorageOptions
 
 # Loaded on first use: they import torch, which tools such as `noether-ckpt list` never need.
 _LAZY = {"ResumeResult": "resume", "resume": "resume", "Checkpointer": "save", "SaveResult": "save"}

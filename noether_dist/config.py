@@ -12,9 +12,9 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
-from .names import CheckpointRef, parse_resume_checkpoint, validate_name
-from .retention import RetentionPolicy
-from .storage import StorageOptions
+from .format.names import CheckpointRef, parse_resume_checkpoint, validate_name
+from .stage.retention import RetentionPolicy
+from .io.storage import StorageOptions
 
 __all__ = ["AsyncMode", "CheckpointerConfig", "ResumeConfig", "load_yaml", "check_known_keys", "parse_async_mode"]
 
@@ -96,7 +96,7 @@ class CheckpointerConfig:
     each node can resume on the same placement from its own disk."""
 
     def __post_init__(self) -> None:
-        from .names import validate_model_name
+        from .format.names import validate_model_name
 
         if not isinstance(self.output_dir, str) or not self.output_dir:
             raise ConfigError(f"output_dir must be a non-empty path or URL, got {self.output_dir!r}")

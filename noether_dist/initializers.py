@@ -42,17 +42,17 @@ from torch import nn
 
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-from . import consolidated, dcp_io
-from .comm import Comm
-from .commit import ArtifactRecord
+from .io import consolidated, dcp_io
+from .dist.comm import Comm
+from .stage.commit import ArtifactRecord
 from .config import check_known_keys
 from .errors import CheckpointNotFoundError, ConfigError, StateMismatchError
-from .layout import StageLayout
-from .names import (ArtifactKind, CheckpointRef, normalize_model_info, parse_checkpoint, parse_checkpoint_tag,
+from .format.layout import StageLayout
+from .format.names import (ArtifactKind, CheckpointRef, normalize_model_info, parse_checkpoint, parse_checkpoint_tag,
                     validate_model_name, validate_name)
-from .select import resolve_record
-from .statedict import model_state
-from .storage import StorageOptions, open_storage
+from .stage.select import resolve_record
+from .io.statedict import model_state
+from .io.storage import StorageOptions, open_storage
 
 __all__ = ["PreviousRunInitializer", "build_initializers", "Initializer"]
 

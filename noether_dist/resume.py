@@ -40,18 +40,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import consolidated, dcp_io
-from .comm import Comm
-from .commit import ArtifactRecord, CommitRecord, CorruptRecordError, list_commits, read_commit
+from .io import consolidated, dcp_io
+from .dist.comm import Comm
+from .stage.commit import ArtifactRecord, CommitRecord, CorruptRecordError, list_commits, read_commit
 from .config import ResumeConfig
 from .errors import CheckpointNotFoundError, ConfigError, NoetherDistError
-from .layout import StageLayout
-from .names import ArtifactKind, TrainingIteration, normalize_model_info
-from .select import resolve_record, select_checkpoint
+from .format.layout import StageLayout
+from .format.names import ArtifactKind, TrainingIteration, normalize_model_info
+from .stage.select import resolve_record, select_checkpoint
 from .save import TRAINER_COMMON_KEY, trainer_rank_key
-from .statedict import (apply_model_state, apply_optimizer_state, empty_like_packed, model_state,
+from .io.statedict import (apply_model_state, apply_optimizer_state, empty_like_packed, model_state,
                         optimizer_state, unpack_object)
-from .storage import Storage, open_storage
+from .io.storage import Storage, open_storage
 
 __all__ = ["resume", "ResumeResult", "select_checkpoint", "load_checkpoint"]
 

@@ -13,18 +13,18 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from . import dcp_io
-from .comm import Comm
-from .commit import AliasRecord, ArtifactRecord, CommitRecord, read_alias, read_commit, write_alias, write_commit
+from .io import dcp_io
+from .dist.comm import Comm
+from .stage.commit import AliasRecord, ArtifactRecord, CommitRecord, read_alias, read_commit, write_alias, write_commit
 from .config import AsyncMode, CheckpointerConfig
 from .errors import CommitError, ConfigError, NoetherDistError
-from .layout import StageLayout
-from .mirror import is_node_leader, mirror_from_coordinator
-from .retention import prune
-from .spawn_check import check_process_mode
-from .names import ArtifactKind, TrainingIteration, format_artifact, normalize_model_info, parse_checkpoint
-from .statedict import SaveStaging, model_state, optimizer_state, pack_object
-from .storage import Storage, open_storage
+from .format.layout import StageLayout
+from .io.mirror import is_node_leader, mirror_from_coordinator
+from .stage.retention import prune
+from .dist.spawn_check import check_process_mode
+from .format.names import ArtifactKind, TrainingIteration, format_artifact, normalize_model_info, parse_checkpoint
+from .io.statedict import SaveStaging, model_state, optimizer_state, pack_object
+from .io.storage import Storage, open_storage
 
 __all__ = ["Checkpointer", "SaveResult", "AliasUpdateError", "TRAINER_COMMON_KEY", "trainer_rank_key"]
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError
-from .names import TrainingIteration
+from .format.names import TrainingIteration
 
 __all__ = ["DataPosition", "Callback", "capture_rng", "restore_rng", "callback_states", "load_callback_states"]
 

@@ -52,7 +52,7 @@ def _child(fn: Callable, rank: int, world_size: int, rdzv: str, out_dir: str, ar
         import torch.distributed as dist
 
         if dist.is_initialized():
-            from noether_dist.comm import destroy_distributed
+            from noether_dist.dist.comm import destroy_distributed
 
             destroy_distributed()
     finally:

@@ -21,20 +21,20 @@ import torch
 
 from noether_dist import (Checkpointer, CheckpointerConfig, ResumeConfig, StorageOptions, TrainingIteration,
                           resume)
-from noether_dist.cli import main as cli_main
-from noether_dist.commit import CommitRecord, CorruptRecordError, read_commit
+from noether_dist.tools.cli import main as cli_main
+from noether_dist.stage.commit import CommitRecord, CorruptRecordError, read_commit
 from noether_dist.config import load_yaml
-from noether_dist.consolidated import read_file
+from noether_dist.io.consolidated import read_file
 from noether_dist.errors import (CheckpointNotFoundError, ConfigError, InvalidNameError, NoetherDistError,
                                  RemoteRankError, StorageError)
 from noether_dist.initializers import PreviousRunInitializer, build_initializers
-from noether_dist.layout import StageLayout
-from noether_dist.names import TrainingIteration as TI
-from noether_dist.names import normalize_model_info, parse_artifact, parse_checkpoint
-from noether_dist.retention import RetentionPolicy
-from noether_dist.storage import RetryPolicy, open_storage
-from noether_dist.train import TrainConfig
-from noether_dist.verify import verify_stage
+from noether_dist.format.layout import StageLayout
+from noether_dist.format.names import TrainingIteration as TI
+from noether_dist.format.names import normalize_model_info, parse_artifact, parse_checkpoint
+from noether_dist.stage.retention import RetentionPolicy
+from noether_dist.io.storage import RetryPolicy, open_storage
+from noether_dist.trainer.run import TrainConfig
+from noether_dist.stage.verify import verify_stage
 from tests.models import EMA_INFO, build, make_mlp, train_steps
 
 RUN, STAGE, MODEL = "run1", "train", "mlp"

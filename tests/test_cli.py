@@ -12,8 +12,8 @@ import sys
 import pytest
 
 from noether_dist import Checkpointer, CheckpointerConfig, StorageOptions, TrainingIteration
-from noether_dist.cli import main as cli_main
-from noether_dist.storage import open_storage
+from noether_dist.tools.cli import main as cli_main
+from noether_dist.io.storage import open_storage
 from tests.distributed import run_ranks
 from tests.models import EMA_INFO, build, train_steps
 
@@ -107,7 +107,7 @@ def test_verify_local_and_progress(local, capsys):
 
 def _imports(*argv: str) -> tuple[subprocess.CompletedProcess, set[str]]:
     """Run noether-ckpt in a fresh interpreter; the modules it imported (-X importtime)."""
-    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "noether_dist.cli", *argv], capture_output=True,
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "noether_dist.tools.cli", *argv], capture_output=True,
                           text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     modules = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
     return proc, modules
@@ -122,7 +122,7 @@ def test_record_work_does_not_load_torch(local, tmp_path):
                  ("prune", str(copy), "--keep-last", "3"), ("inspect", "--record", stage, "--json")):
         proc, modules = _imports(*argv)
         assert proc.returncode == 0, (argv, proc.stderr[-2000:])
-        assert "noether_dist.verify" in modules  # what the tool imported was recorded
+        assert "noether_dist.stage.verify" in modules  # what the tool imported was recorded
         assert not {m for m in modules if m == "torch" or m.startswith("torch.")}, argv
     info = json.loads(proc.stdout)
     assert info["world_size"] == 2 and all(a["keys"] is None and a["bytes"] > 0 for a in info["artifacts"])
@@ -188,7 +188,7 @@ def test_real_entry_point_exit_code(local, tmp_path):
     damaged = tmp_path / "damaged"
     shutil.copytree(local, damaged)
     (damaged / RUN / STAGE / "checkpoints" / "_aliases" / "latest.json").write_text("{")
-    cmd = [sys.executable, "-m", "noether_dist.cli", "verify", "--json", str(damaged)]
+    cmd = [sys.executable, "-m", "noether_dist.tools.cli", "verify", "--json", str(damaged)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 1, proc.stderr
     assert [d["kind"] for d in json.loads(proc.stdout)["damages"]] == ["bad_alias"]

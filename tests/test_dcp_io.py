@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from noether_dist import dcp_io
-from noether_dist.storage import open_storage
+from noether_dist.io.storage import open_storage
 
 pytestmark = pytest.mark.torch_compat
 

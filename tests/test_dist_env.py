@@ -15,7 +15,7 @@ import textwrap
 
 import pytest
 
-from noether_dist.comm import DistEnv, first_host
+from noether_dist.dist.comm import DistEnv, first_host
 from tests.distributed import run_ranks
 
 # What `srun -n 2` sets in task 1 of job 1234 on one node (measured), and what the batch
@@ -103,7 +103,7 @@ def test_single_task_step_and_plain_process():
 
 _INIT_SCRIPT = textwrap.dedent("""
     import torch, torch.distributed as dist
-    from noether_dist.comm import init_distributed, Comm
+    from noether_dist.dist.comm import init_distributed, Comm
     env = init_distributed(timeout_s=60)
     assert env.launcher == "slurm", env
     t = torch.tensor([float(env.rank + 1)])
@@ -150,8 +150,8 @@ def test_init_distributed_from_srun_variables(tmp_path):
 def _signal_one_rank(rank: int, world_size: int, target: int) -> dict:
     import time
 
-    from noether_dist.comm import Comm
-    from noether_dist.preemption import PreemptionWatcher
+    from noether_dist.dist.comm import Comm
+    from noether_dist.dist.preemption import PreemptionWatcher
 
     comm = Comm(timeout_s=60)
     watcher = PreemptionWatcher(comm)
@@ -177,8 +177,8 @@ def test_signal_to_one_rank_stops_every_rank_at_the_same_step():
 
 
 def test_watcher_restores_previous_handlers():
-    from noether_dist.comm import Comm
-    from noether_dist.preemption import PreemptionWatcher
+    from noether_dist.dist.comm import Comm
+    from noether_dist.dist.preemption import PreemptionWatcher
 
     before = signal.getsignal(signal.SIGTERM)
     watcher = PreemptionWatcher(Comm())

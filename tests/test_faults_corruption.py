@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from noether_dist import Checkpointer, CheckpointerConfig, TrainingIteration, resume
-from noether_dist.cli import main as cli_main
+from noether_dist.tools.cli import main as cli_main
 from noether_dist.errors import NoetherDistError
 from tests.distributed import run_ranks
 from tests.models import EMA_INFO, assert_states_equal, build, full_state, train_steps

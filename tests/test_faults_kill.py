@@ -23,11 +23,11 @@ import threading
 import time
 
 from noether_dist import Checkpointer, CheckpointerConfig, TrainingIteration, resume
-from noether_dist.commit import list_commits, read_alias
+from noether_dist.stage.commit import list_commits, read_alias
 from noether_dist.errors import DistributedTimeoutError, NoetherDistError
-from noether_dist.layout import StageLayout
-from noether_dist.storage import open_storage
-from noether_dist.verify import verify_stage
+from noether_dist.format.layout import StageLayout
+from noether_dist.io.storage import open_storage
+from noether_dist.stage.verify import verify_stage
 from tests.distributed import run_ranks
 from tests.models import EMA_INFO, assert_states_equal, build, full_state, train_steps
 
@@ -52,7 +52,7 @@ class _Killer:
 
     def __init__(self) -> None:
         from noether_dist import dcp_io
-        from noether_dist.storage import Storage
+        from noether_dist.io.storage import Storage
 
         self.written = 0
         self.kill_at_byte: int | None = None
@@ -273,7 +273,7 @@ def _check_resumed(prev: dict, results: list) -> None:
 
 # -- a rank that dies or hangs while the others wait -------------------------------------------
 def _pids_and_save(rank: int, out: str) -> tuple[list[int], object, object, object]:
-    from noether_dist.comm import Comm
+    from noether_dist.dist.comm import Comm
 
     pids = Comm(TIMEOUT_S).all_gather(os.getpid())
     model, opt, ema = build()

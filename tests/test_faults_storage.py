@@ -15,9 +15,9 @@ import pytest
 
 from noether_dist import Checkpointer, CheckpointerConfig, TrainingIteration, resume
 from noether_dist.errors import NoetherDistError
-from noether_dist.layout import StageLayout
-from noether_dist.storage import open_storage
-from noether_dist.verify import verify_stage
+from noether_dist.format.layout import StageLayout
+from noether_dist.io.storage import open_storage
+from noether_dist.stage.verify import verify_stage
 from tests.distributed import run_ranks
 from tests.fault_proxy import FaultProxy
 from tests.models import EMA_INFO, assert_states_equal, build, full_state, train_steps

@@ -10,7 +10,7 @@ import yaml
 from torch import nn
 
 from noether_dist import Checkpointer, CheckpointerConfig, TrainingIteration, resume
-from noether_dist.cli import main as cli_main
+from noether_dist.tools.cli import main as cli_main
 from noether_dist.errors import CheckpointNotFoundError, ConfigError, StateMismatchError
 from noether_dist.initializers import build_initializers
 from tests.distributed import run_ranks

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from noether_dist.comm import first_host
+from noether_dist.dist.comm import first_host
 from tests.slurm_cluster import LocalSlurmCluster
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,7 +46,7 @@ def uninterrupted_digest(tmp_dir: Path) -> dict:
     test_launch_two_hosts.py)."""
     if "digest" not in _REFERENCE:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "noether_dist.train", "--config", str(CONFIG), "run_id=ref", f"output_dir={tmp_dir}"]
+               "-m", "noether_dist.trainer", "--config", str(CONFIG), "run_id=ref", f"output_dir={tmp_dir}"]
         res = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                              timeout=180, cwd=tmp_dir)
         assert res.returncode == 0, res.stdout + res.stderr
@@ -134,7 +134,7 @@ def worker_pids(job_id: int, rank: int) -> list[int]:
             environ = set(Path(f"/proc/{entry}/environ").read_bytes().split(b"\0"))
         except OSError:
             continue
-        if b"noether_dist.train" in cmdline and b"torch.distributed.run" not in cmdline and want <= environ:
+        if b"noether_dist.trainer" in cmdline and b"torch.distributed.run" not in cmdline and want <= environ:
             found.append(int(entry))
     return found
 
@@ -148,7 +148,7 @@ def test_first_host_agrees_with_scontrol(cluster):
 
 
 def test_srun_four_tasks_form_the_process_group(cluster, tmp_path):
-    """`srun -n 4 python -m noether_dist.train` (LAUNCHER=srun): no torchrun, the ranks come
+    """`srun -n 4 python -m noether_dist.trainer` (LAUNCHER=srun): no torchrun, the ranks come
     from SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID, the master from the node list."""
     out = tmp_path / "job.out"
     job = cluster.sbatch(["-N1", "-n4", "--ntasks-per-node=4", "-o", str(out)], TRAIN,

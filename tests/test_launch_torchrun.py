@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from noether_dist.layout import StageLayout
+from noether_dist.format.layout import StageLayout
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "launch" / "torchrun" / "single_node.sh"

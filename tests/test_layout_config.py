@@ -8,8 +8,8 @@ import pytest
 
 from noether_dist import CheckpointerConfig, ResumeConfig
 from noether_dist.errors import ConfigError, InvalidNameError
-from noether_dist.layout import StageLayout, default_run_id, join_url
-from noether_dist.names import TrainingIteration
+from noether_dist.format.layout import StageLayout, default_run_id, join_url
+from noether_dist.format.names import TrainingIteration
 
 
 def test_stage_layout_with_and_without_stage():

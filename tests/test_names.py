@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from noether_dist.errors import ConfigError, InvalidNameError
-from noether_dist.names import (ArtifactKind, CheckpointRef, TrainingIteration, format_artifact, is_tag,
+from noether_dist.format.names import (ArtifactKind, CheckpointRef, TrainingIteration, format_artifact, is_tag,
                                 noether_model_info, noether_tag, normalize_model_info, parse_artifact, parse_checkpoint,
                                 parse_checkpoint_tag, parse_resume_checkpoint, validate_name)
 
@@ -95,7 +95,7 @@ def test_validate_name_accepts():
 
 
 def test_model_name_must_not_contain_cp():
-    from noether_dist.names import validate_model_name
+    from noether_dist.format.names import validate_model_name
 
     with pytest.raises(InvalidNameError, match="cp="):
         validate_model_name("x_cp=y")

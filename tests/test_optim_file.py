@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from noether_dist.consolidated import load_optimizer_file
+from noether_dist.io.consolidated import load_optimizer_file
 from noether_dist.errors import StateMismatchError
 
 # torch's optimizer/model state-dict APIs are what differs between torch versions

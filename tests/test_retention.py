@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from noether_dist import Checkpointer, CheckpointerConfig, ConfigError, TrainingIteration
-from noether_dist.commit import list_commits
-from noether_dist.retention import RetentionPolicy, plan_prune, prune
-from noether_dist.storage import open_storage
+from noether_dist.stage.commit import list_commits
+from noether_dist.stage.retention import RetentionPolicy, plan_prune, prune
+from noether_dist.io.storage import open_storage
 from tests.models import build, train_steps
 
 

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from noether_dist import Checkpointer, CheckpointerConfig, StorageError, StorageOptions, TrainingIteration
-from noether_dist.cli import main as cli_main
-from noether_dist.storage import open_storage
+from noether_dist.tools.cli import main as cli_main
+from noether_dist.io.storage import open_storage
 from tests.distributed import run_ranks
 from tests.models import EMA_INFO, assert_states_equal, build, train_steps
 from tests.test_dist_fsdp import resume_job, save_job

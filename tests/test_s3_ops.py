@@ -12,10 +12,10 @@ import fsspec
 import pytest
 
 from noether_dist import Checkpointer, CheckpointerConfig, StorageError, StorageOptions, TrainingIteration
-from noether_dist.cli import main as cli_main
-from noether_dist.layout import StageLayout
-from noether_dist.storage import RetryPolicy, open_storage
-from noether_dist.verify import verify_stage
+from noether_dist.tools.cli import main as cli_main
+from noether_dist.format.layout import StageLayout
+from noether_dist.io.storage import RetryPolicy, open_storage
+from noether_dist.stage.verify import verify_stage
 from tests.fault_proxy import FaultProxy
 from tests.models import EMA_INFO, build, train_steps
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from noether_dist import Checkpointer, CheckpointerConfig, ConfigError, InvalidNameError, TrainingIteration
-from noether_dist.commit import read_alias
-from noether_dist.layout import StageLayout
-from noether_dist.storage import open_storage
+from noether_dist.stage.commit import read_alias
+from noether_dist.format.layout import StageLayout
+from noether_dist.io.storage import open_storage
 
 
 def test_named_aliases_move_exactly_when_asked_even_at_a_committed_point(tmp_path):

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from noether_dist.commit import AliasRecord, CommitRecord, write_alias, write_commit
-from noether_dist.layout import StageLayout
-from noether_dist.names import CheckpointRef, TrainingIteration, parse_resume_checkpoint
-from noether_dist.select import select_record
-from noether_dist.storage import Storage, open_storage
+from noether_dist.stage.commit import AliasRecord, CommitRecord, write_alias, write_commit
+from noether_dist.format.layout import StageLayout
+from noether_dist.format.names import CheckpointRef, TrainingIteration, parse_resume_checkpoint
+from noether_dist.stage.select import select_record
+from noether_dist.io.storage import Storage, open_storage
 
 pytestmark = pytest.mark.torch_compat
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from noether_dist.commit import (AliasRecord, CommitRecord, CorruptRecordError, list_commits, read_alias, read_commit,
+from noether_dist.stage.commit import (AliasRecord, CommitRecord, CorruptRecordError, list_commits, read_alias, read_commit,
                                  write_alias, write_commit)
 from noether_dist.errors import ConfigError, StorageError
-from noether_dist.layout import StageLayout
-from noether_dist.names import TrainingIteration
-from noether_dist.storage import RetryPolicy, StorageOptions, is_transient, open_storage
+from noether_dist.format.layout import StageLayout
+from noether_dist.format.names import TrainingIteration
+from noether_dist.io.storage import RetryPolicy, StorageOptions, is_transient, open_storage
 
 pytestmark = pytest.mark.torch_compat
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from noether_dist.errors import ConfigError
-from noether_dist.train import TrainConfig, parse_overrides
+from noether_dist.trainer.run import TrainConfig, parse_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "launch" / "configs" / "cpu_tiny.yaml")
@@ -28,7 +28,7 @@ def _env() -> dict:
 
 def _torchrun(nproc: int, out: Path, *args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "-m", "noether_dist.train", "--config", CONFIG, f"output_dir={out}", *args]
+            "-m", "noether_dist.trainer", "--config", CONFIG, f"output_dir={out}", *args]
 
 
 def _summary(out: Path, run_id: str) -> dict:
@@ -37,8 +37,8 @@ def _summary(out: Path, run_id: str) -> dict:
 
 def test_readme_main_job_runs(tmp_path):
     readme = (REPO / "README.md").read_text()
-    assert "python3 -m noether_dist.train --config launch/configs/cpu_tiny.yaml" in readme
-    proc = subprocess.run([sys.executable, "-m", "noether_dist.train", "--config", CONFIG, f"output_dir={tmp_path}",
+    assert "python3 -m noether_dist.trainer --config launch/configs/cpu_tiny.yaml" in readme
+    proc = subprocess.run([sys.executable, "-m", "noether_dist.trainer", "--config", CONFIG, f"output_dir={tmp_path}",
                            "run_id=readme", "trainer.epochs=1"], cwd=REPO, env=_env(), capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -82,11 +82,11 @@ def test_sigkill_at_a_random_update_then_resume_gives_the_same_digest(tmp_path):
 
 
 def test_new_stage_starts_from_another_stage_and_resume_keys_default(tmp_path):
-    first = subprocess.run([sys.executable, "-m", "noether_dist.train", "--config", CONFIG, f"output_dir={tmp_path}",
+    first = subprocess.run([sys.executable, "-m", "noether_dist.trainer", "--config", CONFIG, f"output_dir={tmp_path}",
                             "run_id=pre", "trainer.epochs=1"], env=_env(), capture_output=True, text=True, timeout=120)
     assert first.returncode == 0, first.stderr[-2000:]
     # resume the stage under a new stage name: progress continues, files go to the new stage
-    cont = subprocess.run([sys.executable, "-m", "noether_dist.train", "--config", CONFIG, f"output_dir={tmp_path}",
+    cont = subprocess.run([sys.executable, "-m", "noether_dist.trainer", "--config", CONFIG, f"output_dir={tmp_path}",
                            "run_id=pre", "resume_run_id=pre", "resume_stage_name=train", "stage_name=finetune",
                            "resume_checkpoint=last", "trainer.epochs=2"], env=_env(), capture_output=True, text=True,
                           timeout=120)
@@ -110,7 +110,7 @@ def test_unknown_config_keys_suggest_the_closest():
 def test_trainer_initializer_from_yaml_starts_fresh_with_previous_weights(tmp_path):
     import yaml
 
-    base = subprocess.run([sys.executable, "-m", "noether_dist.train", "--config", CONFIG, f"output_dir={tmp_path}",
+    base = subprocess.run([sys.executable, "-m", "noether_dist.trainer", "--config", CONFIG, f"output_dir={tmp_path}",
                            "run_id=base", "trainer.epochs=1"], env=_env(), capture_output=True, text=True, timeout=120)
     assert base.returncode == 0, base.stderr[-2000:]
     config = yaml.safe_load(open(CONFIG))
@@ -119,7 +119,7 @@ def test_trainer_initializer_from_yaml_starts_fresh_with_previous_weights(tmp_pa
                                         "model_info": "ema_factor=0.99"}]
     path = tmp_path / "init.yaml"
     path.write_text(yaml.safe_dump(config))
-    run = subprocess.run([sys.executable, "-m", "noether_dist.train", "--config", str(path), f"output_dir={tmp_path}",
+    run = subprocess.run([sys.executable, "-m", "noether_dist.trainer", "--config", str(path), f"output_dir={tmp_path}",
                           "run_id=fine", "trainer.epochs=1"], env=_env(), capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "initialised mlp from" in run.stderr and "ema_factor=0.99_cp=E1_U16_S512_model.th" in run.stderr

@@ -25,7 +25,7 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def _train(args: list[str], *, cwd: Path, env: dict[str, str] | None = None, launcher: list[str] | None = None):
-    cmd = [*(launcher or [sys.executable]), "-m", "noether_dist.train", *args]
+    cmd = [*(launcher or [sys.executable]), "-m", "noether_dist.trainer", *args]
     return subprocess.run(cmd, cwd=cwd, env=env or _env(), capture_output=True, text=True, timeout=300)
 
 
@@ -83,7 +83,7 @@ def test_error_is_said_once_per_node_under_torchrun(tmp_path):
     proc = _train(["--config", str(CONFIG), f"output_dir={tmp_path / 'runs'}", *TINY, "resume_run_id=nope"],
                   cwd=tmp_path, launcher=launcher)
     assert proc.returncode != 0
-    ours = [line for line in _errors(proc.stderr) if "noether_dist.train" in line]
+    ours = [line for line in _errors(proc.stderr) if "noether_dist.trainer" in line]
     assert len(ours) == 1 and "'nope'" in ours[0], proc.stderr[-3000:]
     # torchrun's agent reports the failed workers with a traceback of its own; no rank does.
     frames = [line for line in proc.stderr.splitlines() if line.lstrip().startswith("File ")]

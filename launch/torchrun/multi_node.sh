@@ -70,7 +70,7 @@ trap 'forward_to_workers TERM' TERM
 
 # SIGUSR1 ignored in torchrun (and, until the trainer installs its handler, in the workers).
 ( trap '' USR1; exec "$PYTHON" -m torch.distributed.run "${run[@]}" \
-      -m noether_dist.train --config "$CONFIG" "${args[@]}" "$@" ) &
+      -m noether_dist.trainer --config "$CONFIG" "${args[@]}" "$@" ) &
 TORCHRUN_PID=$!
 # `wait` returns early when a trapped signal arrives: wait again until torchrun has exited.
 while kill -0 "$TORCHRUN_PID" 2>/dev/null; do

@@ -19,10 +19,10 @@ import psutil
 import torch
 import yaml
 
-from noether_dist.dcp_io import load_full
-from noether_dist.layout import StageLayout
-from noether_dist.commit import read_alias, read_commit
-from noether_dist.storage import open_storage
+from noether_dist.io.dcp_io import load_full
+from noether_dist.format.layout import StageLayout
+from noether_dist.stage.commit import read_alias, read_commit
+from noether_dist.io.storage import open_storage
 from tests.ports import free_port
 
 __all__ = ["project_config", "plain_config", "start_run", "run_to_end", "kill_tree", "digest_at", "commits_of", "alias_of",
@@ -121,7 +121,7 @@ def layout_of(out: Path, run_id: str) -> tuple[Any, StageLayout]:
 
 def commits_of(out: Path, run_id: str) -> dict[str, Any]:
     """{training point: commit record} of a run's stage."""
-    from noether_dist.commit import list_commits
+    from noether_dist.stage.commit import list_commits
 
     storage, layout = layout_of(out, run_id)
     return {str(it): read_commit(storage, layout, it) for it in list_commits(storage, layout)}

@@ -13,11 +13,11 @@ import torch
 import yaml
 from noether.core.providers import PathProvider
 
-from noether_dist.dcp_io import load_full
+from noether_dist.io.dcp_io import load_full
 from noether_dist.errors import CheckpointNotFoundError
 from noether_dist.integrations.noether.initializer import install_previous_run_bridges
-from noether_dist.layout import StageLayout
-from noether_dist.storage import open_storage
+from noether_dist.format.layout import StageLayout
+from noether_dist.io.storage import open_storage
 
 from .adapter_helpers import (EMA, MAX_UPDATES, STAGE, alias_of, commits_of, digest_at, kill_tree, project_config,
                               run_to_end, start_run, wait_for_commit)
@@ -56,7 +56,7 @@ def test_one_committed_save_per_point_with_ema_and_noether_aliases(full_run: Pat
     # The trainer state is Noether's (callbacks by checkpoint key), plus the model config.
     storage, layout = open_storage(str(full_run)), StageLayout(str(full_run), "full", STAGE)
     trainer = load_full(layout.artifact_path("tinynet_cp=E3_U24_S96_trainer.th"), storage)
-    from noether_dist.statedict import unpack_object
+    from noether_dist.io.statedict import unpack_object
 
     common = unpack_object(trainer["noether.trainer"])
     assert common["training_iteration"] == {"epoch": 3, "update": 24, "sample": 96}

@@ -13,9 +13,9 @@ from noether.core.schemas.initializers import ResumeInitializerConfig
 from noether.core.trackers.noop import NoopTracker
 from noether.data.container import DataContainer
 
-from noether_dist.commit import list_commits, read_commit
-from noether_dist.layout import StageLayout
-from noether_dist.storage import open_storage
+from noether_dist.stage.commit import list_commits, read_commit
+from noether_dist.format.layout import StageLayout
+from noether_dist.io.storage import open_storage
 
 from .project.project import (SyntheticDataset, SyntheticDatasetConfig, TinyComposite, TinyCompositeConfig,
                               TinyNetConfig, TinyTrainer)
@@ -93,7 +93,7 @@ def test_converted_composite_has_the_files_noethers_writer_writes(tmp_path: Path
     from noether.core.initializers import ResumeInitializer
     from noether.core.writers.checkpoint_writer import CheckpointWriter
 
-    from noether_dist.cli import main as cli_main
+    from noether_dist.tools.cli import main as cli_main
 
     torch.manual_seed(0)
     trainer, model = _trainer_and_model(tmp_path / "ours", "comp")

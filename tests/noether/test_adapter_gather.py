@@ -85,9 +85,9 @@ def _points(rank: int, world_size: int, out: str) -> dict[str, Any]:
 
 
 def test_points_commit_once_with_rank0_only_ema_and_aliases_as_noether_decided(tmp_path) -> None:
-    from noether_dist.commit import list_commits, read_alias, read_commit
-    from noether_dist.layout import StageLayout
-    from noether_dist.storage import open_storage
+    from noether_dist.stage.commit import list_commits, read_alias, read_commit
+    from noether_dist.format.layout import StageLayout
+    from noether_dist.io.storage import open_storage
 
     results = run_ranks(_points, 2, str(tmp_path), timeout_s=240)
     assert results[0] == {k: v for k, v in results[1].items() if k != "error_save_s"}

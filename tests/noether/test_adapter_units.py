@@ -12,7 +12,7 @@ from noether_dist.integrations.noether.block import checkpointer_config
 from noether_dist.integrations.noether.data import EpochCountingSampler
 from noether_dist.integrations.noether.gather import noether_tag
 from noether_dist.integrations.noether.resume import checkpoint_ref_of_tag
-from noether_dist.names import CheckpointRef, TrainingIteration
+from noether_dist.format.names import CheckpointRef, TrainingIteration
 from tests.distributed import run_ranks
 
 
@@ -86,7 +86,7 @@ def link_ancestor(rank: int, world_size: int, out: str) -> bool:
     """Rank 1 links first (a no-op), then rank 0; returns whether rank 1's call made a link."""
     from noether.core.providers import PathProvider
 
-    from noether_dist.comm import Comm
+    from noether_dist.dist.comm import Comm
     from noether_dist.integrations.noether.train import link_ancestor_on_rank0
 
     link_ancestor_on_rank0()

@@ -20,7 +20,7 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
 from noether_dist import Checkpointer, CheckpointerConfig, resume
-from noether_dist.cli import main as cli_main
+from noether_dist.tools.cli import main as cli_main
 from noether_dist.errors import StateMismatchError
 from noether_dist.initializers import build_initializers
 from tests.distributed import run_ranks

@@ -32,13 +32,13 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from ...comm import Comm
-from ...consolidated import TRAINER_MODEL_CONFIGS
+from ...dist.comm import Comm
+from ...io.consolidated import TRAINER_MODEL_CONFIGS
 from ...errors import ConfigError, InvalidNameError
-from ...names import CheckpointRef, TrainingIteration, parse_checkpoint
+from ...format.names import CheckpointRef, TrainingIteration, parse_checkpoint
 from ...save import Checkpointer, SaveResult
 from ...state import capture_rng
-from ...statedict import optimizer_state
+from ...io.statedict import optimizer_state
 from .block import checkpointer_config
 from .models import model_configs, variant_model_info, torch_optimizers
 

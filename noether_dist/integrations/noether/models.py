@@ -16,8 +16,8 @@ import torch
 from noether.core.models import CompositeModel, Model, ModelBase
 from noether.core.utils.common import select_with_path
 
-from ...consolidated import MODEL_CONFIG_KEYS
-from ...names import NOETHER_EMA_PREFIX, normalize_model_info
+from ...io.consolidated import MODEL_CONFIG_KEYS
+from ...format.names import NOETHER_EMA_PREFIX, normalize_model_info
 
 __all__ = ["named_models", "torch_optimizers", "model_configs", "variant_model_info", "ema_model_info", "ema_targets",
            "ema_callbacks"]

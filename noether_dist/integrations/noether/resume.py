@@ -28,17 +28,17 @@ from noether.core.initializers import InitializerBase
 from noether.core.utils.common import select_with_path
 from noether.core.utils.training import TrainingIteration as NoetherIteration
 
-from ...comm import Comm
-from ...commit import CommitRecord, list_commits, read_commit
+from ...dist.comm import Comm
+from ...stage.commit import CommitRecord, list_commits, read_commit
 from ...config import ResumeConfig
-from ... import consolidated
+from ...io import consolidated
 from ...errors import CheckpointNotFoundError, ConfigError, StateMismatchError
-from ...layout import StageLayout
-from ...names import (CheckpointRef, TrainingIteration, normalize_model_info, parse_checkpoint_tag,
+from ...format.layout import StageLayout
+from ...format.names import (CheckpointRef, TrainingIteration, normalize_model_info, parse_checkpoint_tag,
                       parse_resume_checkpoint)
 from ...resume import ResumeResult, resume
-from ...select import resolve_record
-from ...storage import open_storage
+from ...stage.select import resolve_record
+from ...io.storage import open_storage
 from .block import checkpointer_config
 from .models import ema_targets, torch_optimizers
 

@@ -46,7 +46,7 @@ def prepare_torchrun(env: dict[str, str] | None = None) -> bool:
         env["CUDA_VISIBLE_DEVICES"] = visible[local % len(visible)]
     elif not visible and "CUDA_VISIBLE_DEVICES" not in env:
         env["CUDA_VISIBLE_DEVICES"] = str(local)
-    from ...comm import init_distributed
+    from ...dist.comm import init_distributed
 
     init_distributed()
     return True

@@ -1,4 +1,4 @@
-"""The reference trainer: ``python -m noether_dist.train --config FILE [key=value ...]``.
+"""The reference trainer: ``python -m noether_dist.trainer --config FILE [key=value ...]``.
 
 A small MLP on synthetic regression data (no download), FSDP2-sharded when there is more
 than one rank, AdamW with warm-up and cosine decay, EMA copies, a test metric, periodic
@@ -25,15 +25,15 @@ import yaml
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
-from .comm import init_distributed
-from .config import CheckpointerConfig, check_known_keys, load_yaml
-from .errors import (AmbiguousCheckpointError, CheckpointNotFoundError, ConfigError, InvalidNameError,
+from ..dist.comm import init_distributed
+from ..config import CheckpointerConfig, check_known_keys, load_yaml
+from ..errors import (AmbiguousCheckpointError, CheckpointNotFoundError, ConfigError, InvalidNameError,
                      NoetherDistError)
-from .logs import setup_logging
+from ..logs import setup_logging
 
 __all__ = ["TrainConfig", "main", "run", "state_digest"]
 
-log = logging.getLogger("noether_dist.train")
+log = logging.getLogger("noether_dist.trainer")
 ROOT_KEYS = {"output_dir", "run_id", "stage_name", "resume_run_id", "resume_stage_name", "resume_checkpoint",
              "auto_resume", "model", "trainer", "checkpointer"}
 NAME_KEYS = ("output_dir", "run_id", "stage_name", "resume_run_id", "resume_stage_name", "resume_checkpoint",
@@ -281,7 +281,7 @@ class LossHistory:
 
 def run(config: TrainConfig) -> dict[str, Any]:
     """Train (resuming when configured) and return the summary (also written as JSON)."""
-    from .train_loop import TrainLoop
+    from .loop import TrainLoop
 
     return TrainLoop(config).run()
 
@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     """Command-line entry point. A failure of the library or the config ends in one line on
     the first process of each node and exit code 2 (bad config or input) or 1 (a failure
     while running); a traceback only with ``--debug`` (or ``--log-level debug``)."""
-    parser = argparse.ArgumentParser(prog="python -m noether_dist.train", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m noether_dist.trainer", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML file with the root config")
     parser.add_argument("--debug", action="store_true", help="on an error, log the traceback on every rank")

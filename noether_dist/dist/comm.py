@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from .errors import DistributedTimeoutError, NoetherDistError, RemoteRankError
+from ..errors import DistributedTimeoutError, NoetherDistError, RemoteRankError
 
 __all__ = ["Comm", "DistEnv", "init_distributed", "destroy_distributed", "current_rank", "is_distributed", "new_gloo_group", "training_group"]
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .errors import StateMismatchError
+from ..errors import StateMismatchError
 
 __all__ = ["PARAM_IDX_TO_NAME", "match_optimizer_file", "names_from_file", "to_noether_layout"]
 

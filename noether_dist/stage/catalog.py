@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .commit import AliasRecord, CommitRecord, CorruptRecordError, list_commits, read_alias, read_commit
-from .layout import ALIASES_DIR, CHECKPOINTS_DIR, COMMITS_DIR, StageLayout, join_url
-from .names import TrainingIteration, is_tag, parse_artifact
-from .storage import Storage
+from ..format.layout import ALIASES_DIR, CHECKPOINTS_DIR, COMMITS_DIR, StageLayout, join_url
+from ..format.names import TrainingIteration, is_tag, parse_artifact
+from ..io.storage import Storage
 
 __all__ = ["list_runs", "list_stages", "StageSummary", "CheckpointSummary", "summarize_stage"]
 

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from .commit import list_commits, read_alias, read_commit
-from .errors import ConfigError
-from .layout import ALIASES_DIR, COMMITS_DIR, StageLayout
-from .names import TrainingIteration, parse_artifact
-from .storage import Storage
+from ..errors import ConfigError
+from ..format.layout import ALIASES_DIR, COMMITS_DIR, StageLayout
+from ..format.names import TrainingIteration, parse_artifact
+from ..io.storage import Storage
 
 __all__ = ["RetentionPolicy", "PrunePlan", "plan_prune", "prune"]
 
@@ -104,7 +104,7 @@ def prune(storage: Storage, layout: StageLayout, policy: RetentionPolicy, *, dry
           progress: Any = None) -> PrunePlan:
     """Apply ``policy`` to one stage: delete each dropped checkpoint (commit record first,
     then its files) and leftovers of saves that never committed. Logs every deletion.
-    ``progress`` (``add_total(n)``/``update(n)``, e.g. :class:`noether_dist.progress.Bar`)
+    ``progress`` (``add_total(n)``/``update(n)``, e.g. :class:`noether_dist.tools.progress.Bar`)
     counts the bytes of the deleted checkpoints, as their commit records give them."""
     plan = plan_prune(storage, layout, policy)
     if dry_run:

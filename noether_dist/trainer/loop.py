@@ -12,23 +12,23 @@ from typing import Any
 import torch
 from torch import nn
 
-from .comm import Comm
-from .commit import list_commits
-from .config import CheckpointerConfig, ResumeConfig, parse_async_mode
-from .initializers import build_initializers
-from .layout import StageLayout, default_run_id, join_url
-from .names import TrainingIteration
-from .preemption import PreemptionWatcher, requeue_slurm_job
-from .resume import resume
-from .retention import RetentionPolicy
-from .save import Checkpointer
-from .state import DataPosition, callback_states, capture_rng, load_callback_states, restore_rng
-from .storage import StorageOptions, open_storage
-from .train import LossHistory, TrainConfig, build_model, epoch_order, shard_model, state_digest, synthetic_data
+from ..dist.comm import Comm
+from ..stage.commit import list_commits
+from ..config import CheckpointerConfig, ResumeConfig, parse_async_mode
+from ..initializers import build_initializers
+from ..format.layout import StageLayout, default_run_id, join_url
+from ..format.names import TrainingIteration
+from ..dist.preemption import PreemptionWatcher, requeue_slurm_job
+from ..resume import resume
+from ..stage.retention import RetentionPolicy
+from ..save import Checkpointer
+from ..state import DataPosition, callback_states, capture_rng, load_callback_states, restore_rng
+from ..io.storage import StorageOptions, open_storage
+from .run import LossHistory, TrainConfig, build_model, epoch_order, shard_model, state_digest, synthetic_data
 
 __all__ = ["TrainLoop"]
 
-log = logging.getLogger("noether_dist.train")
+log = logging.getLogger("noether_dist.trainer")
 
 
 class TrainLoop:
@@ -42,7 +42,7 @@ class TrainLoop:
         self.comm = Comm(self.timeout_s)
         self.rank, self.world = self.comm.rank, self.comm.world_size
         if t.batch_size % self.world:
-            from .errors import ConfigError
+            from ..errors import ConfigError
 
             raise ConfigError(f"trainer.batch_size {t.batch_size} must be divisible by the world size {self.world}")
         self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")

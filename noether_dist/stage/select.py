@@ -14,10 +14,10 @@ from typing import NoReturn
 
 from .catalog import list_runs, list_stages
 from .commit import ArtifactRecord, CommitRecord, CorruptRecordError, list_commits, read_alias, read_commit
-from .errors import AmbiguousCheckpointError, CheckpointNotFoundError, InvalidNameError
-from .layout import StageLayout
-from .names import ArtifactKind, CheckpointRef, TrainingIteration, parse_artifact, parse_checkpoint
-from .storage import Storage
+from ..errors import AmbiguousCheckpointError, CheckpointNotFoundError, InvalidNameError
+from ..format.layout import StageLayout
+from ..format.names import ArtifactKind, CheckpointRef, TrainingIteration, parse_artifact, parse_checkpoint
+from ..io.storage import Storage
 
 __all__ = ["select_checkpoint", "select_record", "resolve_record", "legacy_record"]
 
@@ -162,7 +162,7 @@ def canonical_name(name: str) -> str:
 
 
 def _iteration_from_file(storage: Storage, layout: StageLayout, arts: tuple[ArtifactRecord, ...]) -> TrainingIteration:
-    from .consolidated import iteration_of, read_file
+    from ..io.consolidated import iteration_of, read_file
 
     for kind in (ArtifactKind.TRAINER.value, ArtifactKind.MODEL.value):
         for art in arts:

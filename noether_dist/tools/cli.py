@@ -23,17 +23,17 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .catalog import StageSummary, list_runs, list_stages, summarize_stage
-from .commit import CommitRecord, CorruptRecordError, list_commits, read_alias, read_commit
-from .errors import (AmbiguousCheckpointError, CheckpointNotFoundError, ConfigError, InvalidNameError,
+from ..stage.catalog import StageSummary, list_runs, list_stages, summarize_stage
+from ..stage.commit import CommitRecord, CorruptRecordError, list_commits, read_alias, read_commit
+from ..errors import (AmbiguousCheckpointError, CheckpointNotFoundError, ConfigError, InvalidNameError,
                      NoetherDistError, StorageError)
-from .layout import CHECKPOINTS_DIR, COMMITS_DIR, StageLayout, join_url
-from .names import CheckpointRef, TrainingIteration, parse_artifact
+from ..format.layout import CHECKPOINTS_DIR, COMMITS_DIR, StageLayout, join_url
+from ..format.names import CheckpointRef, TrainingIteration, parse_artifact
 from .progress import Bar
-from .retention import RetentionPolicy, prune
-from .select import resolve_record
-from .storage import Storage, StorageOptions, open_storage
-from .verify import DEFAULT_JOBS, VerifyReport, parse_checkpoint_arg, verify_stage
+from ..stage.retention import RetentionPolicy, prune
+from ..stage.select import resolve_record
+from ..io.storage import Storage, StorageOptions, open_storage
+from ..stage.verify import DEFAULT_JOBS, VerifyReport, parse_checkpoint_arg, verify_stage
 
 # torch (and the modules that need it: consolidated, dcp_io, convert) is imported only by
 # the work that reads tensors: inspect's keys and convert.
@@ -181,7 +181,7 @@ def _dcp_keys(storage: Storage, path: str) -> list[dict[str, Any]]:
     import torch
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    from . import dcp_io
+    from ..io import dcp_io
 
     metadata = dcp_io.read_metadata(path, storage)
     stored: dict[str, int] = {}
@@ -202,7 +202,7 @@ def _dcp_keys(storage: Storage, path: str) -> list[dict[str, Any]]:
 
 
 def _file_keys(storage: Storage, path: str, kind: str) -> list[dict[str, Any]]:
-    from . import consolidated
+    from ..io import consolidated
 
     obj = consolidated.read_file(storage, path)
     if kind == "model":

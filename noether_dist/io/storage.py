@@ -1,6 +1,6 @@
 """The storage layer: one small interface over fsspec for local paths, file:// and s3://.
 
-Every method takes a full path or URL (as :mod:`noether_dist.layout` builds them).
+Every method takes a full path or URL (as :mod:`noether_dist.format.layout` builds them).
 Promises:
 
 - ``write_once`` creates an object only if it does not exist yet, in one step (local:
@@ -38,7 +38,7 @@ from typing import Any, TypeVar
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from .errors import ConfigError, StorageError
+from ..errors import ConfigError, StorageError
 
 __all__ = ["StorageOptions", "RetryPolicy", "Storage", "Entry", "open_storage", "is_transient"]
 

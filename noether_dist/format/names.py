@@ -19,7 +19,7 @@ import enum
 import re
 from dataclasses import dataclass
 
-from .errors import ConfigError, InvalidNameError
+from ..errors import ConfigError, InvalidNameError
 
 __all__ = [
     "ArtifactKind",

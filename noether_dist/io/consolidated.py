@@ -7,7 +7,7 @@ The files, as Noether writes them with ``torch.save`` on rank 0:
   ``config_kind`` where known;
 - optim file: the optimizer state dict. Noether's own are keyed by parameter index, with
   ``param_idx_to_name`` and named param groups; ours are keyed by parameter name
-  (resharding-safe). Both load by name (:mod:`noether_dist.optim_file`);
+  (resharding-safe). Both load by name (:mod:`noether_dist.io.optim_file`);
 - trainer file: ``{"callback_state_dicts", "training_iteration", "grad_scaler"}``; ours add
   ``"state"`` (the whole trainer state) and ``"rank_states"`` so a round trip is exact.
 
@@ -27,8 +27,8 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
-from .errors import ConfigError, StateMismatchError
-from .names import TrainingIteration
+from ..errors import ConfigError, StateMismatchError
+from ..format.names import TrainingIteration
 from .optim_file import match_optimizer_file
 from .storage import Storage
 
@@ -171,7 +171,7 @@ def load_model_file(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> No
 def load_optimizer_file(model: nn.Module, optimizer: torch.optim.Optimizer, osd: dict[str, Any],
                         what: str = "optimizer file") -> None:
     """Put a full optimizer state dict from a file into an optimizer (sharded or not),
-    matched by parameter name (see :mod:`noether_dist.optim_file`); everything is checked
+    matched by parameter name (see :mod:`noether_dist.io.optim_file`); everything is checked
     first, and a file that does not fit raises StateMismatchError with nothing applied."""
     apply_optimizer_file(model, optimizer, check_optimizer_file(model, optimizer, osd, what))
 

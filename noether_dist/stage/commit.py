@@ -21,10 +21,10 @@ import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .errors import StorageError
-from .layout import StageLayout
-from .names import TrainingIteration
-from .storage import Storage
+from ..errors import StorageError
+from ..format.layout import StageLayout
+from ..format.names import TrainingIteration
+from ..io.storage import Storage
 
 __all__ = ["FileRecord", "ArtifactRecord", "CommitRecord", "AliasRecord", "write_commit", "read_commit", "list_commits",
            "read_alias", "write_alias", "FORMAT_VERSION", "CorruptRecordError"]

@@ -25,7 +25,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = ["SaveStaging", "model_state", "optimizer_state", "apply_model_state", "apply_optimizer_state",
            "pack_object", "unpack_object", "empty_like_packed"]

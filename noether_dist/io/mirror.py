@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 
-from .comm import Comm, DistEnv
+from ..dist.comm import Comm, DistEnv
 from .storage import Storage
 
 __all__ = ["is_node_leader", "mirror_from_coordinator"]

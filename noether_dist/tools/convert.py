@@ -28,16 +28,16 @@ from typing import Any
 
 import torch
 
-from . import consolidated, dcp_io
-from .commit import ArtifactRecord, CommitRecord, list_commits, read_alias, read_commit, write_alias, write_commit
-from .errors import CheckpointNotFoundError, ConfigError
-from .layout import StageLayout, join_url
-from .names import (NOETHER_RUN_CONFIG, ArtifactKind, CheckpointRef, TrainingIteration, ema_factor_of,
+from ..io import consolidated, dcp_io
+from ..stage.commit import ArtifactRecord, CommitRecord, list_commits, read_alias, read_commit, write_alias, write_commit
+from ..errors import CheckpointNotFoundError, ConfigError
+from ..format.layout import StageLayout, join_url
+from ..format.names import (NOETHER_RUN_CONFIG, ArtifactKind, CheckpointRef, TrainingIteration, ema_factor_of,
                     format_artifact, noether_model_info, noether_tag, normalize_model_info, parse_checkpoint)
-from .optim_file import names_from_file, to_noether_layout
-from .save import TRAINER_COMMON_KEY, trainer_rank_key
-from .statedict import pack_object, unpack_object
-from .storage import Storage
+from ..io.optim_file import names_from_file, to_noether_layout
+from ..save import TRAINER_COMMON_KEY, trainer_rank_key
+from ..io.statedict import pack_object, unpack_object
+from ..io.storage import Storage
 
 __all__ = ["convert_stage", "ConvertReport"]
 
@@ -173,7 +173,7 @@ def convert_stage(src: Storage, src_layout: StageLayout, dst: Storage, dst_layou
     """Convert the committed checkpoints of one stage (all, or those named) into ``to``
     (``consolidated`` or ``sharded``) under ``dst_layout``; commit each and copy aliases.
     ``progress`` (``add_total(n)``/``update(n)``/``describe(text)``, e.g.
-    :class:`noether_dist.progress.Bar`) counts the source bytes converted."""
+    :class:`noether_dist.tools.progress.Bar`) counts the source bytes converted."""
     if to not in ("consolidated", "sharded"):
         raise ConfigError(f"convert target {to!r} is not valid; use consolidated or sharded")
     points = list_commits(src, src_layout)

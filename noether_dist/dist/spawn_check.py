@@ -20,7 +20,7 @@ import sys
 from types import FrameType, ModuleType
 
 from .comm import is_distributed
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = ["check_process_mode"]
 

@@ -1,7 +1,7 @@
 """Integrity checks: every file of a commit record against the store, byte for byte.
 
 A commit record lists every file each rank wrote, with its size and the CRC32 computed
-while writing (:mod:`noether_dist.dcp_io`). :func:`verify_stage` checks each of those
+while writing (:mod:`noether_dist.io.dcp_io`). :func:`verify_stage` checks each of those
 files, several at a time: where the store keeps a full-object CRC32 (S3 objects written by
 noether_dist: the store checked it on upload) it compares that with the record, one HEAD
 per file and no bytes read (the fast path); elsewhere, or with ``read_all``, it reads the
@@ -18,7 +18,7 @@ silently skip:
 ``uncommitted``     artifacts without a commit record: a save that died (or is still
                     running); resume never selects them, retention removes them
 
-Nothing here writes. Every read goes through :class:`~noether_dist.storage.Storage`
+Nothing here writes. Every read goes through :class:`~noether_dist.io.storage.Storage`
 (retries with backoff; a permanent store error raises :class:`StorageError`).
 """
 
@@ -33,11 +33,11 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .commit import AliasRecord, CommitRecord, CorruptRecordError
-from .errors import AmbiguousCheckpointError, CheckpointNotFoundError, ConfigError, InvalidNameError
-from .layout import ALIASES_DIR, COMMITS_DIR, StageLayout, join_url
-from .names import (CheckpointRef, TrainingIteration, is_tag, parse_artifact, parse_checkpoint,
+from ..errors import AmbiguousCheckpointError, CheckpointNotFoundError, ConfigError, InvalidNameError
+from ..format.layout import ALIASES_DIR, COMMITS_DIR, StageLayout, join_url
+from ..format.names import (CheckpointRef, TrainingIteration, is_tag, parse_artifact, parse_checkpoint,
                     parse_resume_checkpoint)
-from .storage import Storage
+from ..io.storage import Storage
 
 __all__ = ["DamageKind", "Damage", "CheckpointCheck", "StageReport", "VerifyReport", "file_crc32",
            "verify_record", "verify_stage", "parse_checkpoint_arg", "CHUNK_BYTES", "DEFAULT_JOBS", "ByteProgress"]
@@ -49,7 +49,7 @@ DEFAULT_JOBS = 16
 
 
 class ByteProgress(Protocol):
-    """Where verify reports progress, in bytes (e.g. :class:`noether_dist.progress.Bar`);
+    """Where verify reports progress, in bytes (e.g. :class:`noether_dist.tools.progress.Bar`);
     called from several threads."""
 
     def add_total(self, nbytes: int) -> None:

@@ -3,7 +3,7 @@
 This is the only module that imports DCP's private parts (the fsspec writer/reader, the
 planner internals of a full load, the allocation of staging memory). DCP does the
 planning, resharding and dedup of replicated tensors; this module adds two things DCP
-does not do: every write goes through :class:`noether_dist.storage.Storage`'s filesystem,
+does not do: every write goes through :class:`noether_dist.io.storage.Storage`'s filesystem,
 and every file written is recorded with its size and CRC32, computed while writing.
 """
 
@@ -41,9 +41,9 @@ from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, Stora
 from torch.distributed.checkpoint.planner import LoadItemType
 from torch.futures import Future
 
-from .comm import is_distributed as _dist_ready
-from .commit import FileRecord
-from .errors import StateMismatchError
+from ..dist.comm import is_distributed as _dist_ready
+from ..stage.commit import FileRecord
+from ..errors import StateMismatchError
 from .storage import Storage
 
 __all__ = ["FileRecord", "save_state", "load_state", "load_checked", "LoadReport", "Staging", "staging", "is_sharded", "reader_of", "placeholder", "metadata_for", "paused_gc", "load_full", "open_checksummed", "save_state_in_process", "collect_sidecar", "shutdown_checkpoint_process", "read_metadata", "check_keys", "cpu_buffers_like", "METADATA_FILE"]

@@ -1,0 +1,1 @@
+"""Command-line tools over checkpoints: ``noether-ckpt`` (list, inspect, verify, prune, convert)."""
