@@ -46,7 +46,7 @@ def sync_save(rank: int, world_size: int, *, out: str, total_bytes: int, repeats
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     from noether_dist import Checkpointer, CheckpointerConfig, TrainingIteration
-    from noether_dist import dcp_io
+    from noether_dist.io import dcp_io
     from noether_dist.io.statedict import model_state
     from noether_dist.io.storage import open_storage
 

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.torch_compat
 def _slow_writes(delay_s: float) -> None:
     """Make the first write of every file of this process slow, so that training overlaps
     the background write."""
-    from noether_dist import dcp_io
+    from noether_dist.io import dcp_io
 
     original = dcp_io._ChecksumStream.write
 
@@ -65,7 +65,7 @@ def async_failure(rank: int, world_size: int, out: str) -> dict:
     ck.save(TrainingIteration(0, 1, 16), model=model, optimizer=opt)
     ck.wait()
     if rank == 1:
-        from noether_dist import dcp_io
+        from noether_dist.io import dcp_io
 
         def broken(self, data):
             raise OSError(28, "No space left on device (injected)")

@@ -9,7 +9,7 @@ import zlib
 import pytest
 import torch
 
-from noether_dist import dcp_io
+from noether_dist.io import dcp_io
 from noether_dist.io.storage import open_storage
 
 pytestmark = pytest.mark.torch_compat

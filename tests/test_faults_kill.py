@@ -51,7 +51,7 @@ class _Killer:
     process at the moment the trial chose."""
 
     def __init__(self) -> None:
-        from noether_dist import dcp_io
+        from noether_dist.io import dcp_io
         from noether_dist.io.storage import Storage
 
         self.written = 0
@@ -322,7 +322,7 @@ def test_dead_or_hung_rank_during_resume_agreement(tmp_path, report):
 
 def save_with_hung_peer(rank: int, world_size: int, out: str) -> dict:
     """Rank 1 stops (SIGSTOP: alive but silent) in the middle of writing its shards."""
-    from noether_dist import dcp_io
+    from noether_dist.io import dcp_io
 
     pids, model, opt, ema = _pids_and_save(rank, out)
     if rank == 1:

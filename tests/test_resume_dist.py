@@ -39,7 +39,7 @@ def save_then_die(rank: int, world_size: int, out: str, victim: int) -> dict:
     saved = full_state(model, opt, ema)
     train_steps(model, opt, ema, 1, rank, start=1)
     if rank == victim:
-        from noether_dist import dcp_io
+        from noether_dist.io import dcp_io
 
         original = dcp_io._ChecksumStream.write
 

@@ -86,7 +86,7 @@ def test_big_files_go_up_in_parts_with_checksums_and_load_back(s3_bucket, s3_env
 
     import torch
 
-    from noether_dist import dcp_io
+    from noether_dist.io import dcp_io
 
     monkeypatch.setattr(dcp_io, "MULTIPART_MIN_BYTES", 6 << 20)
     monkeypatch.setattr(dcp_io, "_PART_BYTES", 5 << 20)  # S3's smallest part
@@ -114,7 +114,7 @@ def test_each_object_carries_the_crc32_of_the_commit_record(s3_bucket, s3_env):
     botocore need not compute its own): the store keeps the same value."""
     import torch
 
-    from noether_dist import dcp_io
+    from noether_dist.io import dcp_io
 
     st = open_storage(f"s3://{s3_bucket}")
     path = f"s3://{s3_bucket}/ck/m_cp=E0_U1_S1_model.th"
@@ -128,7 +128,7 @@ def test_each_object_carries_the_crc32_of_the_commit_record(s3_bucket, s3_env):
 def test_save_and_load_with_upload_checksums_off(s3_bucket, s3_env):
     import torch
 
-    from noether_dist import dcp_io
+    from noether_dist.io import dcp_io
 
     st = open_storage(f"s3://{s3_bucket}", StorageOptions(checksum=None))  # for stores that reject them
     path = f"s3://{s3_bucket}/ck/m_cp=E0_U1_S1_model.th"
