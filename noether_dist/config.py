@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from .dist.timeouts import DEFAULT_TIMEOUT_S
 from .errors import ConfigError
 from .format.names import CheckpointRef, parse_resume_checkpoint, validate_name
 from .stage.retention import RetentionPolicy
@@ -82,8 +83,9 @@ class CheckpointerConfig:
     """metric name -> "min" or "max": which values make a ``best.<metric>`` checkpoint."""
     storage: StorageOptions = field(default_factory=StorageOptions)
     """Store options (S3 endpoint, profile, region, retries)."""
-    timeout_s: float = 600.0
-    """Upper bound of every collective wait."""
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    """Upper bound of every collective wait; by default ``NOETHER_DIST_TIMEOUT_S`` or 600 s,
+    the same default as :func:`~noether_dist.resume` and ``Comm``."""
     thread_count: int = 1
     """Writer threads per rank (DCP); more helps object stores."""
     async_mode: AsyncMode = AsyncMode.OFF
@@ -116,9 +118,11 @@ class CheckpointerConfig:
             raise ConfigError(f"async_mode must be an AsyncMode (off, thread, process), got {self.async_mode!r}")
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> CheckpointerConfig:
-        """Build from a mapping (e.g. a YAML block); unknown keys are an error."""
-        check_known_keys(data, {f.name for f in fields(cls)}, "checkpointer config")
+    def from_dict(cls, data: Mapping[str, Any], *, where: str = "checkpointer config") -> CheckpointerConfig:
+        """Build from a mapping (e.g. a YAML block): every field by its name, nested blocks
+        (``storage``, ``retention``) and ``async_mode`` parsed. An unknown key is a ConfigError
+        naming ``where`` and the closest field."""
+        check_known_keys(data, {f.name for f in fields(cls)}, where)
         data = dict(data)
         if "storage" in data and not isinstance(data["storage"], StorageOptions):
             data["storage"] = StorageOptions.from_dict(data["storage"])
@@ -127,6 +131,20 @@ class CheckpointerConfig:
         if "async_mode" in data:
             data["async_mode"] = parse_async_mode(data["async_mode"])
         return cls(**data)
+
+    @classmethod
+    def from_block(cls, block: Mapping[str, Any] | None, *, where: str,
+                   decided: Mapping[str, tuple[Any, str]]) -> CheckpointerConfig:
+        """A trainer's ``checkpointer:`` block completed with the fields the trainer decides
+        itself: ``decided`` maps a field to (its value, where the trainer takes it from). A
+        decided field set in the block is a ConfigError saying where it comes from; the block's
+        other keys are :meth:`from_dict`'s (so a new field is accepted by its name)."""
+        data = dict(block or {})
+        for key, (_, source) in decided.items():
+            if key in data:
+                raise ConfigError(f"{where}.{key} cannot be set: it is taken from {source}")
+        check_known_keys(data, {f.name for f in fields(cls)} - set(decided), where)
+        return cls.from_dict({**data, **{key: value for key, (value, _) in decided.items()}}, where=where)
 
 
 @dataclass(frozen=True, kw_only=True)

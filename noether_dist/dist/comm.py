@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import DistributedTimeoutError, NoetherDistError, RemoteRankError
+from .timeouts import DEFAULT_TIMEOUT_S
 
 __all__ = ["Comm", "DistEnv", "init_distributed", "destroy_distributed", "current_rank", "is_distributed", "new_gloo_group", "training_group"]
 
@@ -35,7 +36,6 @@ try:  # DCP's CheckpointException derives from BaseException: catch it explicitl
 except ImportError:  # pragma: no cover
     _DcpError = Exception  # type: ignore[misc,assignment]
 
-DEFAULT_TIMEOUT_S = float(os.environ.get("NOETHER_DIST_TIMEOUT_S", "600"))
 _CONTROL_GROUPS: dict[tuple[int, float], Any] = {}
 
 

@@ -6,7 +6,6 @@ from collections.abc import Mapping
 from typing import Any
 
 from ...config import CheckpointerConfig
-from ...errors import ConfigError
 
 __all__ = ["checkpointer_config", "DERIVED_KEYS"]
 
@@ -18,12 +17,12 @@ DERIVED_KEYS = {"run_id": "the run's run_id", "stage_name": "the run's stage_nam
 def checkpointer_config(block: Mapping[str, Any] | None, *, output_dir: str, run_id: str, stage_name: str | None,
                         model_name: str) -> CheckpointerConfig:
     """The CheckpointerConfig of a Noether run: the block's keys (``output_dir``, ``storage``,
-    ``timeout_s``, ``thread_count``, ``async_mode``, ``retention``, ``node_local``) plus what
-    Noether names. ``output_dir`` defaults to Noether's ``output_path``. Unknown keys, and keys
-    Noether decides, are a ConfigError naming them."""
+    ``timeout_s``, ``thread_count``, ``async_mode``, ``retention``, ``node_local``, and any
+    field CheckpointerConfig gains) plus what Noether names. ``output_dir`` defaults to
+    Noether's ``output_path``. Unknown keys, and keys Noether decides, are a ConfigError
+    naming them."""
     data = dict(block or {})
-    for key, source in DERIVED_KEYS.items():
-        if key in data:
-            raise ConfigError(f"trainer.checkpointer.{key} cannot be set: the adapter takes it from {source}")
     data["output_dir"] = str(data.get("output_dir") or output_dir)
-    return CheckpointerConfig.from_dict({**data, "run_id": run_id, "stage_name": stage_name, "model_name": model_name})
+    values = {"run_id": run_id, "stage_name": stage_name, "model_name": model_name, "best_metrics": {}}
+    return CheckpointerConfig.from_block(data, where="trainer.checkpointer",
+                                         decided={key: (values[key], source) for key, source in DERIVED_KEYS.items()})
