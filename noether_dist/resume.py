@@ -47,8 +47,8 @@ from .config import ResumeConfig
 from .errors import CheckpointNotFoundError, ConfigError, NoetherDistError
 from .format.layout import StageLayout
 from .format.names import ArtifactKind, TrainingIteration, normalize_model_info
+from .format.trainer_keys import TRAINER_COMMON_KEY, state_of_common_entry, trainer_rank_key
 from .stage.select import resolve_record, select_checkpoint
-from .save import TRAINER_COMMON_KEY, trainer_rank_key
 from .io.statedict import (apply_model_state, apply_optimizer_state, empty_like_packed, model_state,
                         optimizer_state, unpack_object)
 from .io.storage import Storage, open_storage
@@ -456,7 +456,7 @@ def _apply(comm: Comm, targets: _Targets, staged: list[_Staged], trainer: _Stage
         flat = trainer.staging.flat
         common = unpack_object(flat[TRAINER_COMMON_KEY]) if TRAINER_COMMON_KEY in flat else {}
         own = unpack_object(flat[trainer_rank_key(comm.rank)]) if trainer_rank_key(comm.rank) in flat else None
-        return dict(common.get("state") or {}), own
+        return state_of_common_entry(common), own
 
     return comm.each(apply_all)
 

@@ -23,18 +23,13 @@ from .io.mirror import is_node_leader, mirror_from_coordinator
 from .stage.retention import prune
 from .dist.spawn_check import check_process_mode
 from .format.names import ArtifactKind, TrainingIteration, format_artifact, normalize_model_info, parse_checkpoint
+from .format.trainer_keys import TRAINER_COMMON_KEY, common_entry, trainer_rank_key
 from .io.statedict import SaveStaging, model_state, optimizer_state, pack_object
 from .io.storage import Storage, open_storage
 
-__all__ = ["Checkpointer", "SaveResult", "AliasUpdateError", "TRAINER_COMMON_KEY", "trainer_rank_key"]
+__all__ = ["Checkpointer", "SaveResult", "AliasUpdateError"]
 
 log = logging.getLogger(__name__)
-TRAINER_COMMON_KEY = "noether.trainer"
-
-
-def trainer_rank_key(rank: int) -> str:
-    """Key of one rank's own trainer state inside the trainer artifact."""
-    return f"noether.rank.{rank}"
 
 
 @dataclass(frozen=True)
@@ -226,8 +221,7 @@ class Checkpointer:
                 for kind, info, state in _states(model, optimizer, ema)]
         trainer = {trainer_rank_key(self.comm.rank): pack_object(rank_state or {})}
         if self.comm.is_coordinator:
-            trainer[TRAINER_COMMON_KEY] = pack_object({"training_iteration": iteration.to_dict(),
-                                                       "state": trainer_state or {}})
+            trainer[TRAINER_COMMON_KEY] = pack_object(common_entry(iteration.to_dict(), trainer_state))
         arts.append(_Artifact(format_artifact(name, cp, ArtifactKind.TRAINER), ArtifactKind.TRAINER, None, trainer))
         clean_metrics = {}
         for key, value in (metrics or {}).items():

@@ -15,6 +15,7 @@ import torch
 
 from .errors import ConfigError
 from .format.names import TrainingIteration
+from .format.trainer_keys import ITERATION_KEY
 
 __all__ = ["DataPosition", "Callback", "capture_rng", "restore_rng", "callback_states", "load_callback_states"]
 
@@ -97,4 +98,4 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 def iteration_from_state(state: dict[str, Any]) -> TrainingIteration:
     """The training point stored in a trainer state dict (``training_iteration``)."""
-    return TrainingIteration.from_dict(state["training_iteration"])
+    return TrainingIteration.from_dict(state[ITERATION_KEY])

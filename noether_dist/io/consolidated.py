@@ -29,6 +29,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optim
 
 from ..errors import ConfigError, StateMismatchError
 from ..format.names import TrainingIteration
+from ..format.trainer_keys import CALLBACKS_KEY, GRAD_SCALER_KEY
 from .optim_file import match_optimizer_file
 from .storage import Storage
 
@@ -40,8 +41,6 @@ _FULL = StateDictOptions(full_state_dict=True, strict=True)
 
 MODEL_CONFIG_KEYS = ("model_config", "config_kind")
 """What Noether's model files carry so its tools can rebuild the model."""
-TRAINER_MODEL_CONFIGS = "model_configs"
-"""Key of the trainer state that holds ``{model name: {model_config, config_kind}}``."""
 
 
 def model_file(state_dict: dict[str, Any], iteration: TrainingIteration, run_id: str, checkpoint_tag: str,
@@ -105,8 +104,8 @@ def submodel_optimizer(osd: Mapping[str, Any], model_name: str, submodel: str) -
 
 def trainer_file(trainer_state: dict[str, Any], rank_states: dict[int, Any], iteration: TrainingIteration) -> dict:
     """The dict stored in a trainer file (Noether's keys plus ours for an exact round trip)."""
-    return {"callback_state_dicts": trainer_state.get("callbacks", {}), "training_iteration": iteration.to_dict(),
-            "grad_scaler": trainer_state.get("grad_scaler"), "state": trainer_state, "rank_states": rank_states}
+    return {"callback_state_dicts": trainer_state.get(CALLBACKS_KEY, {}), "training_iteration": iteration.to_dict(),
+            "grad_scaler": trainer_state.get(GRAD_SCALER_KEY), "state": trainer_state, "rank_states": rank_states}
 
 
 def save_file(storage: Storage, path: str, obj: Any) -> int:
@@ -202,7 +201,7 @@ def trainer_state_of(obj: Any) -> tuple[dict[str, Any], dict[int, Any]]:
         raise ConfigError("trainer file is not a dict")
     if isinstance(obj.get("state"), dict):
         return obj["state"], dict(obj.get("rank_states") or {})
-    return {"callbacks": obj.get("callback_state_dicts") or {}, "grad_scaler": obj.get("grad_scaler")}, {}
+    return {CALLBACKS_KEY: obj.get("callback_state_dicts") or {}, GRAD_SCALER_KEY: obj.get("grad_scaler")}, {}
 
 
 def local_path(storage: Storage, path: str) -> str | None:

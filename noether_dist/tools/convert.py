@@ -34,8 +34,9 @@ from ..errors import CheckpointNotFoundError, ConfigError
 from ..format.layout import StageLayout, join_url
 from ..format.names import (NOETHER_RUN_CONFIG, ArtifactKind, CheckpointRef, TrainingIteration, ema_factor_of,
                     format_artifact, noether_model_info, noether_tag, normalize_model_info, parse_checkpoint)
+from ..format.trainer_keys import (MODEL_CONFIGS_KEY, TRAINER_COMMON_KEY, common_entry, rank_of_trainer_key,
+                                   state_of_common_entry, trainer_rank_key)
 from ..io.optim_file import names_from_file, to_noether_layout
-from ..save import TRAINER_COMMON_KEY, trainer_rank_key
 from ..io.statedict import pack_object, unpack_object
 from ..io.storage import Storage
 
@@ -53,7 +54,7 @@ class ConvertReport:
 
 
 def _model_configs(trainer: dict[str, Any]) -> dict[str, Any]:
-    return (trainer.get("state") or {}).get(consolidated.TRAINER_MODEL_CONFIGS) or {}
+    return state_of_common_entry(trainer).get(MODEL_CONFIGS_KEY) or {}
 
 
 def _file_object(full: dict[str, Any], art: ArtifactRecord, record: CommitRecord, trainer: dict[str, Any]) -> Any:
@@ -63,8 +64,8 @@ def _file_object(full: dict[str, Any], art: ArtifactRecord, record: CommitRecord
                                        ema_factor_of(art.model_info), _model_configs(trainer).get(record.model_name))
     if art.kind == "optim":
         return to_noether_layout(full, f"optimizer of {record.iteration}")
-    ranks = {int(k.rsplit(".", 1)[1]): unpack_object(v) for k, v in full.items() if k.startswith("noether.rank.")}
-    return consolidated.trainer_file(trainer.get("state") or {}, ranks, record.iteration)
+    ranks = {rank: unpack_object(v) for k, v in full.items() if (rank := rank_of_trainer_key(k)) is not None}
+    return consolidated.trainer_file(state_of_common_entry(trainer), ranks, record.iteration)
 
 
 def _submodel_files(full: dict[str, Any], art: ArtifactRecord, record: CommitRecord,
@@ -163,7 +164,7 @@ def _to_dcp(src: Storage, dst: Storage, src_path: str, dst_path: str, art: Artif
                               "converting it needs the model: load it with resume() and save again")
     else:
         common, ranks = consolidated.trainer_state_of(obj)
-        state = {TRAINER_COMMON_KEY: pack_object({"training_iteration": record.iteration.to_dict(), "state": common})}
+        state = {TRAINER_COMMON_KEY: pack_object(common_entry(record.iteration.to_dict(), common))}
         state.update({trainer_rank_key(r): pack_object(v) for r, v in ranks.items()})
     return dcp_io.save_state(state, dst_path, dst, process_group=None)
 

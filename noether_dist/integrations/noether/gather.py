@@ -33,9 +33,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ...dist.comm import Comm
-from ...io.consolidated import TRAINER_MODEL_CONFIGS
 from ...errors import ConfigError, InvalidNameError
 from ...format.names import CheckpointRef, TrainingIteration, parse_checkpoint
+from ...format.trainer_keys import CALLBACKS_KEY, DATA_POSITION_KEY, GRAD_SCALER_KEY, MODEL_CONFIGS_KEY, RNG_KEY
 from ...save import Checkpointer, SaveResult
 from ...state import capture_rng
 from ...io.statedict import optimizer_state
@@ -219,10 +219,10 @@ class GatheringCheckpointWriter:
         extra = pending.extra if pending is not None else {}
         ema = {info: extra.get(info, {}) for info in summary.extra_infos}
         noether_state = self.trainer.state_dict()  # every rank: callbacks may gather
-        trainer_state = {"callbacks": noether_state.get("callback_state_dicts", {}),
-                         "grad_scaler": noether_state.get("grad_scaler"),
-                         TRAINER_MODEL_CONFIGS: model_configs(model)}
-        rank_state = {"rng": capture_rng(), "data_position": summary.iteration.to_dict()}
+        trainer_state = {CALLBACKS_KEY: noether_state.get("callback_state_dicts", {}),
+                         GRAD_SCALER_KEY: noether_state.get("grad_scaler"),
+                         MODEL_CONFIGS_KEY: model_configs(model)}
+        rank_state = {RNG_KEY: capture_rng(), DATA_POSITION_KEY: summary.iteration.to_dict()}
         return self.checkpointer.save(summary.iteration, model=model, optimizer=optim, ema=ema or None,
                                       trainer_state=trainer_state, rank_state=rank_state, aliases=summary.aliases)
 

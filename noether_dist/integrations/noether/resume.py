@@ -36,6 +36,7 @@ from ...errors import CheckpointNotFoundError, ConfigError, StateMismatchError
 from ...format.layout import StageLayout
 from ...format.names import (CheckpointRef, TrainingIteration, normalize_model_info, parse_checkpoint_tag,
                       parse_resume_checkpoint)
+from ...format.trainer_keys import CALLBACKS_KEY, GRAD_SCALER_KEY
 from ...resume import ResumeResult, resume
 from ...stage.select import resolve_record
 from ...io.storage import open_storage
@@ -174,9 +175,9 @@ class NoetherDistResumeInitializer(InitializerBase):
         if self.result is None:
             raise ConfigError("init_weights() must run before init_callbacks()")
         state = self.result.trainer_state
-        noether_state: dict[str, Any] = {"callback_state_dicts": state.get("callbacks") or {}}
-        if state.get("grad_scaler") is not None:
-            noether_state["grad_scaler"] = state["grad_scaler"]
+        noether_state: dict[str, Any] = {"callback_state_dicts": state.get(CALLBACKS_KEY) or {}}
+        if state.get(GRAD_SCALER_KEY) is not None:
+            noether_state["grad_scaler"] = state[GRAD_SCALER_KEY]
         self.trainer.load_state_dict(noether_state)
         for cb, path, factor, tensors in self.ema.values():
             names = {n for n, _ in select_with_path(obj=model, path=path).named_parameters()}

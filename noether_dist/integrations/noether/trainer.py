@@ -36,6 +36,7 @@ from noether.core.schemas.initializers import ResumeInitializerConfig
 from torch.nn.parallel import DistributedDataParallel
 
 from ...errors import StateMismatchError
+from ...format.trainer_keys import DATA_POSITION_KEY, RNG_KEY
 from .block import checkpointer_config
 from .data import EpochCountingSampler, RestoreRngOnIter
 from .gather import GatheringCheckpointWriter, to_iteration
@@ -159,10 +160,10 @@ class NoetherDistTrainer:
         if own is None:
             log.warning("the checkpoint holds no state of this rank (other world size): RNG states not restored")
             return None
-        saved, start = own.get("data_position"), to_iteration(self.start_checkpoint).to_dict()
+        saved, start = own.get(DATA_POSITION_KEY), to_iteration(self.start_checkpoint).to_dict()
         if saved != start:
             raise StateMismatchError(f"data position {saved} saved with the checkpoint differs from Noether's start {start}")
-        return own["rng"]
+        return own[RNG_KEY]
 
     # -- when gathered points are committed (see the module doc) -----------------------
     def _run_periodic_callbacks(self, periodic_callbacks: list[Any], model: Any, dist_model: Any, data_iter: Any,
