@@ -66,7 +66,7 @@ def _build(seed: int) -> tuple[Any, Any]:
     import torch
     from torch import nn
 
-    from noether_dist.trainer.run import shard_model
+    from noether_dist.trainer.model import shard_model
 
     torch.manual_seed(seed)
     model = nn.Sequential(*[nn.Linear(WIDTH, WIDTH) for _ in range(LAYERS)])

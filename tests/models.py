@@ -10,7 +10,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict)
 
-from noether_dist.trainer.run import shard_model
+from noether_dist.trainer.model import shard_model
 
 EMA_INFO = "ema_factor=0.9"
 

@@ -33,7 +33,7 @@ from noether_dist.format.names import TrainingIteration as TI
 from noether_dist.format.names import normalize_model_info, parse_artifact, parse_checkpoint
 from noether_dist.stage.retention import RetentionPolicy
 from noether_dist.io.storage import RetryPolicy, open_storage
-from noether_dist.trainer.run import TrainConfig
+from noether_dist.trainer.config import TrainConfig
 from noether_dist.stage.verify import verify_stage
 from tests.models import EMA_INFO, build, make_mlp, train_steps
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from noether_dist.errors import ConfigError
-from noether_dist.trainer.run import TrainConfig, parse_overrides
+from noether_dist.trainer.config import TrainConfig, parse_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "launch" / "configs" / "cpu_tiny.yaml")
@@ -105,6 +105,30 @@ def test_unknown_config_keys_suggest_the_closest():
         "trainer": {"epochs": 3}, "run_id": "x"}
     with pytest.raises(ConfigError, match="key=value"):
         parse_overrides({}, ["trainer.epochs"])
+
+
+_TIMEOUTS = """
+import json, sys
+from noether_dist.dist.comm import Comm
+from noether_dist.trainer.config import TrainConfig
+from noether_dist.trainer.loop import TrainLoop
+out = {}
+for run_id, block in (("env", {}), ("block", {"timeout_s": 5})):
+    loop = TrainLoop(TrainConfig.from_dict({"output_dir": sys.argv[1], "run_id": run_id, "checkpointer": block}))
+    out[run_id] = [loop.checkpointer.config.timeout_s, loop.comm.timeout_s, loop.timeout_s]
+out["resume"] = Comm().timeout_s  # what resume() waits when given no timeout
+print(json.dumps(out))
+"""
+
+
+def test_checkpointer_timeout_follows_noether_dist_timeout_s_as_resume_does(tmp_path):
+    """Without ``checkpointer.timeout_s``, the trainer's checkpointer, its collectives and
+    resume all wait NOETHER_DIST_TIMEOUT_S; a timeout_s in the block wins."""
+    proc = subprocess.run([sys.executable, "-c", _TIMEOUTS, str(tmp_path)], env={**_env(), "NOETHER_DIST_TIMEOUT_S": "37"},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got == {"env": [37.0, 37.0, 37.0], "block": [5, 5.0, 5], "resume": 37.0}, got
 
 
 def test_trainer_initializer_from_yaml_starts_fresh_with_previous_weights(tmp_path):

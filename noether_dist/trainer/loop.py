@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import math
@@ -11,24 +12,84 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
+from ..config import ResumeConfig
 from ..dist.comm import Comm
-from ..stage.commit import list_commits
-from ..config import CheckpointerConfig, ResumeConfig, parse_async_mode
-from ..initializers import build_initializers
+from ..dist.preemption import PreemptionWatcher, requeue_slurm_job
+from ..errors import ConfigError
 from ..format.layout import StageLayout, default_run_id, join_url
 from ..format.names import TrainingIteration
-from ..dist.preemption import PreemptionWatcher, requeue_slurm_job
+from ..format.trainer_keys import CALLBACKS_KEY, DATA_POSITION_KEY, GRAD_SCALER_KEY, RNG_KEY
+from ..initializers import build_initializers
+from ..io.storage import open_storage
 from ..resume import resume
-from ..stage.retention import RetentionPolicy
 from ..save import Checkpointer
+from ..stage.commit import list_commits
 from ..state import DataPosition, callback_states, capture_rng, load_callback_states, restore_rng
-from ..io.storage import StorageOptions, open_storage
-from .run import LossHistory, TrainConfig, build_model, epoch_order, shard_model, state_digest, synthetic_data
+from .config import TrainConfig
+from .model import build_model, epoch_order, shard_model, synthetic_data
 
-__all__ = ["TrainLoop"]
+__all__ = ["LossHistory", "TrainLoop", "state_digest"]
 
 log = logging.getLogger("noether_dist.trainer")
+_SCHEDULER_KEY, _WORLD_SIZE_KEY = "scheduler", "world_size"
+"""The reference trainer's own keys of the trainer state (the library never reads them)."""
+
+
+def state_digest(model: nn.Module, optimizer: torch.optim.Optimizer, emas: dict[str, nn.Module]) -> dict[str, str]:
+    """SHA-256 of the full (unsharded) model, optimizer and EMA states (a collective)."""
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=False)
+
+    def digest(obj: Any, h: Any, prefix: str = "") -> None:
+        if isinstance(obj, dict):
+            for key in sorted(obj, key=str):
+                digest(obj[key], h, f"{prefix}{key}.")
+        elif isinstance(obj, (list, tuple)):
+            for i, item in enumerate(obj):
+                digest(item, h, f"{prefix}{i}.")
+        elif isinstance(obj, torch.Tensor):
+            t = obj.detach().cpu().contiguous().reshape(-1)
+            h.update(f"{prefix}{t.dtype}{list(t.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        else:
+            h.update(f"{prefix}{obj!r}".encode())
+
+    out = {}
+    for name, obj in (("model", get_model_state_dict(model, options=opts)),
+                      ("optimizer", get_optimizer_state_dict(model, optimizer, options=opts))):
+        h = hashlib.sha256()
+        digest(obj, h)
+        out[name] = h.hexdigest()
+    for info, ema in emas.items():
+        h = hashlib.sha256()
+        digest(get_model_state_dict(ema, options=opts), h)
+        out[f"ema:{info}"] = h.hexdigest()
+    return out
+
+
+class LossHistory:
+    """A callback that keeps the running training loss and the best test loss."""
+
+    name = "loss_history"
+
+    def __init__(self) -> None:
+        self.ema_loss: float | None = None
+        self.best_test: float | None = None
+        self.evaluations = 0
+
+    def on_update(self, loss: float) -> None:
+        self.ema_loss = loss if self.ema_loss is None else 0.9 * self.ema_loss + 0.1 * loss
+
+    def on_eval(self, test_loss: float) -> None:
+        self.evaluations += 1
+        self.best_test = test_loss if self.best_test is None else min(self.best_test, test_loss)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ema_loss": self.ema_loss, "best_test": self.best_test, "evaluations": self.evaluations}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.ema_loss, self.best_test, self.evaluations = state["ema_loss"], state["best_test"], state["evaluations"]
 
 
 class TrainLoop:
@@ -37,18 +98,15 @@ class TrainLoop:
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
         t, m = config.trainer, config.model
-        ck_cfg = dict(config.checkpointer)
-        self.timeout_s = float(ck_cfg.get("timeout_s", 600))
-        self.comm = Comm(self.timeout_s)
+        self.comm = Comm(config.timeout_s)
         self.rank, self.world = self.comm.rank, self.comm.world_size
         if t.batch_size % self.world:
-            from ..errors import ConfigError
-
             raise ConfigError(f"trainer.batch_size {t.batch_size} must be divisible by the world size {self.world}")
         self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
         self.run_id = config.run_id or self.comm.broadcast(default_run_id() if self.comm.is_coordinator else None)
-        self.stage_name = config.stage_name or config.resume_stage_name
-        self.storage_options = StorageOptions.from_dict(ck_cfg.get("storage"))
+        ck_config = config.checkpointer_config(self.run_id)
+        self.stage_name, self.timeout_s = ck_config.stage_name, ck_config.timeout_s
+        self.storage_options = ck_config.storage
         self.model = build_model(m, t.seed).to(self.device)
         self.emas = {f"ema_factor={f}": copy.deepcopy(self.model) for f in t.ema_factors}
         if self.world > 1:
@@ -65,13 +123,7 @@ class TrainLoop:
         self.x, self.y, self.x_test, self.y_test = synthetic_data(m, t)
         self.callbacks = [LossHistory()]
         self.update, self.sample, self.position = 0, 0, DataPosition(0, 0)
-        self.checkpointer = Checkpointer(CheckpointerConfig(
-            output_dir=config.output_dir, run_id=self.run_id, stage_name=self.stage_name, model_name=m.name,
-            best_metrics=t.best_metrics, storage=self.storage_options, timeout_s=self.timeout_s,
-            thread_count=int(ck_cfg.get("thread_count", 1)),
-            async_mode=parse_async_mode(ck_cfg.get("async_mode", "off")),
-            node_local=bool(ck_cfg.get("node_local", False)),
-            retention=RetentionPolicy.from_dict(ck_cfg.get("retention"))))
+        self.checkpointer = Checkpointer(ck_config)
 
     def _lr_factor(self, update: int) -> float:
         warm = self.config.trainer.warmup_updates
@@ -105,14 +157,14 @@ class TrainLoop:
                         model_name=self.config.model.name, timeout_s=self.timeout_s)
         state = result.trainer_state
         self.update, self.sample = result.iteration.update, result.iteration.sample
-        self.position = DataPosition.from_dict(state["data_position"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["grad_scaler"])
-        missing = load_callback_states(self.callbacks, state.get("callbacks", {}))
+        self.position = DataPosition.from_dict(state[DATA_POSITION_KEY])
+        self.scheduler.load_state_dict(state[_SCHEDULER_KEY])
+        self.scaler.load_state_dict(state[GRAD_SCALER_KEY])
+        missing = load_callback_states(self.callbacks, state.get(CALLBACKS_KEY, {}))
         if missing:
             log.warning("no saved state for callbacks %s: they start fresh", missing)
-        if result.rank_state is not None and state.get("world_size") == self.world:
-            restore_rng(result.rank_state["rng"])
+        if result.rank_state is not None and state.get(_WORLD_SIZE_KEY) == self.world:
+            restore_rng(result.rank_state[RNG_KEY])
         else:  # another world size: a fresh, reproducible stream per rank
             torch.manual_seed(self.config.trainer.seed * 7919 + self.rank * 104729 + self.update)
         log.info("resumed from %s/%s at %s", source.resume_run_id, source.resume_stage_name or "-", result.checkpoint)
@@ -155,11 +207,11 @@ class TrainLoop:
         return sum(p[0] for p in parts) / sum(p[1] for p in parts)
 
     def _save(self, metrics: dict[str, float], last: bool = False) -> None:
-        common = {"data_position": self.position.to_dict(), "scheduler": self.scheduler.state_dict(),
-                  "grad_scaler": self.scaler.state_dict(), "callbacks": callback_states(self.callbacks),
-                  "world_size": self.world}
+        common = {DATA_POSITION_KEY: self.position.to_dict(), _SCHEDULER_KEY: self.scheduler.state_dict(),
+                  GRAD_SCALER_KEY: self.scaler.state_dict(), CALLBACKS_KEY: callback_states(self.callbacks),
+                  _WORLD_SIZE_KEY: self.world}
         self.checkpointer.save(self.iteration, model=self.model, optimizer=self.optimizer, ema=self.emas,
-                               trainer_state=common, rank_state={"rng": capture_rng()}, metrics=metrics, last=last)
+                               trainer_state=common, rank_state={RNG_KEY: capture_rng()}, metrics=metrics, last=last)
 
     # -- the run ----------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
