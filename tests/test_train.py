@@ -124,8 +124,8 @@ print(json.dumps(out))
 def test_checkpointer_timeout_follows_noether_dist_timeout_s_as_resume_does(tmp_path):
     """Without ``checkpointer.timeout_s``, the trainer's checkpointer, its collectives and
     resume all wait NOETHER_DIST_TIMEOUT_S; a timeout_s in the block wins."""
-    proc = subprocess.run([sys.executable, "-c", _TIMEOUTS, str(tmp_path)], env={**_env(), "NOETHER_DIST_TIMEOUT_S": "37"},
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", _TIMEOUTS, str(tmp_path)],
+                          env={**_env(), "NOETHER_DIST_TIMEOUT_S": "37"}, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got == {"env": [37.0, 37.0, 37.0], "block": [5, 5.0, 5], "resume": 37.0}, got
