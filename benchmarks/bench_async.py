@@ -115,7 +115,7 @@ def async_stall(rank: int, world_size: int, *, out: str, total_bytes: int, saves
 
 def stall_parts(model: Any, repeats: int = 5) -> dict[str, float]:
     """Median seconds of each piece an async save's stall is made of, timed on their own:
-    capturing the state dict, packing a small trainer state, the one ``Comm.each``
+    capturing the state dict, packing a small trainer state, the one ``Comm.run_everywhere``
     agreement, and the staging copy into already allocated buffers (``SaveStaging``, as the
     Checkpointer uses it); and, for comparison, the cheapest agreement there is: an
     all_reduce of one int."""
@@ -138,7 +138,7 @@ def stall_parts(model: Any, repeats: int = 5) -> dict[str, float]:
         t1 = time.perf_counter()
         pack_object({"training_iteration": {"epoch": 0, "update": 1, "sample": 1}, "state": {}})
         t2 = time.perf_counter()
-        comm.each(lambda: None)
+        comm.run_everywhere(lambda: None)
         t3 = time.perf_counter()
         staging.stage("model:", sd)
         staging.synchronize()
@@ -146,7 +146,7 @@ def stall_parts(model: Any, repeats: int = 5) -> dict[str, float]:
         if comm.distributed:
             barrier()
             t5 = time.perf_counter()
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=comm.group)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=comm.control_group)
             samples["flag_allreduce_s"].append(time.perf_counter() - t5)
         else:
             samples["flag_allreduce_s"].append(0.0)

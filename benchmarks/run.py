@@ -349,7 +349,7 @@ class Runner:
                         "median of per-save ratios (each stall / the copy timed just before it); stalls "
                         + ", ".join(f"{s * 1000:.1f}" for s in stalls) + " ms; copies "
                         + ", ".join(f"{c * 1000:.1f}" for c in copies) + " ms; parts alone: capture "
-                        f"{parts['capture_s'] * 1000:.1f} ms, one agreement (Comm.each) {parts['each_s'] * 1000:.1f} ms "
+                        f"{parts['capture_s'] * 1000:.1f} ms, one agreement (Comm.run_everywhere) {parts['each_s'] * 1000:.1f} ms "
                         f"(a 1-int all_reduce takes {parts['flag_allreduce_s'] * 1000:.1f} ms), packing the trainer state "
                         f"{parts['pack_s'] * 1000:.1f} ms, staging copy "
                         f"{parts['stage_s'] * 1000:.1f} ms"))

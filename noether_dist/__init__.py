@@ -9,7 +9,7 @@ import sys
 import types
 
 from .config import AsyncMode, CheckpointerConfig, ResumeConfig
-from .errors import (AmbiguousCheckpointError, CheckpointNotFoundError, CommitError, ConfigError,
+from .errors import (AliasUpdateError, AmbiguousCheckpointError, CheckpointNotFoundError, CommitError, ConfigError,
                      DistributedTimeoutError, InvalidNameError, NoetherDistError, RemoteRankError,
                      StateMismatchError, StorageError)
 from .format.layout import StageLayout, default_run_id
@@ -42,7 +42,7 @@ class _Package(types.ModuleType):
 sys.modules[__name__].__class__ = _Package
 
 __all__ = [
-    "AmbiguousCheckpointError", "AsyncMode", "CheckpointNotFoundError", "Checkpointer", "CheckpointerConfig",
+    "AliasUpdateError", "AmbiguousCheckpointError", "AsyncMode", "CheckpointNotFoundError", "Checkpointer", "CheckpointerConfig",
     "CommitError", "ConfigError", "DistributedTimeoutError", "InvalidNameError", "NoetherDistError",
     "RemoteRankError", "ResumeConfig", "ResumeResult", "SaveResult", "StageLayout", "StateMismatchError",
     "StorageError", "StorageOptions", "TrainingIteration", "default_run_id", "resume",

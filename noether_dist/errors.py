@@ -10,6 +10,7 @@ __all__ = [
     "CheckpointNotFoundError",
     "AmbiguousCheckpointError",
     "CommitError",
+    "AliasUpdateError",
     "StateMismatchError",
     "DistributedTimeoutError",
     "RemoteRankError",
@@ -41,7 +42,15 @@ class AmbiguousCheckpointError(NoetherDistError, LookupError):
 
 
 class CommitError(NoetherDistError):
-    """A save failed on at least one rank, so nothing was committed."""
+    """A save failed on at least one rank, so nothing was committed: the checkpoints and
+    aliases committed before are as they were."""
+
+
+class AliasUpdateError(NoetherDistError):
+    """The checkpoint DID commit (its commit record is written and ``latest`` names it, unless
+    a newer one committed first), but moving another alias (``last``, ``best.<metric>``)
+    failed. Not a :class:`CommitError`: the checkpoint is there and resume can select it;
+    only the alias may still name an older one."""
 
 
 class StateMismatchError(NoetherDistError, KeyError):

@@ -167,7 +167,7 @@ class PreviousRunInitializer(Initializer):
                     f"{info or '(none)'!r}; model files there have model_info: {have}")
             return art
 
-        art = comm.on_coordinator(choose)
+        art = comm.broadcast_from_coordinator(choose)
         path = layout.artifact_path(art.name)
         if art.format == "consolidated":
             def load_file() -> int:
@@ -177,7 +177,7 @@ class PreviousRunInitializer(Initializer):
                 set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, strict=False))
                 return len(full)
 
-            count = comm.each(load_file)
+            count = comm.run_everywhere(load_file)
         else:
             plan: dict[str, str] = {}
 
@@ -187,12 +187,12 @@ class PreviousRunInitializer(Initializer):
                 current = model_state(model)
                 return {src: current[model_key] for model_key, src in plan.items()}
 
-            loaded = comm.each(target)
-            comm.each(lambda: dcp_io.load_state(loaded, path, storage, process_group=comm.group))
+            loaded = comm.run_everywhere(target)
+            comm.run_everywhere(lambda: dcp_io.load_state(loaded, path, storage, process_group=comm.control_group))
             current = model_state(model)
             for model_key, src in plan.items():
                 current[model_key] = loaded[src]
-            comm.each(lambda: set_model_state_dict(model, current, options=StateDictOptions(strict=False)))
+            comm.run_everywhere(lambda: set_model_state_dict(model, current, options=StateDictOptions(strict=False)))
             count = len(loaded)
         log.info("initialised %s from %s (%d tensors)", model_name, path, count)
 

@@ -131,7 +131,7 @@ def resume(
     if verify_max_bytes is None:
         verify_max_bytes = DEFAULT_VERIFY_MAX_BYTES if storage.is_local else DEFAULT_VERIFY_MAX_BYTES_REMOTE
     layout = StageLayout(config.output_dir, config.resume_run_id, config.resume_stage_name)
-    targets = comm.each(lambda: _targets(model, optimizer, ema))
+    targets = comm.run_everywhere(lambda: _targets(model, optimizer, ema))
     cache: dict[str, Any] = {}
     record, skipped, staged, trainer = _select_load_and_agree(comm, storage, layout, config, targets, model_name,
                                                               cache, verify_max_bytes)
@@ -238,7 +238,7 @@ def _stage_dcp(comm: Comm, storage: Storage, path: str, art: ArtifactRecord, rol
         return metadata, None, sorted(k for k, v in flat.items() if shared(k, v))
 
     with dcp_io.paused_gc():  # the metadata is unpickled here on every rank
-        metadata, reason, shared_keys = comm.on_coordinator(coordinator_part)
+        metadata, reason, shared_keys = comm.broadcast_from_coordinator(coordinator_part)
     if reason:
         return None, reason  # the same on every rank: every rank stops here
 
@@ -248,14 +248,14 @@ def _stage_dcp(comm: Comm, storage: Storage, path: str, art: ArtifactRecord, rol
             dcp_io.check_keys(state, metadata, f"{role} checkpoint {art.name}")
         return dcp_io.staging(state)
 
-    staged = comm.each(prepare)
+    staged = comm.run_everywhere(prepare)
     shared_set = set(shared_keys)
     mine = [k for k in shared_keys if dcp_io.reader_of(k, metadata, comm.world_size) == comm.rank]
     own = {k: v for k, v in staged.flat.items() if k not in shared_set}
     own.update({k: dcp_io.placeholder(k, metadata) for k in mine})
-    report = comm.each(lambda: dcp_io.load_checked(
+    report = comm.run_everywhere(lambda: dcp_io.load_checked(
         own, path, storage, metadata=dcp_io.metadata_for(own, metadata), files=art.files,
-        verify=verify_max_bytes > 0, whole_max_bytes=verify_max_bytes, process_group=comm.group))
+        verify=verify_max_bytes > 0, whole_max_bytes=verify_max_bytes, process_group=comm.control_group))
     if shared_keys:
         for part in comm.all_gather({k: own.pop(k) for k in mine}):
             for key, value in part.items():
@@ -282,7 +282,7 @@ def _stage_all(comm: Comm, storage: Storage, layout: StageLayout, record: Commit
     for need in needed:
         path = layout.artifact_path(need.art.name)
         if need.art.format == "consolidated":
-            reason = comm.each(lambda: _check_file(storage, path, need, cache, verify_max_bytes))
+            reason = comm.run_everywhere(lambda: _check_file(storage, path, need, cache, verify_max_bytes))
             staged.append(_Staged(need, obj=cache.get(path)))
         else:
             staging, reason = _stage_dcp(comm, storage, path, need.art, need.role, lambda _md, n=need: n.state,
@@ -301,7 +301,7 @@ def _stage_all(comm: Comm, storage: Storage, layout: StageLayout, record: Commit
                 reason = _check_crcs(storage, path, trainer, [""], verify_max_bytes)
                 return (None if reason else consolidated.read_file(storage, path)), reason
 
-            obj, reason = comm.each(read_trainer)
+            obj, reason = comm.run_everywhere(read_trainer)
             trainer_staged = _Staged(need, obj=obj)
         else:
             staging, reason = _stage_dcp(comm, storage, path, trainer, "trainer",
@@ -391,13 +391,13 @@ def _check_file(storage: Storage, path: str, need: _Need, cache: dict[str, Any],
 def _select_load_and_agree(comm: Comm, storage: Storage, layout: StageLayout, config: ResumeConfig,
                            targets: _Targets, model_name: str, cache: dict[str, Any], verify_max_bytes: int
                            ) -> tuple[CommitRecord, tuple[str, ...], list[_Staged], _Staged | None]:
-    record = comm.on_coordinator(lambda: resolve_record(storage, layout, config.checkpoint_ref, model_name))
+    record = comm.broadcast_from_coordinator(lambda: resolve_record(storage, layout, config.checkpoint_ref, model_name))
     skipped: list[str] = []
     while True:
-        needed = comm.each(lambda: _needed(record, targets, model_name))
+        needed = comm.run_everywhere(lambda: _needed(record, targets, model_name))
         cache.clear()
         staged, trainer, reason = _stage_all(comm, storage, layout, record, needed, cache, verify_max_bytes)
-        verdicts = comm.on_all(lambda: reason)
+        verdicts = comm.all_gather_results(lambda: reason)
         bad = {r: v for r, v in enumerate(verdicts) if v is not None}
         if not bad:
             return record, tuple(skipped), staged, trainer
@@ -427,7 +427,7 @@ def _select_load_and_agree(comm: Comm, storage: Storage, layout: StageLayout, co
                 f"tried {', '.join(skipped)}; last problem: {detail}"
             )
 
-        record = comm.on_coordinator(older)
+        record = comm.broadcast_from_coordinator(older)
 
 
 def _apply(comm: Comm, targets: _Targets, staged: list[_Staged], trainer: _Staged | None
@@ -458,7 +458,7 @@ def _apply(comm: Comm, targets: _Targets, staged: list[_Staged], trainer: _Stage
         own = unpack_object(flat[trainer_rank_key(comm.rank)]) if trainer_rank_key(comm.rank) in flat else None
         return state_of_common_entry(common), own
 
-    return comm.each(apply_all)
+    return comm.run_everywhere(apply_all)
 
 
 def load_checkpoint(record: CommitRecord, layout: StageLayout, storage: Storage, comm: Comm,
@@ -467,10 +467,10 @@ def load_checkpoint(record: CommitRecord, layout: StageLayout, storage: Storage,
     """Load an agreed checkpoint into the targets (collective): stage every artifact, check
     it on every rank, then apply; return (trainer state, this rank's state). A rank that
     cannot read it makes every rank raise CheckpointNotFoundError before anything is applied."""
-    needed = comm.each(lambda: _needed(record, targets, record.model_name))
+    needed = comm.run_everywhere(lambda: _needed(record, targets, record.model_name))
     staged, trainer, reason = _stage_all(comm, storage, layout, record, needed, {} if cache is None else cache,
                                          verify_max_bytes)
-    bad = {r: v for r, v in enumerate(comm.on_all(lambda: reason)) if v is not None}
+    bad = {r: v for r, v in enumerate(comm.all_gather_results(lambda: reason)) if v is not None}
     if bad:
         raise CheckpointNotFoundError(f"checkpoint {record.iteration} cannot be read by every rank: "
                                       + "; ".join(f"rank {r}: {v}" for r, v in sorted(bad.items())))

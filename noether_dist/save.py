@@ -17,7 +17,7 @@ from .io import dcp_io
 from .dist.comm import Comm
 from .stage.commit import AliasRecord, ArtifactRecord, CommitRecord, read_alias, read_commit, write_alias, write_commit
 from .config import AsyncMode, CheckpointerConfig
-from .errors import CommitError, ConfigError, NoetherDistError
+from .errors import AliasUpdateError, CommitError, ConfigError, NoetherDistError
 from .format.layout import StageLayout
 from .io.mirror import is_node_leader, mirror_from_coordinator
 from .stage.retention import prune
@@ -42,10 +42,6 @@ class SaveResult:
     reused_existing: bool = False
     """True when this training point had already committed (e.g. after resuming from an
     older checkpoint): the existing checkpoint was kept and nothing was rewritten."""
-
-
-class AliasUpdateError(CommitError):
-    """The checkpoint committed, but an alias (last, best.<metric>) could not be moved."""
 
 
 @dataclass
@@ -85,7 +81,9 @@ class Checkpointer:
     5. the coordinator points ``latest`` at the new point, writes the commit record (once,
        never overwritten), then moves ``last`` and ``best.<metric>`` when they apply. A
        ``latest`` that names an uncommitted point is skipped by selection, so a crash at
-       any moment leaves ``latest`` resolving to the newest committed checkpoint.
+       any moment leaves ``latest`` resolving to the newest committed checkpoint. If
+       moving ``last`` or ``best.<metric>`` fails after the record is written, every rank
+       raises :class:`AliasUpdateError`: the checkpoint has committed.
 
     A failure at any step leaves earlier committed checkpoints and aliases untouched.
     """
@@ -95,12 +93,12 @@ class Checkpointer:
         self.layout = StageLayout(config.output_dir, config.run_id, config.stage_name)
         self.storage = storage or open_storage(config.output_dir, config.storage)
         self.comm = Comm(config.timeout_s)
-        self.comm.on_coordinator(lambda: self.storage.check_root(config.output_dir))
+        self.comm.broadcast_from_coordinator(lambda: self.storage.check_root(config.output_dir))
         self._pending: Future[SaveResult] | None = None
         self.last_stall_s: float | None = None
         """Seconds the last asynchronous save blocked the caller (capture + staging copy)."""
         if config.async_mode is AsyncMode.PROCESS:
-            self.comm.each(check_process_mode)
+            self.comm.run_everywhere(check_process_mode)
         if config.async_mode is not AsyncMode.OFF:
             self._background = _Background(config)
 
@@ -135,17 +133,17 @@ class Checkpointer:
         decided (e.g. Noether's BestCheckpointCallback). Raises on every rank alike on failure.
         """
         if self.config.async_mode is AsyncMode.OFF:
-            plan = self.comm.each(lambda: self._capture(iteration, model, optimizer, ema, trainer_state,
-                                                        rank_state, metrics, last, aliases))
+            plan = self.comm.run_everywhere(lambda: self._capture(iteration, model, optimizer, ema, trainer_state,
+                                                                  rank_state, metrics, last, aliases))
             return self._write_and_commit(plan, self.comm)
         if self._pending is not None and not self._pending.done():
             log.info("save %s waits for the previous save to finish (at most one save in flight)", iteration)
         self.wait()
         started = time.perf_counter()
-        plan = self.comm.each(lambda: self._background.stage(self._capture(
+        plan = self.comm.run_everywhere(lambda: self._background.stage(self._capture(
             iteration, model, optimizer, ema, trainer_state, rank_state, metrics, last, aliases)))
         if not self._background.process_mode:
-            self._background.comm.lanes(len(plan.artifacts))  # groups are made on this thread, not the writer's
+            self._background.comm.parallel_groups(len(plan.artifacts))  # groups are made on this thread, not the writer's
         self.last_stall_s = time.perf_counter() - started
         self._pending = self._background.submit(lambda: self._write_and_commit(plan, self._background.comm))
         return self._pending
@@ -181,9 +179,9 @@ class Checkpointer:
                     optimizer.state.clear()  # back to never stepped: the first step initialises it
 
         started = time.perf_counter()
-        states = self.comm.each(reserve)
+        states = self.comm.run_everywhere(reserve)
         if not self._background.process_mode:  # a writer group per artifact, the trainer state's included
-            self._background.comm.lanes(states + 1)
+            self._background.comm.parallel_groups(states + 1)
         log.info("staging memory prepared: %.1f MiB in %.3fs", self._background.staging.nbytes / 2**20,
                  time.perf_counter() - started)
 
@@ -193,7 +191,7 @@ class Checkpointer:
         pending, self._pending = self._pending, None
         if pending is None:
             return None
-        return self.comm.each(pending.result)
+        return self.comm.run_everywhere(pending.result)
 
     def close(self) -> None:
         """Finish pending work and free staging memory; the Checkpointer must not be used
@@ -258,8 +256,8 @@ class Checkpointer:
         return True, previous
 
     def _write_and_commit(self, plan: _Plan, comm: Comm) -> SaveResult:
-        group = comm.group
-        fresh, previous = comm.on_coordinator(lambda: self._prepare(plan))
+        group = comm.control_group
+        fresh, previous = comm.broadcast_from_coordinator(lambda: self._prepare(plan))
         if not fresh:
             log.info("checkpoint %s is already committed: keeping it, moving aliases only", plan.iteration)
 
@@ -267,7 +265,7 @@ class Checkpointer:
                 record = self._existing(plan)
                 return record, self._move_aliases(plan, record)
 
-            record, aliases = comm.on_coordinator(keep)
+            record, aliases = comm.broadcast_from_coordinator(keep)
             if self.config.node_local:
                 self._mirror_records(comm, plan.iteration, aliases)
             return SaveResult(plan.iteration, record, aliases, reused_existing=True)
@@ -281,12 +279,12 @@ class Checkpointer:
                     for art in plan.artifacts]
             # Every artifact at once, each on a group of its own: the small ones (trainer
             # state) no longer wait for the big ones, nor their round trips for each other.
-            lanes = comm.lanes(len(plan.artifacts))
+            groups = comm.parallel_groups(len(plan.artifacts))
 
             def one(idx: int) -> list[dcp_io.FileRecord]:
                 art = plan.artifacts[idx]
                 return dcp_io.save_state(art.state, self.layout.artifact_path(art.name), self.storage,
-                                         process_group=lanes[idx], thread_count=self.config.thread_count,
+                                         process_group=groups[idx], thread_count=self.config.thread_count,
                                          replicated_on_rank0=self.config.node_local,
                                          blocking=self.config.async_mode is AsyncMode.OFF)
 
@@ -295,7 +293,7 @@ class Checkpointer:
                 return [f.result() for f in futures]
 
         try:
-            reports = comm.on_all(write_all)
+            reports = comm.all_gather_results(write_all)
             if self.config.node_local:
                 names = [f"{art.name}/{f.name}" for idx, art in enumerate(plan.artifacts) for f in reports[0][idx]]
                 mirror_from_coordinator(comm, self.storage, self.layout.checkpoints_dir, names)
@@ -330,7 +328,7 @@ class Checkpointer:
             return record, (("latest",) if moved_latest else ()) + others
 
         try:
-            record, aliases = comm.on_coordinator(commit)
+            record, aliases = comm.broadcast_from_coordinator(commit)
         except AliasUpdateError:
             raise
         except NoetherDistError as exc:
@@ -348,7 +346,7 @@ class Checkpointer:
             return
         leader = comm.is_coordinator or (self.config.node_local and is_node_leader())
         try:
-            comm.on_all(lambda: prune(self.storage, self.layout, policy) if leader else None)
+            comm.all_gather_results(lambda: prune(self.storage, self.layout, policy) if leader else None)
         except NoetherDistError as exc:
             # The new checkpoint is committed; a failed prune only leaves extra files behind.
             log.error("retention after %s failed (nothing committed was lost): %s", self.layout.checkpoints_dir, exc)

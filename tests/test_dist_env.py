@@ -15,7 +15,7 @@ import textwrap
 
 import pytest
 
-from noether_dist.dist.comm import DistEnv, first_host
+from noether_dist.dist.launch_env import DistEnv, first_host
 from tests.distributed import run_ranks
 
 # What `srun -n 2` sets in task 1 of job 1234 on one node (measured), and what the batch

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from noether_dist.dist.comm import first_host
+from noether_dist.dist.launch_env import first_host
 from tests.slurm_cluster import LocalSlurmCluster
 
 REPO = Path(__file__).resolve().parents[1]

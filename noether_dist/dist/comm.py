@@ -25,8 +25,9 @@ import torch.distributed as dist
 
 from ..errors import DistributedTimeoutError, NoetherDistError, RemoteRankError
 from .timeouts import DEFAULT_TIMEOUT_S
+from .launch_env import DistEnv
 
-__all__ = ["Comm", "DistEnv", "init_distributed", "destroy_distributed", "current_rank", "is_distributed", "new_gloo_group", "training_group"]
+__all__ = ["Comm", "init_distributed", "destroy_distributed", "current_rank", "is_distributed"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -98,6 +99,17 @@ class Comm:
     ``Comm()`` in a job without an initialised process group is a one-rank Comm.
     Every method is a collective: all ranks must call it, in the same order.
     ``Comm(private=True)`` has a gloo group of its own (for a background writer thread).
+
+    Three ways to run a function, named after what travels between the ranks:
+
+    - :meth:`broadcast_from_coordinator`: the coordinator runs it; its value (or error)
+      is broadcast to every rank;
+    - :meth:`all_gather_results`: every rank runs it; every rank gets all values in rank
+      order;
+    - :meth:`run_everywhere`: every rank runs it and keeps its own value; only success or
+      failure travels.
+
+    In each, a failure on any rank raises the same error on every rank.
     """
 
     def __init__(self, timeout_s: float | None = None, *, private: bool = False) -> None:
@@ -109,21 +121,21 @@ class Comm:
             # private: a group of its own, for a background thread (gloo groups must not be
             # shared between threads that run collectives concurrently). Creating one is a
             # collective itself.
-            self.group = new_gloo_group(self.timeout_s) if private else _control_group(self.timeout_s)
+            self.control_group = _new_gloo_group(self.timeout_s) if private else _control_group(self.timeout_s)
         else:
-            self.rank, self.world_size, self.group = 0, 1, None
-        self._lanes: list[Any] = [self.group]
+            self.rank, self.world_size, self.control_group = 0, 1, None
+        self._parallel: list[Any] = [self.control_group]
 
-    def lanes(self, count: int) -> list[Any]:
-        """``count`` groups of these ranks for as many DCP saves running at once on threads
-        (a gloo group must not carry two collectives at the same time): this Comm's own
-        group first, then gloo groups made on first need, in the same order on every rank
-        (making them is a collective). None for each when not distributed."""
+    def parallel_groups(self, count: int) -> list[Any]:
+        """``count`` gloo groups of these ranks for as many DCP saves running at once on
+        threads (a gloo group must not carry two collectives at the same time): this Comm's
+        control group first, then groups made on first need, in the same order on every
+        rank (making them is a collective). None for each when not distributed."""
         if not self.distributed:
             return [None] * count
-        while len(self._lanes) < count:
-            self._lanes.append(new_gloo_group(self.timeout_s))
-        return self._lanes[:count]
+        while len(self._parallel) < count:
+            self._parallel.append(_new_gloo_group(self.timeout_s))
+        return self._parallel[:count]
 
     @property
     def is_coordinator(self) -> bool:
@@ -144,7 +156,7 @@ class Comm:
         if not self.distributed:
             return obj  # type: ignore[return-value]
         box = [obj]
-        self._guard("broadcast", lambda: dist.broadcast_object_list(box, src=src, group=self.group))
+        self._guard("broadcast", lambda: dist.broadcast_object_list(box, src=src, group=self.control_group))
         return box[0]  # type: ignore[return-value]
 
     def all_gather(self, obj: T) -> list[T]:
@@ -152,7 +164,7 @@ class Comm:
         if not self.distributed:
             return [obj]
         out: list[Any] = [None] * self.world_size
-        self._guard("all_gather", lambda: dist.all_gather_object(out, obj, group=self.group))
+        self._guard("all_gather", lambda: dist.all_gather_object(out, obj, group=self.control_group))
         return out
 
     def barrier(self) -> None:
@@ -161,17 +173,19 @@ class Comm:
             return
         self._guard(
             "barrier",
-            lambda: dist.monitored_barrier(group=self.group, timeout=_dt.timedelta(seconds=self.timeout_s), wait_all_ranks=True),
+            lambda: dist.monitored_barrier(group=self.control_group, timeout=_dt.timedelta(seconds=self.timeout_s),
+                                           wait_all_ranks=True),
         )
 
-    def on_coordinator(self, fn: Callable[[], T]) -> T:
-        """Run ``fn`` on rank 0 only; every rank returns its value or raises its error."""
+    def broadcast_from_coordinator(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the coordinator only; every rank returns its value or raises its
+        error."""
         outcome = _capture(self.rank, fn) if self.is_coordinator else None
         outcome = self.broadcast(outcome)
         _raise_same([outcome], outcome if self.is_coordinator else None)
         return outcome.value
 
-    def on_all(self, fn: Callable[[], T]) -> list[T]:
+    def all_gather_results(self, fn: Callable[[], T]) -> list[T]:
         """Run ``fn`` on every rank; return all values in rank order on every rank, or, if
         any rank failed, raise the same error on every rank."""
         local = _capture(self.rank, fn)
@@ -179,7 +193,7 @@ class Comm:
         _raise_same(outcomes, local)
         return [o.value for o in outcomes]
 
-    def each(self, fn: Callable[[], T]) -> T:
+    def run_everywhere(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on every rank and return this rank's value; only success or failure
         travels (values may be large, e.g. state dicts). If any rank failed, every rank
         raises the same error."""
@@ -195,7 +209,7 @@ class Comm:
         if not self.distributed:
             return bool(flag)
         value = torch.tensor([1 if flag else 0], dtype=torch.int32)
-        self._guard("all_reduce", lambda: dist.all_reduce(value, op=dist.ReduceOp.MIN, group=self.group))
+        self._guard("all_reduce", lambda: dist.all_reduce(value, op=dist.ReduceOp.MIN, group=self.control_group))
         return bool(value.item())
 
 
@@ -208,101 +222,10 @@ def _control_group(timeout_s: float):
     return group
 
 
-def new_gloo_group(timeout_s: float):
+def _new_gloo_group(timeout_s: float):
     """A fresh gloo group over all ranks (collective). For background writers that must
     not share a group with the training loop."""
     return dist.new_group(backend="gloo", timeout=_dt.timedelta(seconds=timeout_s))
-
-
-def training_group():
-    """The process group DCP uses for planning (the default group), or None when not
-    distributed."""
-    return dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
-
-
-@dataclass(frozen=True)
-class DistEnv:
-    """Where this process sits in the job, read from torchrun or SLURM variables."""
-
-    rank: int
-    world_size: int
-    local_rank: int
-    master_addr: str
-    master_port: int
-    launcher: str  # "torchrun", "slurm" or "single"
-
-    @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> DistEnv:
-        """Read torchrun's RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*, else the variables of an
-        ``srun`` task (SLURM_PROCID, SLURM_STEP_NUM_TASKS or SLURM_NTASKS, SLURM_LOCALID)
-        with the master on the first host of the step's node list, else a single process.
-
-        Only a task of a job step counts as SLURM-launched: a batch script also carries
-        SLURM_PROCID=0 and SLURM_NTASKS=<tasks of the allocation>, but no SLURM_STEP_ID, and a
-        trainer started there directly (not through ``srun``) is one process. Under srun the
-        master port is MASTER_PORT when set, else derived from SLURM_JOB_ID (15000-29999,
-        below the usual ephemeral range), so every task of the step computes the same one.
-        """
-        env = dict(os.environ if env is None else env)
-        if "RANK" in env and "WORLD_SIZE" in env:
-            return cls(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK") or 0),
-                       env.get("MASTER_ADDR") or "127.0.0.1", int(env.get("MASTER_PORT") or 29500), "torchrun")
-        in_step = bool(env.get("SLURM_STEP_ID") or env.get("SLURM_STEPID"))
-        ntasks = int(env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or 1)
-        if in_step and "SLURM_PROCID" in env and ntasks > 1:
-            nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") \
-                or "127.0.0.1"
-            job = int(env.get("SLURM_JOB_ID") or 0)
-            return cls(int(env["SLURM_PROCID"]), ntasks, int(env.get("SLURM_LOCALID") or 0),
-                       env.get("MASTER_ADDR") or first_host(nodelist),
-                       int(env.get("MASTER_PORT") or 15000 + job % 15000), "slurm")
-        return cls(0, 1, 0, "127.0.0.1", 0, "single")
-
-
-def first_host(nodelist: str) -> str:
-    """The first host of a SLURM node list (hostlist expression), as
-    ``scontrol show hostnames`` would print it first.
-
-    ``node[01-04,07],gpu2`` -> ``node01``; ``gpu2,node[01-04]`` -> ``gpu2``;
-    ``rack1-node[3,1-2]`` -> ``rack1-node3``; ``node[001-004]-ib`` -> ``node001-ib``;
-    ``a[1-2]b[3-4]`` -> ``a1b3``. Zero padding is kept. A malformed list (unbalanced
-    brackets, an empty range) raises ValueError naming it.
-    """
-    text = nodelist.strip()
-    # The first host expression: up to the first comma outside brackets.
-    depth, end = 0, len(text)
-    for i, ch in enumerate(text):
-        if ch == "[":
-            depth += 1
-            if depth > 1:
-                raise ValueError(f"malformed SLURM node list {nodelist!r}: nested '['")
-        elif ch == "]":
-            depth -= 1
-            if depth < 0:
-                raise ValueError(f"malformed SLURM node list {nodelist!r}: ']' without '['")
-        elif ch == "," and depth == 0:
-            end = i
-            break
-    if depth != 0 and end == len(text):
-        raise ValueError(f"malformed SLURM node list {nodelist!r}: '[' without ']'")
-    head = text[:end].strip()
-    if not head:
-        raise ValueError(f"malformed SLURM node list {nodelist!r}: no host before ','" if text else
-                         "empty SLURM node list")
-    # Each bracket group [a-b,c,...] stands for its first member: the start of its first range.
-    out, pos = [], 0
-    while True:
-        lb = head.find("[", pos)
-        if lb < 0:
-            out.append(head[pos:])
-            break
-        rb = head.index("]", lb)
-        first = head[lb + 1:rb].split(",", 1)[0].split("-", 1)[0].strip()
-        if not first.isdigit():
-            raise ValueError(f"malformed SLURM node list {nodelist!r}: range {head[lb:rb + 1]!r}")
-        out.append(head[pos:lb] + first)
-        pos = rb + 1
-    return "".join(out)
 
 
 def init_distributed(timeout_s: float | None = None, backend: str | None = None) -> DistEnv:
@@ -327,10 +250,7 @@ def init_distributed(timeout_s: float | None = None, backend: str | None = None)
         torch.cuda.set_device(env.local_rank % max(1, torch.cuda.device_count()))
     timeout = _dt.timedelta(seconds=float(timeout_s or DEFAULT_TIMEOUT_S))
     if env.launcher == "slurm":
-        for key, value in (("MASTER_ADDR", env.master_addr), ("MASTER_PORT", str(env.master_port)),
-                           ("RANK", str(env.rank)), ("WORLD_SIZE", str(env.world_size)),
-                           ("LOCAL_RANK", str(env.local_rank))):
-            os.environ[key] = value
+        os.environ.update(env.torchrun_variables())
         init_method = f"tcp://{env.master_addr}:{env.master_port}"
     else:
         init_method = "env://"

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 
-from ..dist.comm import Comm, DistEnv
+from ..dist.comm import Comm
+from ..dist.launch_env import DistEnv
 from .storage import Storage
 
 __all__ = ["is_node_leader", "mirror_from_coordinator"]
@@ -30,7 +31,7 @@ def mirror_from_coordinator(comm: Comm, storage: Storage, base: str, names: list
     view of the same folder). Names in ``once`` are written with ``write_once`` (commit
     records), others replace. Returns how many files this rank wrote."""
     once = once or set()
-    payload = comm.on_coordinator(lambda: [(name, storage.read(f"{base}/{name}")) for name in names])
+    payload = comm.broadcast_from_coordinator(lambda: [(name, storage.read(f"{base}/{name}")) for name in names])
 
     def write_missing() -> int:
         if comm.is_coordinator or not is_node_leader():
@@ -54,4 +55,4 @@ def mirror_from_coordinator(comm: Comm, storage: Storage, base: str, names: list
             log.info("mirrored %d file(s) from rank 0 into %s", written, base)
         return written
 
-    return comm.each(write_missing)
+    return comm.run_everywhere(write_missing)

@@ -143,7 +143,7 @@ class TrainLoop:
         if cfg.auto_resume:
             own = StageLayout(cfg.output_dir, self.run_id, self.stage_name)
             storage = open_storage(cfg.output_dir, self.storage_options)
-            has_own = self.comm.on_coordinator(lambda: bool(list_commits(storage, own)))
+            has_own = self.comm.broadcast_from_coordinator(lambda: bool(list_commits(storage, own)))
             if has_own:
                 return ResumeConfig(output_dir=cfg.output_dir, resume_run_id=self.run_id,
                                     resume_stage_name=self.stage_name, storage=self.storage_options)

@@ -82,10 +82,10 @@ class NoetherDistResumeInitializer(InitializerBase):
         """Select and agree on the checkpoint (collective); Noether starts counting from it."""
         comm = Comm(self.config.timeout_s)
         storage = open_storage(self.config.output_dir, self.config.storage)
-        record = comm.on_coordinator(lambda: resolve_record(storage, self.layout, self.ref, self.model_name))
+        record = comm.broadcast_from_coordinator(lambda: resolve_record(storage, self.layout, self.ref, self.model_name))
         skipped: list[str] = []
         while True:
-            verdicts = comm.on_all(lambda: self._unreadable(storage, record))
+            verdicts = comm.all_gather_results(lambda: self._unreadable(storage, record))
             bad = {r: v for r, v in enumerate(verdicts) if v}
             if not bad:
                 break
@@ -94,7 +94,7 @@ class NoetherDistResumeInitializer(InitializerBase):
                 raise CheckpointNotFoundError(f"checkpoint {record.iteration} cannot be read by every rank: {detail}")
             log.warning("checkpoint %s cannot be read by every rank (%s); all ranks fall back", record.iteration, detail)
             skipped.append(str(record.iteration))
-            record = comm.on_coordinator(lambda: self._older(storage, record.iteration, skipped, detail))
+            record = comm.broadcast_from_coordinator(lambda: self._older(storage, record.iteration, skipped, detail))
         self.record = record
         it = record.iteration
         log.info("resuming %s/%s from %s (pinned)", self.run_id, self.stage_name or "-", it)
