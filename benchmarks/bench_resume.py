@@ -8,7 +8,7 @@ naming three artifacts; the model's folder exists and holds a tiny ``.metadata``
 
 - ``ours``: ``noether_dist.resume.select_checkpoint(storage, layout, latest)``;
 - ``ours_resolve_record``: what ``resume`` itself runs on the coordinator
-  (``noether_dist.stage.select.resolve_record``: a check for a stage without commit records, the
+  (``noether_dist.stage.index.StageIndex.resolve_or_legacy``: a check for a stage without commit records, the
   selection, then the record);
 - ``ours_one_get_read`` / ``ours_resolve_record_one_get_read``: the same with ``Storage.read``
   as one GET (s3fs's ``cat_file`` asks for the size first, HEAD + GET, unless
@@ -34,8 +34,8 @@ KINDS = ("model", "optim", "trainer")
 
 def _populate(storage: Any, layout: Any, count: int) -> Any:
     """``count`` committed checkpoints with tiny DCP folders and a latest alias; the newest."""
-    from noether_dist.stage.commit import AliasRecord, ArtifactRecord, CommitRecord, write_alias, write_commit
-    from noether_dist.io.dcp_io import FileRecord
+    from noether_dist.format.records import AliasRecord, ArtifactRecord, CommitRecord, FileRecord
+    from noether_dist.stage.commit import write_alias, write_commit
     from noether_dist.format.names import ArtifactKind, TrainingIteration, format_artifact
 
     objects: dict[str, bytes] = {}
@@ -91,7 +91,7 @@ def resume_requests(server: MotoServer, *, checkpoints: int) -> dict[str, Any]:
     from noether_dist.format.layout import StageLayout
     from noether_dist.format.names import parse_resume_checkpoint
     from noether_dist.resume import select_checkpoint
-    from noether_dist.stage.select import resolve_record
+    from noether_dist.stage.index import StageIndex
     from noether_dist.io.storage import StorageOptions, open_storage
 
     bucket = "nd-bench-resume"
@@ -106,10 +106,10 @@ def resume_requests(server: MotoServer, *, checkpoints: int) -> dict[str, Any]:
     latest = parse_resume_checkpoint("latest")
     methods = {
         "ours": lambda st: select_checkpoint(st, layout, latest),
-        "ours_resolve_record": lambda st: resolve_record(st, layout, latest, "m").iteration,
+        "ours_resolve_record": lambda st: StageIndex(st, layout).resolve_or_legacy(latest, "m").iteration,
         "ours_one_get_read": lambda st: select_checkpoint(_one_get_storage(st), layout, latest),
-        "ours_resolve_record_one_get_read": lambda st: resolve_record(_one_get_storage(st), layout, latest,
-                                                                      "m").iteration,
+        "ours_resolve_record_one_get_read": lambda st: StageIndex(_one_get_storage(st), layout).resolve_or_legacy(
+            latest, "m").iteration,
         "commit_listing": lambda st: read_commit(st, layout, list_commits(st, layout)[-1]).iteration,
         "commit_listing_select_only": lambda st: list_commits(st, layout)[-1],
         "dir_listing": lambda st: _dir_listing_select(st, layout),

@@ -44,13 +44,13 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 
 from .io import consolidated, dcp_io
 from .dist.comm import Comm
-from .stage.commit import ArtifactRecord
+from .format.records import ArtifactRecord
 from .config import check_known_keys
 from .errors import CheckpointNotFoundError, ConfigError, StateMismatchError
 from .format.layout import StageLayout
 from .format.names import (ArtifactKind, CheckpointRef, normalize_model_info, parse_checkpoint, parse_checkpoint_tag,
                     validate_model_name, validate_name)
-from .stage.select import resolve_record
+from .stage.index import StageIndex
 from .io.statedict import model_state
 from .io.storage import StorageOptions, open_storage
 
@@ -158,7 +158,7 @@ class PreviousRunInitializer(Initializer):
         info = normalize_model_info(self.model_info)
 
         def choose() -> ArtifactRecord:
-            record = resolve_record(storage, layout, self.checkpoint_ref, model_name)
+            record = StageIndex(storage, layout).resolve_or_legacy(self.checkpoint_ref, model_name)
             art = record.artifact(ArtifactKind.MODEL.value, info)
             if art is None:
                 have = [a.model_info or "(none)" for a in record.artifacts if a.kind == "model"]

@@ -42,13 +42,13 @@ from torch import nn
 
 from .io import consolidated, dcp_io
 from .dist.comm import Comm
-from .stage.commit import ArtifactRecord, CommitRecord, CorruptRecordError, list_commits, read_commit
+from .format.records import ArtifactRecord, CommitRecord
 from .config import ResumeConfig
 from .errors import CheckpointNotFoundError, ConfigError, NoetherDistError
 from .format.layout import StageLayout
 from .format.names import ArtifactKind, TrainingIteration, normalize_model_info
 from .format.trainer_keys import TRAINER_COMMON_KEY, state_of_common_entry, trainer_rank_key
-from .stage.select import resolve_record, select_checkpoint
+from .stage.index import StageIndex, select_checkpoint
 from .io.statedict import (apply_model_state, apply_optimizer_state, empty_like_packed, model_state,
                         optimizer_state, unpack_object)
 from .io.storage import Storage, open_storage
@@ -391,7 +391,8 @@ def _check_file(storage: Storage, path: str, need: _Need, cache: dict[str, Any],
 def _select_load_and_agree(comm: Comm, storage: Storage, layout: StageLayout, config: ResumeConfig,
                            targets: _Targets, model_name: str, cache: dict[str, Any], verify_max_bytes: int
                            ) -> tuple[CommitRecord, tuple[str, ...], list[_Staged], _Staged | None]:
-    record = comm.broadcast_from_coordinator(lambda: resolve_record(storage, layout, config.checkpoint_ref, model_name))
+    index = StageIndex(storage, layout)  # used on the coordinator only
+    record = comm.broadcast_from_coordinator(lambda: index.resolve_or_legacy(config.checkpoint_ref, model_name))
     skipped: list[str] = []
     while True:
         needed = comm.run_everywhere(lambda: _needed(record, targets, model_name))
@@ -413,15 +414,9 @@ def _select_load_and_agree(comm: Comm, storage: Storage, layout: StageLayout, co
         current = record.iteration
 
         def older() -> CommitRecord:
-            for it in reversed(list_commits(storage, layout)):
-                if it < current:
-                    try:
-                        rec = read_commit(storage, layout, it)
-                    except CorruptRecordError as exc:
-                        log.warning("%s; skipping it", exc)
-                        continue
-                    if rec is not None:
-                        return rec
+            rec = index.newest(before=current)
+            if rec is not None:
+                return rec
             raise CheckpointNotFoundError(
                 f"no committed checkpoint in {layout.checkpoints_dir} can be read by every rank; "
                 f"tried {', '.join(skipped)}; last problem: {detail}"

@@ -15,7 +15,8 @@ from torch import nn
 
 from .io import dcp_io
 from .dist.comm import Comm
-from .stage.commit import AliasRecord, ArtifactRecord, CommitRecord, read_alias, read_commit, write_alias, write_commit
+from .format.records import AliasRecord, ArtifactRecord, CommitRecord
+from .stage.commit import read_alias, read_commit, write_alias, write_commit
 from .config import AsyncMode, CheckpointerConfig
 from .errors import AliasUpdateError, CommitError, ConfigError, NoetherDistError
 from .format.layout import StageLayout

@@ -22,7 +22,8 @@ import torch
 from noether_dist import (Checkpointer, CheckpointerConfig, ResumeConfig, StorageOptions, TrainingIteration,
                           resume)
 from noether_dist.tools.cli import main as cli_main
-from noether_dist.stage.commit import CommitRecord, CorruptRecordError, read_commit
+from noether_dist.format.records import CommitRecord, CorruptRecordError
+from noether_dist.stage.commit import read_commit
 from noether_dist.config import load_yaml
 from noether_dist.io.consolidated import read_file
 from noether_dist.errors import (CheckpointNotFoundError, ConfigError, InvalidNameError, NoetherDistError,

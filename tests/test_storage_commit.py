@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from noether_dist.stage.commit import (AliasRecord, CommitRecord, CorruptRecordError, list_commits, read_alias, read_commit,
-                                 write_alias, write_commit)
+from noether_dist.format.records import AliasRecord, CommitRecord, CorruptRecordError
+from noether_dist.stage.commit import list_commits, read_alias, read_commit, write_alias, write_commit
 from noether_dist.errors import ConfigError, StorageError
 from noether_dist.format.layout import StageLayout
 from noether_dist.format.names import TrainingIteration

@@ -42,7 +42,7 @@ from torch.distributed.checkpoint.planner import LoadItemType
 from torch.futures import Future
 
 from ..dist.comm import is_distributed as _dist_ready
-from ..stage.commit import FileRecord
+from ..format.records import FileRecord
 from ..errors import StateMismatchError
 from .storage import Storage
 

@@ -13,10 +13,10 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from .commit import list_commits, read_alias, read_commit
+from .index import StageIndex
 from ..errors import ConfigError
-from ..format.layout import ALIASES_DIR, COMMITS_DIR, StageLayout
-from ..format.names import TrainingIteration, parse_artifact
+from ..format.layout import StageLayout
+from ..format.names import TrainingIteration
 from ..io.storage import Storage
 
 __all__ = ["RetentionPolicy", "PrunePlan", "plan_prune", "prune"]
@@ -67,15 +67,14 @@ class PrunePlan:
 
 def plan_prune(storage: Storage, layout: StageLayout, policy: RetentionPolicy) -> PrunePlan:
     """Decide (no deletion) what ``policy`` removes from one stage."""
-    points = list_commits(storage, layout)
+    return _plan(StageIndex(storage, layout), policy)
+
+
+def _plan(index: StageIndex, policy: RetentionPolicy) -> PrunePlan:
+    points = index.committed()
     if not points:
         return PrunePlan((), (), ())
-    protected = {points[-1]}
-    for entry in storage.list(layout.aliases_dir):
-        name = StageLayout.alias_of_file(entry.name)
-        alias = read_alias(storage, layout, name) if name else None
-        if alias is not None:
-            protected.add(alias.iteration)
+    protected = {points[-1]} | {alias.iteration for alias in index.aliases().values() if alias is not None}
     keep = set(protected)
     if policy.keep_last is None:
         keep.update(points)
@@ -83,19 +82,9 @@ def plan_prune(storage: Storage, layout: StageLayout, policy: RetentionPolicy) -
         keep.update(points[-policy.keep_last:])
     if policy.keep_every:
         keep.update(p for p in points if p.update % policy.keep_every == 0)
-    committed = {str(p) for p in points}
     newest = points[-1]
-    leftovers = []
-    for entry in storage.list(layout.checkpoints_dir):
-        if entry.name in (COMMITS_DIR, ALIASES_DIR):
-            continue
-        try:
-            art = parse_artifact(entry.name)
-            it = TrainingIteration.parse(art.checkpoint)
-        except ValueError:
-            continue
-        if art.checkpoint not in committed and it < newest:
-            leftovers.append(entry.name)
+    leftovers = [a.name for cp in index.find_all() if not cp.committed and cp.iteration is not None
+                 and cp.iteration < newest for a in cp.artifacts]
     return PrunePlan(tuple(p for p in points if p not in keep), tuple(p for p in points if p in keep),
                      tuple(sorted(leftovers)))
 
@@ -106,25 +95,21 @@ def prune(storage: Storage, layout: StageLayout, policy: RetentionPolicy, *, dry
     then its files) and leftovers of saves that never committed. Logs every deletion.
     ``progress`` (``add_total(n)``/``update(n)``, e.g. :class:`noether_dist.tools.progress.Bar`)
     counts the bytes of the deleted checkpoints, as their commit records give them."""
-    plan = plan_prune(storage, layout, policy)
+    index = StageIndex(storage, layout)
+    plan = _plan(index, policy)
     if dry_run:
         return plan
     sizes: dict[TrainingIteration, int] = {}
     if progress is not None:
         for point in plan.delete:
-            record = read_commit(storage, layout, point)
+            record = index.record(point)
             sizes[point] = sum(a.total_bytes for a in record.artifacts) if record is not None else 0
         progress.add_total(sum(sizes.values()))
-    names_by_point: dict[str, list[str]] = {}
-    for entry in storage.list(layout.checkpoints_dir):
-        try:
-            names_by_point.setdefault(parse_artifact(entry.name).checkpoint, []).append(entry.name)
-        except ValueError:
-            continue
     for point in plan.delete:
         storage.remove(layout.commit_path(point))
-        for name in names_by_point.get(str(point), []):
-            storage.remove(layout.artifact_path(name), recursive=True)
+        found = index.find(str(point))
+        for art in found.artifacts if found is not None else ():
+            storage.remove(layout.artifact_path(art.name), recursive=True)
         log.info("retention: deleted checkpoint %s of %s", point, layout.checkpoints_dir)
         if progress is not None:
             progress.update(sizes.get(point, 0))

@@ -32,11 +32,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from .commit import AliasRecord, CommitRecord, CorruptRecordError
-from ..errors import AmbiguousCheckpointError, CheckpointNotFoundError, ConfigError, InvalidNameError
-from ..format.layout import ALIASES_DIR, COMMITS_DIR, StageLayout, join_url
-from ..format.names import (CheckpointRef, TrainingIteration, is_tag, parse_artifact, parse_checkpoint,
-                    parse_resume_checkpoint)
+from .index import StageIndex
+from ..errors import CheckpointNotFoundError, ConfigError, InvalidNameError
+from ..format.layout import StageLayout, join_url
+from ..format.names import CheckpointRef, TrainingIteration, parse_artifact, parse_checkpoint, parse_resume_checkpoint
+from ..format.records import CommitRecord, CorruptRecordError
 from ..io.storage import Storage
 
 __all__ = ["DamageKind", "Damage", "CheckpointCheck", "StageReport", "VerifyReport", "file_crc32",
@@ -331,69 +331,23 @@ def verify_record(storage: Storage, layout: StageLayout, record: CommitRecord, *
                            progress=progress)[0]
 
 
-@dataclass
-class _Scan:
-    """One stage's folders as listed: commit records, artifacts by point, alias files."""
-
-    commit_files: dict[TrainingIteration, str]
-    artifacts: dict[str, list[str]]
-    alias_files: dict[str, str]
-
-
-def _scan(storage: Storage, layout: StageLayout) -> _Scan:
-    commit_files = {}
-    for entry in storage.list(layout.commits_dir):
-        it = StageLayout.iteration_of_commit_file(entry.name)
-        if it is not None and not entry.is_dir:
-            commit_files[it] = entry.path
-    artifacts: dict[str, list[str]] = {}
-    for entry in storage.list(layout.checkpoints_dir):
-        if entry.name in (COMMITS_DIR, ALIASES_DIR):
-            continue
-        try:
-            art = parse_artifact(entry.name)
-        except (InvalidNameError, ValueError):
-            continue
-        if commit_files and is_tag(art.checkpoint):
-            continue  # Noether's tag files beside committed points: copies for Noether's tools (convert)
-        try:
-            point = str(parse_checkpoint(art.checkpoint))
-        except InvalidNameError:
-            point = art.checkpoint
-        artifacts.setdefault(point, []).append(entry.name)
-    alias_files = {}
-    for entry in storage.list(layout.aliases_dir):
-        name = StageLayout.alias_of_file(entry.name)
-        if name and not entry.is_dir and not entry.name.startswith("."):
-            alias_files[name] = entry.path
-    return _Scan(commit_files, artifacts, alias_files)
-
-
-def _read_record(storage: Storage, layout: StageLayout, it: TrainingIteration) -> CommitRecord:
-    path = layout.commit_path(it)
-    record = CommitRecord.from_json(storage.read(path), where=f"commit record {path}")
-    if record.iteration != it:
-        raise CorruptRecordError(f"commit record {path} names {record.iteration}, not {it}")
-    return record
-
-
-def _check_alias(storage: Storage, layout: StageLayout, name: str, path: str, scan: _Scan,
-                 records: dict[TrainingIteration, CommitRecord | None]) -> tuple[TrainingIteration | None, Damage | None]:
-    """(the point the alias names, a damage if it is bad)."""
+def _check_alias(index: StageIndex, name: str, path: str,
+                 records: dict[TrainingIteration, CommitRecord | None]) -> Damage | None:
+    """A damage if the alias is bad: unparsable, naming another alias, or pointing to a
+    point that is not committed or whose record is corrupt."""
     try:
-        alias = AliasRecord.from_json(storage.read(path), where=f"alias {path}")
-    except FileNotFoundError:
-        return None, None
+        alias = index.alias(name, strict=True)
     except CorruptRecordError as exc:
-        return None, Damage(path, DamageKind.BAD_ALIAS, f"unparsable: {exc}", name)
+        return Damage(path, DamageKind.BAD_ALIAS, f"unparsable: {exc}", name)
+    if alias is None:  # removed since the listing
+        return None
     if alias.name != name:
-        return None, Damage(path, DamageKind.BAD_ALIAS, f"the file of alias {name!r} names alias {alias.name!r}", name)
-    if alias.iteration not in scan.commit_files:
-        return None, Damage(path, DamageKind.BAD_ALIAS, f"points to {alias.iteration}, which is not committed", name)
+        return Damage(path, DamageKind.BAD_ALIAS, f"the file of alias {name!r} names alias {alias.name!r}", name)
+    if alias.iteration not in index.commit_files():
+        return Damage(path, DamageKind.BAD_ALIAS, f"points to {alias.iteration}, which is not committed", name)
     if alias.iteration in records and records[alias.iteration] is None:
-        return None, Damage(path, DamageKind.BAD_ALIAS,
-                            f"points to {alias.iteration}, whose commit record is corrupt", name)
-    return alias.iteration, None
+        return Damage(path, DamageKind.BAD_ALIAS, f"points to {alias.iteration}, whose commit record is corrupt", name)
+    return None
 
 
 def parse_checkpoint_arg(text: object, what: str = "checkpoint") -> CheckpointRef:
@@ -409,47 +363,29 @@ def parse_checkpoint_arg(text: object, what: str = "checkpoint") -> CheckpointRe
                                    "E<epoch>_U<update>_S<sample>, or one of E<n>, U<n>, S<n>") from None
 
 
-def _select(storage: Storage, layout: StageLayout, checkpoint: str, scan: _Scan,
-            records: dict[TrainingIteration, CommitRecord | None],
-            alias_damages: list[Damage]) -> str | None:
-    """The point name ``checkpoint`` stands for, as resume would pick it (None when an alias
-    other than latest is bad: the damage says why)."""
-    ref = parse_checkpoint_arg(checkpoint)
-    committed = sorted(scan.commit_files)
-    if ref.kind is CheckpointRef.Kind.ITERATION:
-        name = str(ref.iteration)
-        if ref.iteration not in scan.commit_files and name not in scan.artifacts:
-            raise CheckpointNotFoundError(f"checkpoint {name} does not exist in {layout.checkpoints_dir}; committed: "
-                                          f"{', '.join(map(str, committed)) or 'none'}")
-        return name
-    if ref.is_alias:
-        alias_name = ref.alias_name
-        path = scan.alias_files.get(alias_name)
-        if path is not None:
-            it, damage = _check_alias(storage, layout, alias_name, path, scan, records)
-            if damage is not None:
-                alias_damages.append(damage)
-            elif it is not None:
-                return str(it)
-        elif ref.kind is not CheckpointRef.Kind.LATEST:
-            raise CheckpointNotFoundError(f"alias {alias_name} does not exist in {layout.checkpoints_dir}; aliases: "
-                                          f"{', '.join(sorted(scan.alias_files)) or 'none'}")
+def _select(index: StageIndex, ref: CheckpointRef) -> str | None:
+    """The point ``ref`` names, as resume picks it (:meth:`StageIndex.resolve`). Where resume
+    would refuse because of a damage, the point whose damage says why: a training point
+    that exists but did not commit, or whose record is corrupt; for a bad alias other than
+    latest None (the alias damage says why); for latest when every record is corrupt, the
+    newest of them."""
+    if ref.kind is CheckpointRef.Kind.ITERATION and index.find(str(ref.iteration)) is not None:
+        return str(ref.iteration)
+    if ref.kind is CheckpointRef.Kind.PARTIAL:
+        return str(index.match(ref.partial))
+    try:
+        return str(index.resolve(ref).iteration)
+    except CheckpointNotFoundError:
+        if not ref.is_alias:
+            raise
         if ref.kind is not CheckpointRef.Kind.LATEST:
-            return None
-        for it in reversed(committed):  # what resume falls back to: the newest parsable record
-            if records.get(it) is not None:
-                return str(it)
-        if committed:
-            return str(committed[-1])
-        raise CheckpointNotFoundError(f"no committed checkpoint in {layout.checkpoints_dir}")
-    matches = [p for p in committed if ref.partial.matches(p)]
-    if not matches:
-        raise CheckpointNotFoundError(f"no committed checkpoint matches {ref.partial} in {layout.checkpoints_dir}; "
-                                      f"committed: {', '.join(map(str, committed)) or 'none'}")
-    if len(matches) > 1:
-        raise AmbiguousCheckpointError(f"{ref.partial} matches {len(matches)} committed checkpoints: "
-                                       f"{', '.join(map(str, matches))}")
-    return str(matches[0])
+            if ref.alias_name in index.alias_files():
+                return None
+            raise
+        committed = index.committed()
+        if not committed:
+            raise
+        return str(committed[-1])
 
 
 def verify_stage(storage: Storage, layout: StageLayout, *, checkpoint: str | None = None,
@@ -464,28 +400,30 @@ def verify_stage(storage: Storage, layout: StageLayout, *, checkpoint: str | Non
     Raises CheckpointNotFoundError / AmbiguousCheckpointError when ``checkpoint`` names
     nothing (or several); store errors raise StorageError.
     """
-    scan = _scan(storage, layout)
+    index = StageIndex(storage, layout)
+    ref = parse_checkpoint_arg(checkpoint) if checkpoint is not None else None
     records: dict[TrainingIteration, CommitRecord | None] = {}
     record_damages: dict[TrainingIteration, Damage] = {}
-    for it, path in scan.commit_files.items():
+    for it, path in index.commit_files().items():
         try:
-            records[it] = _read_record(storage, layout, it)
-        except FileNotFoundError:  # removed since the listing (retention): not committed any more
-            continue
+            record = index.record(it)
         except CorruptRecordError as exc:
             records[it] = None
             record_damages[it] = Damage(path, DamageKind.CORRUPT_RECORD, str(exc), str(it))
-    alias_damages: list[Damage] = []
-    if checkpoint is None:
-        names = sorted({str(it) for it in scan.commit_files} | set(scan.artifacts), key=_order)
-        for alias_name, path in sorted(scan.alias_files.items()):
-            _, damage = _check_alias(storage, layout, alias_name, path, scan, records)
-            if damage is not None:
-                alias_damages.append(damage)
+            continue
+        if record is not None:  # else removed since the listing (retention): not committed any more
+            records[it] = record
+    if ref is None:
+        names = [cp.name for cp in index.find_all()]
+        to_check = index.alias_files()
     else:
-        chosen = _select(storage, layout, checkpoint, scan, records, alias_damages)
+        chosen = _select(index, ref)
         names = [chosen] if chosen is not None else []
-    by_name = {str(it): it for it in scan.commit_files}
+        path = index.alias_files().get(ref.alias_name) if ref.is_alias else None
+        to_check = {ref.alias_name: path} if path is not None else {}
+    alias_damages = [d for d in (_check_alias(index, name, path, records) for name, path in to_check.items())
+                     if d is not None]
+    by_name = {str(it): it for it in index.commit_files()}
     to_read = [records[by_name[n]] for n in names if n in by_name and by_name[n] not in record_damages
                and records.get(by_name[n]) is not None]
     checked = {c.checkpoint: c for c in _verify_records(storage, layout, to_read, jobs=jobs, read_all=read_all,
@@ -498,24 +436,18 @@ def verify_stage(storage: Storage, layout: StageLayout, *, checkpoint: str | Non
         elif it is not None and records.get(it) is not None:
             checks.append(checked[records[it].checkpoint])
         else:
-            why = (_UNCOMMITTED if scan.commit_files else
+            why = (_UNCOMMITTED if index.commit_files() else
                    "no commit record: written by Noether itself (resume reads such files only in a stage without "
                    "any commit record) or by a save that did not finish; sizes and CRC32s cannot be checked")
-            damages = tuple(Damage(layout.artifact_path(a), DamageKind.UNCOMMITTED, why, name)
-                            for a in sorted(scan.artifacts.get(name, [])))
+            found = index.find(name)
+            damages = tuple(Damage(layout.artifact_path(a.name), DamageKind.UNCOMMITTED, why, name)
+                            for a in (found.artifacts if found is not None else ()))
             checks.append(CheckpointCheck(name, False, damages=damages))
     return StageReport(layout, tuple(checks), tuple(alias_damages))
 
 
 _UNCOMMITTED = ("no commit record: a save that did not finish (or is still running); resume never selects it; the "
                 "next save of this point removes it, so do retention and noether-ckpt prune once a newer one committed")
-
-
-def _order(name: str) -> tuple:
-    try:
-        return (0, TrainingIteration.parse(name), name)
-    except InvalidNameError:
-        return (1, TrainingIteration(0, 0, 0), name)
 
 
 def report_json(report: VerifyReport) -> str:

@@ -23,15 +23,17 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from ..stage.catalog import StageSummary, list_runs, list_stages, summarize_stage
-from ..stage.commit import CommitRecord, CorruptRecordError, list_commits, read_alias, read_commit
+from ..stage.catalog import StageSummary, summarize_stage
+from ..stage.commit import commit_files, read_commit
+from ..stage.index import StageIndex
+from ..stage.runs import list_runs, list_stages
 from ..errors import (AmbiguousCheckpointError, CheckpointNotFoundError, ConfigError, InvalidNameError,
                      NoetherDistError, StorageError)
 from ..format.layout import CHECKPOINTS_DIR, COMMITS_DIR, StageLayout, join_url
-from ..format.names import CheckpointRef, TrainingIteration, parse_artifact
+from ..format.names import TrainingIteration
+from ..format.records import CorruptRecordError
 from .progress import Bar
 from ..stage.retention import RetentionPolicy, prune
-from ..stage.select import resolve_record
 from ..io.storage import Storage, StorageOptions, open_storage
 from ..stage.verify import DEFAULT_JOBS, VerifyReport, parse_checkpoint_arg, verify_stage
 
@@ -62,17 +64,18 @@ def _stage_of_checkpoints_dir(storage: Storage, url: str) -> StageLayout:
     """The layout whose checkpoints folder is ``<url>/checkpoints``: a stage folder or a run
     without stages. A parsable commit record says which; the paths are the same either way."""
     parent, _, last = url.rpartition("/")
-    for entry in storage.list(join_url(url, CHECKPOINTS_DIR, COMMITS_DIR)):
-        if not entry.name.endswith(".json") or entry.is_dir:
-            continue
+    run = StageLayout(parent or ".", last, None)  # its checkpoints folder is <url>/checkpoints too
+    for it in commit_files(storage, run):
         try:
-            record = CommitRecord.from_json(storage.read(entry.path))
-        except (CorruptRecordError, FileNotFoundError):
+            record = read_commit(storage, run, it)
+        except CorruptRecordError:
             continue  # verify reports it; the folder structure still tells where it is
+        if record is None:
+            continue
         if record.stage_name and record.stage_name == last and record.run_id == parent.rpartition("/")[2]:
             return StageLayout(parent.rpartition("/")[0] or ".", record.run_id, record.stage_name)
         break
-    return StageLayout(parent or ".", last, None)
+    return run
 
 
 def _stages_under(storage: Storage, url: str) -> list[StageLayout]:
@@ -139,14 +142,9 @@ def cmd_list(args: argparse.Namespace, storage: Storage) -> int:
 
 
 # -- inspect ------------------------------------------------------------------------------
-def _legacy_model_name(storage: Storage, layout: StageLayout) -> str:
+def _legacy_model_name(index: StageIndex) -> str:
     """The model name of Noether's own single files in a stage without commit records."""
-    names = set()
-    for entry in storage.list(layout.checkpoints_dir):
-        try:
-            names.add(parse_artifact(entry.name).model_name)
-        except ValueError:
-            continue
+    names = {a.parsed.model_name for cp in index.find_all() for a in cp.artifacts}
     if len(names) > 1:
         raise ConfigError(f"the stage holds files of several models {sorted(names)}; choose one with --model-name")
     return names.pop() if names else "model"
@@ -240,21 +238,12 @@ def cmd_inspect(args: argparse.Namespace, storage: Storage) -> int:
     """One checkpoint: artifacts, keys, shapes, dtypes, bytes, world size, training point, metrics."""
     layout = _one_stage(storage, args.url, "inspect")
     ref = parse_checkpoint_arg(args.checkpoint or "latest", "--checkpoint")
-    committed = bool(list_commits(storage, layout))
-    model_name = args.model_name or ("model" if committed else _legacy_model_name(storage, layout))
-    if ref.kind is CheckpointRef.Kind.ITERATION and committed:
-        record = read_commit(storage, layout, ref.iteration)
-        if record is None:
-            raise CheckpointNotFoundError(f"checkpoint {ref.iteration} is not committed in {layout.checkpoints_dir}; "
-                                          f"committed: {', '.join(map(str, list_commits(storage, layout)))}")
-    else:
-        record = resolve_record(storage, layout, ref, model_name)
-    aliases = []
-    for entry in storage.list(layout.aliases_dir):
-        name = StageLayout.alias_of_file(entry.name)
-        alias = read_alias(storage, layout, name) if name and not entry.name.startswith(".") else None
-        if alias is not None and alias.iteration == record.iteration:
-            aliases.append(name)
+    index = StageIndex(storage, layout)
+    committed = bool(index.committed())
+    model_name = args.model_name or ("model" if committed else _legacy_model_name(index))
+    record = index.resolve_or_legacy(ref, model_name)
+    aliases = [name for name, alias in index.aliases().items()
+               if alias is not None and alias.iteration == record.iteration]
     if args.record and not committed:
         raise ConfigError(f"{layout.checkpoints_dir} has no commit records (Noether's own single files): "
                           "inspect without --record reads the files themselves")

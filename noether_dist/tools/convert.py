@@ -29,7 +29,9 @@ from typing import Any
 import torch
 
 from ..io import consolidated, dcp_io
-from ..stage.commit import ArtifactRecord, CommitRecord, list_commits, read_alias, read_commit, write_alias, write_commit
+from ..format.records import ArtifactRecord, CommitRecord
+from ..stage.commit import read_commit, write_alias, write_commit
+from ..stage.index import StageIndex
 from ..errors import CheckpointNotFoundError, ConfigError
 from ..format.layout import StageLayout, join_url
 from ..format.names import (NOETHER_RUN_CONFIG, ArtifactKind, CheckpointRef, TrainingIteration, ema_factor_of,
@@ -177,7 +179,8 @@ def convert_stage(src: Storage, src_layout: StageLayout, dst: Storage, dst_layou
     :class:`noether_dist.tools.progress.Bar`) counts the source bytes converted."""
     if to not in ("consolidated", "sharded"):
         raise ConfigError(f"convert target {to!r} is not valid; use consolidated or sharded")
-    points = list_commits(src, src_layout)
+    index = StageIndex(src, src_layout)
+    points = index.committed()
     if checkpoints:
         wanted = [TrainingIteration.parse(c) for c in checkpoints]
         missing = [str(w) for w in wanted if w not in points]
@@ -188,15 +191,10 @@ def convert_stage(src: Storage, src_layout: StageLayout, dst: Storage, dst_layou
     if not points:
         raise CheckpointNotFoundError(f"no committed checkpoint in {src_layout.checkpoints_dir}")
     dst.check_root(dst_layout.output_dir)
-    aliases = []
-    for entry in src.list(src_layout.aliases_dir):
-        name = StageLayout.alias_of_file(entry.name)
-        alias = read_alias(src, src_layout, name) if name else None
-        if alias is not None:
-            aliases.append(alias)
+    aliases = [alias for alias in index.aliases().values() if alias is not None]
     total = 0
     done = []
-    records = {it: read_commit(src, src_layout, it) for it in points}
+    records = {it: index.record(it) for it in points}
     if progress is not None:
         progress.add_total(sum(a.total_bytes for r in records.values() for a in r.artifacts))
     for it in points:

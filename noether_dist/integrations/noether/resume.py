@@ -29,7 +29,7 @@ from noether.core.utils.common import select_with_path
 from noether.core.utils.training import TrainingIteration as NoetherIteration
 
 from ...dist.comm import Comm
-from ...stage.commit import CommitRecord, list_commits, read_commit
+from ...format.records import CommitRecord
 from ...config import ResumeConfig
 from ...io import consolidated
 from ...errors import CheckpointNotFoundError, ConfigError, StateMismatchError
@@ -38,7 +38,7 @@ from ...format.names import (CheckpointRef, TrainingIteration, normalize_model_i
                       parse_resume_checkpoint)
 from ...format.trainer_keys import CALLBACKS_KEY, GRAD_SCALER_KEY
 from ...resume import ResumeResult, resume
-from ...stage.select import resolve_record
+from ...stage.index import StageIndex
 from ...io.storage import open_storage
 from .block import checkpointer_config
 from .models import ema_targets, torch_optimizers
@@ -82,7 +82,8 @@ class NoetherDistResumeInitializer(InitializerBase):
         """Select and agree on the checkpoint (collective); Noether starts counting from it."""
         comm = Comm(self.config.timeout_s)
         storage = open_storage(self.config.output_dir, self.config.storage)
-        record = comm.broadcast_from_coordinator(lambda: resolve_record(storage, self.layout, self.ref, self.model_name))
+        index = StageIndex(storage, self.layout)  # used on the coordinator only
+        record = comm.broadcast_from_coordinator(lambda: index.resolve_or_legacy(self.ref, self.model_name))
         skipped: list[str] = []
         while True:
             verdicts = comm.all_gather_results(lambda: self._unreadable(storage, record))
@@ -94,7 +95,7 @@ class NoetherDistResumeInitializer(InitializerBase):
                 raise CheckpointNotFoundError(f"checkpoint {record.iteration} cannot be read by every rank: {detail}")
             log.warning("checkpoint %s cannot be read by every rank (%s); all ranks fall back", record.iteration, detail)
             skipped.append(str(record.iteration))
-            record = comm.broadcast_from_coordinator(lambda: self._older(storage, record.iteration, skipped, detail))
+            record = comm.broadcast_from_coordinator(lambda: self._older(index, record.iteration, skipped, detail))
         self.record = record
         it = record.iteration
         log.info("resuming %s/%s from %s (pinned)", self.run_id, self.stage_name or "-", it)
@@ -108,12 +109,10 @@ class NoetherDistResumeInitializer(InitializerBase):
                 return f"{probe} is missing"
         return None
 
-    def _older(self, storage: Any, current: TrainingIteration, skipped: list[str], detail: str) -> CommitRecord:
-        for it in reversed(list_commits(storage, self.layout)):
-            if it < current:
-                rec = read_commit(storage, self.layout, it)
-                if rec is not None:
-                    return rec
+    def _older(self, index: StageIndex, current: TrainingIteration, skipped: list[str], detail: str) -> CommitRecord:
+        rec = index.newest(before=current)
+        if rec is not None:
+            return rec
         raise CheckpointNotFoundError(f"no committed checkpoint in {self.layout.checkpoints_dir} can be read by every "
                                       f"rank; tried {', '.join(skipped)}; last problem: {detail}")
 
