@@ -10,15 +10,18 @@ write; they name a training point. ``last`` and ``best.<metric>`` are written af
 point committed; ``latest`` just before its record, and selection ignores an alias whose
 point has no commit record.
 Finding ``latest`` costs two reads (alias, commit record); a listing of ``_commits/`` is
-the fallback when an alias is missing or broken.
+the fallback when an alias is missing or broken (:class:`~noether_dist.stage.index.StageIndex`
+decides). This module reads, writes and lists the records on a store; their schema and JSON
+form are :mod:`noether_dist.format.records`.
 """
 
 from __future__ import annotations
 
 import logging
 
+from ..errors import InvalidNameError
 from ..format.layout import StageLayout
-from ..format.names import TrainingIteration
+from ..format.names import TrainingIteration, validate_name
 from ..format.records import AliasRecord, CommitRecord, CorruptRecordError
 from ..io.storage import Storage
 
@@ -64,13 +67,22 @@ def list_commits(storage: Storage, layout: StageLayout) -> list[TrainingIteratio
 
 def alias_files(storage: Storage, layout: StageLayout) -> dict[str, str]:
     """Every alias of the stage by name, with the path of its file as the store lists it
-    (one listing; folders and hidden files, e.g. a write in progress, are not aliases)."""
+    (one listing; folders, hidden files such as a write in progress, and names no alias can
+    have are not aliases)."""
     found = {}
     for entry in storage.list(layout.aliases_dir):
         name = StageLayout.alias_of_file(entry.name)
-        if name and not entry.is_dir and not entry.name.startswith("."):
+        if name and not entry.is_dir and not entry.name.startswith(".") and _valid_alias(name):
             found[name] = entry.path
     return dict(sorted(found.items()))
+
+
+def _valid_alias(name: str) -> bool:
+    try:
+        validate_name(name, "alias name")
+    except InvalidNameError:
+        return False
+    return True
 
 
 def read_alias(storage: Storage, layout: StageLayout, name: str, *, strict: bool = False) -> AliasRecord | None:
