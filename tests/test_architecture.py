@@ -33,11 +33,7 @@ FORBIDDEN = {
 """Layers each layer must not import: errors/logs -> format -> io, dist -> stage -> the API
 layer (save, resume, initializers, config, state) -> tools, integrations, trainer."""
 
-KNOWN_VIOLATIONS = {
-    # FileRecord (a file's size and CRC32) lives in stage/commit.py; the stage-index work of
-    # issue 11 moves the records to format/records.py, which removes this arrow.
-    ("noether_dist.io.dcp_io", "noether_dist.stage.commit"),
-}
+KNOWN_VIOLATIONS: set[tuple[str, str]] = set()
 """(importer, imported) arrows against the layers that main has today, each with the work
 that removes it. An entry that no longer occurs fails the test, so the list only shrinks."""
 
