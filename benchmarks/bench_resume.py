@@ -8,7 +8,7 @@ naming three artifacts; the model's folder exists and holds a tiny ``.metadata``
 
 - ``ours``: ``noether_dist.resume.select_checkpoint(storage, layout, latest)``;
 - ``ours_resolve_record``: what ``resume`` itself runs on the coordinator
-  (``noether_dist.stage.index.StageIndex.resolve_or_legacy``: a check for a stage without commit records, the
+  (``noether_dist.stage.index.StageIndex.resolve_or_uncommitted``: a check for a stage without commit records, the
   selection, then the record);
 - ``ours_one_get_read`` / ``ours_resolve_record_one_get_read``: the same with ``Storage.read``
   as one GET (s3fs's ``cat_file`` asks for the size first, HEAD + GET, unless
@@ -106,9 +106,9 @@ def resume_requests(server: MotoServer, *, checkpoints: int) -> dict[str, Any]:
     latest = parse_resume_checkpoint("latest")
     methods = {
         "ours": lambda st: select_checkpoint(st, layout, latest),
-        "ours_resolve_record": lambda st: StageIndex(st, layout).resolve_or_legacy(latest, "m").iteration,
+        "ours_resolve_record": lambda st: StageIndex(st, layout).resolve_or_uncommitted(latest, "m").iteration,
         "ours_one_get_read": lambda st: select_checkpoint(_one_get_storage(st), layout, latest),
-        "ours_resolve_record_one_get_read": lambda st: StageIndex(_one_get_storage(st), layout).resolve_or_legacy(
+        "ours_resolve_record_one_get_read": lambda st: StageIndex(_one_get_storage(st), layout).resolve_or_uncommitted(
             latest, "m").iteration,
         "commit_listing": lambda st: read_commit(st, layout, list_commits(st, layout)[-1]).iteration,
         "commit_listing_select_only": lambda st: list_commits(st, layout)[-1],

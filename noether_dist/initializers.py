@@ -40,9 +40,6 @@ from typing import Any
 
 from torch import nn
 
-from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-from .io import consolidated, dcp_io
 from .dist.comm import Comm
 from .format.records import ArtifactRecord
 from .config import check_known_keys
@@ -51,7 +48,8 @@ from .format.layout import StageLayout
 from .format.names import (ArtifactKind, CheckpointRef, normalize_model_info, parse_checkpoint, parse_checkpoint_tag,
                     validate_model_name, validate_name)
 from .stage.index import StageIndex
-from .io.statedict import model_state
+from .io.consolidated import full_shapes
+from .io.formats import artifact_io
 from .io.storage import StorageOptions, open_storage
 
 __all__ = ["PreviousRunInitializer", "build_initializers", "Initializer"]
@@ -72,7 +70,7 @@ class Initializer:
 class PreviousRunInitializer(Initializer):
     """Load model weights (only) of another run's checkpoint into a fresh model, which may be
     sharded differently (any world size). Reads our committed checkpoints (sharded or
-    consolidated) and single files that Noether itself wrote."""
+    consolidated) and the consolidated files that Noether itself wrote (no commit record)."""
 
     run_id: str
     """The previous run."""
@@ -158,7 +156,7 @@ class PreviousRunInitializer(Initializer):
         info = normalize_model_info(self.model_info)
 
         def choose() -> ArtifactRecord:
-            record = StageIndex(storage, layout).resolve_or_legacy(self.checkpoint_ref, model_name)
+            record = StageIndex(storage, layout).resolve_or_uncommitted(self.checkpoint_ref, model_name)
             art = record.artifact(ArtifactKind.MODEL.value, info)
             if art is None:
                 have = [a.model_info or "(none)" for a in record.artifacts if a.kind == "model"]
@@ -169,31 +167,8 @@ class PreviousRunInitializer(Initializer):
 
         art = comm.broadcast_from_coordinator(choose)
         path = layout.artifact_path(art.name)
-        if art.format == "consolidated":
-            def load_file() -> int:
-                stored = consolidated.state_dict_of(consolidated.read_file(storage, path), path)
-                wanted = self._plan(model, {k: v.shape for k, v in stored.items()}, path)
-                full = {model_key: stored[src] for model_key, src in wanted.items()}
-                set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, strict=False))
-                return len(full)
-
-            count = comm.run_everywhere(load_file)
-        else:
-            plan: dict[str, str] = {}
-
-            def target() -> dict[str, Any]:
-                stored = dcp_io.read_metadata(path, storage).state_dict_metadata
-                plan.update(self._plan(model, {k: getattr(m, "size", None) for k, m in stored.items()}, path))
-                current = model_state(model)
-                return {src: current[model_key] for model_key, src in plan.items()}
-
-            loaded = comm.run_everywhere(target)
-            comm.run_everywhere(lambda: dcp_io.load_state(loaded, path, storage, process_group=comm.control_group))
-            current = model_state(model)
-            for model_key, src in plan.items():
-                current[model_key] = loaded[src]
-            comm.run_everywhere(lambda: set_model_state_dict(model, current, options=StateDictOptions(strict=False)))
-            count = len(loaded)
+        count = artifact_io(art.format).load_weights(comm, storage, path, model,
+                                                     lambda stored: self._plan(model, stored, path))
         log.info("initialised %s from %s (%d tensors)", model_name, path, count)
 
     def _renamed(self, stored: set[str], path: str) -> dict[str, str]:
@@ -229,7 +204,7 @@ class PreviousRunInitializer(Initializer):
         wanted = {k: renamed.get(k) for k in model.state_dict() if k not in fresh}
         missing = sorted(k for k, src in wanted.items() if src is None)
         unused = sorted(renamed[k] for k in set(renamed) - set(wanted) - fresh)
-        shapes = consolidated.full_shapes(model)
+        shapes = full_shapes(model)
         wrong = [f"{k} (checkpoint {src} {list(stored[src])}, model {list(shapes[k])})" for k, src in sorted(
             wanted.items()) if src is not None and stored[src] is not None and tuple(stored[src]) != tuple(shapes[k])]
         if missing or unused or wrong:

@@ -23,7 +23,8 @@ from .format.layout import StageLayout
 from .io.mirror import is_node_leader, mirror_from_coordinator
 from .stage.retention import prune
 from .dist.spawn_check import check_process_mode
-from .format.names import ArtifactKind, TrainingIteration, format_artifact, normalize_model_info, parse_checkpoint
+from .format.names import (ArtifactFormat, ArtifactKind, TrainingIteration, format_artifact, normalize_model_info,
+                           parse_checkpoint)
 from .format.trainer_keys import TRAINER_COMMON_KEY, common_entry, trainer_rank_key
 from .io.statedict import SaveStaging, model_state, optimizer_state, pack_object
 from .io.storage import Storage, open_storage
@@ -305,7 +306,7 @@ class Checkpointer:
             arts = []
             for idx, art in enumerate(plan.artifacts):
                 files = sorted((f for rank_report in reports for f in rank_report[idx]), key=lambda f: f.name)
-                arts.append(ArtifactRecord(art.name, art.kind.value, art.model_info, "dcp", tuple(files)))
+                arts.append(ArtifactRecord(art.name, art.kind.value, art.model_info, ArtifactFormat.DCP, tuple(files)))
             record = CommitRecord(plan.iteration, self.config.run_id, self.config.stage_name or None,
                                   self.config.model_name, comm.world_size, tuple(arts), plan.metrics)
             # `latest` moves just BEFORE the record: a crash in between leaves it naming a point

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from ..errors import ConfigError, InvalidNameError
 
 __all__ = [
+    "ArtifactFormat",
     "ArtifactKind",
     "ArtifactName",
     "CheckpointRef",
@@ -333,6 +334,27 @@ class ArtifactKind(enum.Enum):
     MODEL = "model"
     OPTIM = "optim"
     TRAINER = "trainer"
+
+
+class ArtifactFormat(enum.Enum):
+    """How one artifact lies on storage; the value is what commit records store (kept as
+    written since the first release: records already on disk name these)."""
+
+    DCP = "dcp"
+    """Sharded: a DCP directory with the artifact's name (``.metadata`` and shard files)."""
+    CONSOLIDATED = "consolidated"
+    """One ``torch.save`` file with the artifact's name, laid out as Noether writes it;
+    also what Noether's own trainer writes (those have no commit record)."""
+
+    @classmethod
+    def parse(cls, value: object) -> ArtifactFormat:
+        """The format named ``value`` (a member or its stored value); ConfigError otherwise."""
+        if isinstance(value, cls):
+            return value
+        for member in cls:
+            if member.value == value:
+                return member
+        raise ConfigError(f"artifact format {value!r} is not valid; use one of {', '.join(m.value for m in cls)}")
 
 
 @dataclass(frozen=True)

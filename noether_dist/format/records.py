@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..errors import StorageError
-from .names import TrainingIteration
+from .names import ArtifactFormat, TrainingIteration
 
 __all__ = ["FileRecord", "ArtifactRecord", "CommitRecord", "AliasRecord", "CorruptRecordError", "FORMAT_VERSION"]
 
@@ -53,10 +53,13 @@ class ArtifactRecord:
     """model, optim or trainer."""
     model_info: str | None = None
     """e.g. ``ema_factor=0.9999`` for an EMA model."""
-    format: str = "dcp"
-    """``dcp`` (a directory) or ``consolidated`` (one torch.save file)."""
+    format: ArtifactFormat = ArtifactFormat.DCP
+    """A DCP directory or one consolidated file; given as a member or its stored value."""
     files: tuple[FileRecord, ...] = ()
     """Every file written, over all ranks."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "format", ArtifactFormat.parse(self.format))
 
     @property
     def total_bytes(self) -> int:
@@ -66,13 +69,15 @@ class ArtifactRecord:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
         out = {k: v for k, v in asdict(self).items() if k != "files"}
+        out["format"] = self.format.value
         out["files"] = [f.to_dict() for f in self.files]
         return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ArtifactRecord:
         """Inverse of :meth:`to_dict`."""
-        return cls(data["name"], data["kind"], data.get("model_info"), data.get("format", "dcp"),
+        return cls(data["name"], data["kind"], data.get("model_info"),
+                   ArtifactFormat.parse(data.get("format", ArtifactFormat.DCP.value)),
                    tuple(FileRecord.from_dict(f) for f in data.get("files", [])))
 
 

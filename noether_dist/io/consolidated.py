@@ -1,4 +1,5 @@
-"""Noether's single-file ("consolidated") checkpoints: write, read, and load into any model.
+"""Consolidated checkpoints (one ``torch.save`` file per artifact, as Noether writes them):
+write, read, and load into any model.
 
 The files, as Noether writes them with ``torch.save`` on rank 0:
 

@@ -737,7 +737,7 @@ def check_keys(state_dict: dict[str, Any], metadata: Metadata, what: str) -> Non
 
 def load_full(path: str, storage: Storage) -> dict[str, Any]:
     """Load a whole DCP directory into one nested state dict in this process (no
-    collective): one copy of the state in memory, used to convert to a single file."""
+    collective): one copy of the state in memory, used to convert to a consolidated file."""
     # The public dcp.load only fills keys the caller already has; building the dict from
     # the metadata needs DCP's own (private) planner and inner loader, as its format_utils do.
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner

@@ -1,4 +1,4 @@
-"""Optimizer state dicts from single files, matched to a live optimizer by parameter name.
+"""Optimizer state dicts from consolidated files, matched to a live optimizer by parameter name.
 
 Three layouts are read:
 

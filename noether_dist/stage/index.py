@@ -9,8 +9,8 @@ broken, or for a partial spec (E10, U100, S200). Records and aliases are read at
 too. An index is a snapshot: make a new one for a fresh look (nothing is cached across
 indexes).
 
-A stage without any commit record may hold checkpoints that Noether itself wrote (single
-files, no commit record): :meth:`StageIndex.resolve_or_legacy` finds those in the listing
+A stage without any commit record may hold checkpoints that Noether itself wrote
+(consolidated files, no commit record): :meth:`StageIndex.resolve_or_uncommitted` finds those in the listing
 of the folder and describes them by a synthesized record (format ``consolidated``).
 """
 
@@ -23,8 +23,8 @@ from .commit import alias_files, commit_files, read_alias, read_commit
 from .runs import list_runs, list_stages
 from ..errors import AmbiguousCheckpointError, CheckpointNotFoundError, InvalidNameError
 from ..format.layout import ALIASES_DIR, COMMITS_DIR, StageLayout
-from ..format.names import (ArtifactKind, ArtifactName, CheckpointRef, PartialIteration, TrainingIteration, is_tag,
-                            parse_artifact, parse_checkpoint)
+from ..format.names import (ArtifactFormat, ArtifactKind, ArtifactName, CheckpointRef, PartialIteration,
+                            TrainingIteration, is_tag, parse_artifact, parse_checkpoint)
 from ..format.records import AliasRecord, ArtifactRecord, CommitRecord, CorruptRecordError
 from ..io.storage import Entry, Storage
 
@@ -263,21 +263,21 @@ class StageIndex:
         return f"no committed checkpoint in {layout.checkpoints_dir}"
 
     # -- Noether's own files --------------------------------------------------------------
-    def resolve_or_legacy(self, ref: CheckpointRef, model_name: str) -> CommitRecord:
+    def resolve_or_uncommitted(self, ref: CheckpointRef, model_name: str) -> CommitRecord:
         """The record of the checkpoint ``ref`` names: a committed one (:meth:`resolve`), or,
-        in a stage without any commit record, one that Noether wrote as single files."""
+        in a stage without any commit record, one that Noether wrote itself (consolidated files)."""
         try:
             return self.resolve(ref)
         except CheckpointNotFoundError:
             if self.committed():
                 raise
-            legacy = self.legacy_record(ref, model_name)
-            if legacy is None:
+            found = self.uncommitted_record(ref, model_name)
+            if found is None:
                 raise
-            return legacy
+            return found
 
-    def legacy_record(self, ref: CheckpointRef, model_name: str) -> CommitRecord | None:
-        """A record for single-file checkpoints of ``model_name`` as Noether writes them, or
+    def uncommitted_record(self, ref: CheckpointRef, model_name: str) -> CommitRecord | None:
+        """A record for the consolidated files of ``model_name`` that Noether wrote itself, or
         None when the folder has none. Raises like :meth:`resolve` when files exist but none
         matches."""
         groups: dict[str, list[tuple[ArtifactName, Entry]]] = {}
@@ -314,7 +314,7 @@ class StageIndex:
         if chosen is None:
             raise CheckpointNotFoundError(f"no checkpoint {ref} of model {model_name!r} in "
                                           f"{self.layout.checkpoints_dir}; checkpoints there: {', '.join(sorted(canonical))}")
-        arts = tuple(ArtifactRecord(entry.name, art.kind.value, art.model_info, "consolidated", ())
+        arts = tuple(ArtifactRecord(entry.name, art.kind.value, art.model_info, ArtifactFormat.CONSOLIDATED, ())
                      for art, entry in sorted(groups[chosen], key=lambda p: p[1].name))
         try:
             iteration = TrainingIteration.parse(str(parse_checkpoint(chosen)))

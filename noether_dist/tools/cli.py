@@ -30,7 +30,7 @@ from ..stage.runs import list_runs, list_stages
 from ..errors import (AmbiguousCheckpointError, CheckpointNotFoundError, ConfigError, InvalidNameError,
                      NoetherDistError, StorageError)
 from ..format.layout import CHECKPOINTS_DIR, COMMITS_DIR, StageLayout, join_url
-from ..format.names import TrainingIteration
+from ..format.names import ArtifactKind, TrainingIteration
 from ..format.records import CorruptRecordError
 from .progress import Bar
 from ..stage.retention import RetentionPolicy, prune
@@ -142,84 +142,23 @@ def cmd_list(args: argparse.Namespace, storage: Storage) -> int:
 
 
 # -- inspect ------------------------------------------------------------------------------
-def _legacy_model_name(index: StageIndex) -> str:
-    """The model name of Noether's own single files in a stage without commit records."""
+def _uncommitted_model_name(index: StageIndex) -> str:
+    """The model name of Noether's own consolidated files in a stage without commit records."""
     names = {a.parsed.model_name for cp in index.find_all() for a in cp.artifacts}
     if len(names) > 1:
         raise ConfigError(f"the stage holds files of several models {sorted(names)}; choose one with --model-name")
     return names.pop() if names else "model"
 
 
-def _tensor_entry(key: str, value: Any) -> dict[str, Any]:
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        return {"key": key, "shape": list(value.shape), "dtype": str(value.dtype).replace("torch.", ""),
-                "bytes": value.numel() * value.element_size()}
-    return {"key": key, "shape": None, "dtype": type(value).__name__, "bytes": None}
-
-
-def _flatten(obj: Any, prefix: str = "") -> list[dict[str, Any]]:
-    import torch
-
-    if isinstance(obj, dict):
-        out = []
-        for k, v in obj.items():
-            out.extend(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    if isinstance(obj, (list, tuple)) and obj and any(isinstance(v, (dict, torch.Tensor)) for v in obj):
-        out = []
-        for i, v in enumerate(obj):
-            out.extend(_flatten(v, f"{prefix}.{i}" if prefix else str(i)))
-        return out
-    return [_tensor_entry(prefix, obj)]
-
-
-def _dcp_keys(storage: Storage, path: str) -> list[dict[str, Any]]:
-    import torch
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    from ..io import dcp_io
-
-    metadata = dcp_io.read_metadata(path, storage)
-    stored: dict[str, int] = {}
-    for index, info in (metadata.storage_data or {}).items():
-        stored[index.fqn] = stored.get(index.fqn, 0) + int(getattr(info, "length", 0) or 0)
-    out = []
-    for key, meta in sorted(metadata.state_dict_metadata.items()):
-        if isinstance(meta, TensorStorageMetadata):
-            dtype = meta.properties.dtype
-            numel = 1
-            for dim in meta.size:
-                numel *= int(dim)
-            out.append({"key": key, "shape": list(meta.size), "dtype": str(dtype).replace("torch.", ""),
-                        "bytes": numel * torch.empty((), dtype=dtype).element_size()})
-        else:
-            out.append({"key": key, "shape": None, "dtype": "object", "bytes": stored.get(key)})
-    return out
-
-
-def _file_keys(storage: Storage, path: str, kind: str) -> list[dict[str, Any]]:
-    from ..io import consolidated
-
-    obj = consolidated.read_file(storage, path)
-    if kind == "model":
-        return sorted(_flatten(consolidated.state_dict_of(obj, path)), key=lambda e: e["key"])
-    if not isinstance(obj, dict):
-        raise ProblemFound(f"{path} is not a Noether {kind} file: expected a dict, got {type(obj).__name__}")
-    return _flatten(obj)
-
-
 def _artifact_json(storage: Storage, layout: StageLayout, art, *, keys: bool = True) -> dict[str, Any]:
     path = layout.artifact_path(art.name)
     if not keys:
-        return {"name": art.name, "kind": art.kind, "model_info": art.model_info, "format": art.format,
+        return {"name": art.name, "kind": art.kind, "model_info": art.model_info, "format": art.format.value,
                 "files": len(art.files), "bytes": art.total_bytes if art.files else None, "keys": None}
+    from ..io.formats import artifact_io
+
     try:
-        if art.format == "consolidated":
-            keys = _file_keys(storage, path, art.kind)
-        else:
-            keys = _dcp_keys(storage, path)
+        keys = [k.to_dict() for k in artifact_io(art.format).keys(storage, path, ArtifactKind(art.kind))]
     except FileNotFoundError as exc:
         raise ProblemFound(f"{path} is missing ({exc}); run noether-ckpt verify") from None
     except ConfigError as exc:  # the file is not what its name says
@@ -230,7 +169,7 @@ def _artifact_json(storage: Storage, layout: StageLayout, art, *, keys: bool = T
         raise ProblemFound(f"{path} cannot be read: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                            ) from exc
     nbytes = art.total_bytes if art.files else storage.size(path)
-    return {"name": art.name, "kind": art.kind, "model_info": art.model_info, "format": art.format,
+    return {"name": art.name, "kind": art.kind, "model_info": art.model_info, "format": art.format.value,
             "files": len(art.files), "bytes": nbytes, "keys": keys}
 
 
@@ -240,12 +179,12 @@ def cmd_inspect(args: argparse.Namespace, storage: Storage) -> int:
     ref = parse_checkpoint_arg(args.checkpoint or "latest", "--checkpoint")
     index = StageIndex(storage, layout)
     committed = bool(index.committed())
-    model_name = args.model_name or ("model" if committed else _legacy_model_name(index))
-    record = index.resolve_or_legacy(ref, model_name)
+    model_name = args.model_name or ("model" if committed else _uncommitted_model_name(index))
+    record = index.resolve_or_uncommitted(ref, model_name)
     aliases = [name for name, alias in index.aliases().items()
                if alias is not None and alias.iteration == record.iteration]
     if args.record and not committed:
-        raise ConfigError(f"{layout.checkpoints_dir} has no commit records (Noether's own single files): "
+        raise ConfigError(f"{layout.checkpoints_dir} has no commit records (Noether's own consolidated files): "
                           "inspect without --record reads the files themselves")
     artifacts = [_artifact_json(storage, layout, art, keys=not args.record) for art in record.artifacts]
     out = {"path": layout.checkpoints_dir, "run_id": record.run_id, "stage_name": record.stage_name,
@@ -257,7 +196,7 @@ def cmd_inspect(args: argparse.Namespace, storage: Storage) -> int:
         print(json.dumps(out, indent=1))
         return EXIT_OK
     it = record.iteration
-    ws = f"saved on {record.world_size} rank(s)" if committed else "no commit record (Noether single files)"
+    ws = f"saved on {record.world_size} rank(s)" if committed else "no commit record (Noether's own consolidated files)"
     print(f"{_name(layout)}  {record.checkpoint}  {'committed' if committed else 'uncommitted'}  {ws}  "
           f"{_human(out['bytes'])}  aliases: {', '.join(sorted(aliases)) or '-'}")
     print(f"  training point: epoch {it.epoch}, update {it.update}, sample {it.sample}"
@@ -445,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_insp.add_argument("url", help="stage dir (or run dir of a run without stages)")
     p_insp.add_argument("--checkpoint", help="latest (default), last, best.<metric>, E.._U.._S.., or one of E<n>, "
                         "U<n>, S<n>")
-    p_insp.add_argument("--model-name", help="model name of Noether's own single files (default: the only one)")
+    p_insp.add_argument("--model-name", help="model name of Noether's own consolidated files (default: the only one)")
     p_insp.add_argument("--record", action="store_true", help="only what the commit record says (artifacts, files, "
                         "bytes, training point, metrics), without reading keys and shapes: does not load torch")
 

@@ -32,6 +32,7 @@ from ...dist.comm import Comm
 from ...format.records import CommitRecord
 from ...config import ResumeConfig
 from ...io import consolidated
+from ...io.formats import artifact_io
 from ...errors import CheckpointNotFoundError, ConfigError, StateMismatchError
 from ...format.layout import StageLayout
 from ...format.names import (CheckpointRef, TrainingIteration, normalize_model_info, parse_checkpoint_tag,
@@ -83,7 +84,7 @@ class NoetherDistResumeInitializer(InitializerBase):
         comm = Comm(self.config.timeout_s)
         storage = open_storage(self.config.output_dir, self.config.storage)
         index = StageIndex(storage, self.layout)  # used on the coordinator only
-        record = comm.broadcast_from_coordinator(lambda: index.resolve_or_legacy(self.ref, self.model_name))
+        record = comm.broadcast_from_coordinator(lambda: index.resolve_or_uncommitted(self.ref, self.model_name))
         skipped: list[str] = []
         while True:
             verdicts = comm.all_gather_results(lambda: self._unreadable(storage, record))
@@ -103,10 +104,9 @@ class NoetherDistResumeInitializer(InitializerBase):
 
     def _unreadable(self, storage: Any, record: CommitRecord) -> str | None:
         for art in record.artifacts:
-            path = self.layout.artifact_path(art.name)
-            probe = path if art.format == "consolidated" else f"{path}/.metadata"
-            if not storage.exists(probe):
-                return f"{probe} is missing"
+            reason = artifact_io(art.format).check(storage, self.layout.artifact_path(art.name))
+            if reason:
+                return reason
         return None
 
     def _older(self, index: StageIndex, current: TrainingIteration, skipped: list[str], detail: str) -> CommitRecord:
@@ -137,16 +137,16 @@ class NoetherDistResumeInitializer(InitializerBase):
         # name, so any rank that cannot load it raises on every rank (no fallback any more).
         # Files Noether wrote itself have no commit record; there the name it was selected by
         # (e.g. latest, a file of its own) pins it.
-        legacy = all(not a.files for a in self.record.artifacts)
-        pin = str(self.ref) if legacy and self.ref.kind is not CheckpointRef.Kind.ITERATION \
+        uncommitted = all(not a.files for a in self.record.artifacts)
+        pin = str(self.ref) if uncommitted and self.ref.kind is not CheckpointRef.Kind.ITERATION \
             else f"U{self.record.iteration.update}"
         config = ResumeConfig(output_dir=self.config.output_dir, resume_run_id=self.run_id,
                               resume_stage_name=self.stage_name, resume_checkpoint=pin, storage=self.config.storage)
         optimizer = optims[0] if len(optims) == 1 else (optims or None)
-        ema = None if legacy else {info: t[3] for info, t in self.ema.items()} or None
+        ema = None if uncommitted else {info: t[3] for info, t in self.ema.items()} or None
         self.result = resume(config, model=model, optimizer=optimizer,  # type: ignore[arg-type]
                              ema=ema, model_name=self.model_name, timeout_s=self.config.timeout_s)
-        if legacy:
+        if uncommitted:
             self._load_noether_ema_files()
         if self.result.iteration != self.record.iteration:
             raise CheckpointNotFoundError(f"resume loaded {self.result.iteration}, not the pinned {self.record.iteration}")

@@ -1,0 +1,216 @@
+"""The sharded format behind :class:`~noether_dist.io.formats.ArtifactIO`: a DCP directory
+per artifact, read and written through :mod:`noether_dist.io.dcp_io`; loading reshards
+(saved on N ranks, loaded on M).
+
+Staging one artifact for resume (collective), in order:
+
+1. the coordinator reads ``.metadata`` (the only read of it, or taken from
+   :meth:`DcpFormat.prefetch`) and names the replicated entries that one rank reads for
+   everyone; both are broadcast;
+2. every rank checks its keys against the metadata and allocates its staging;
+3. one DCP load, planned on the metadata cut down to this rank's chunks
+   (:func:`dcp_io.metadata_for`): each rank reads its own entries and the shared ones that
+   lie in its own files (:func:`dcp_io.reader_of`), checking each file it reads whole
+   against the commit record;
+4. the shared entries are exchanged (one all_gather of small values).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+from ..errors import NoetherDistError
+from ..format.names import ArtifactFormat, ArtifactKind, format_artifact, normalize_model_info
+from ..format.trainer_keys import (TRAINER_COMMON_KEY, common_entry, rank_of_trainer_key, state_of_common_entry,
+                                   trainer_rank_key)
+from . import dcp_io
+from .format_api import ArtifactIO, KeyInfo, LoadTarget, TrainerContent, WriteContext
+from .statedict import (apply_model_state, apply_optimizer_state, empty_like_packed, model_state, pack_object,
+                        unpack_object)
+
+__all__ = ["DcpFormat", "REPLICATED_MAX_BYTES"]
+
+REPLICATED_MAX_BYTES = 2**20
+"""Plain (not DTensor) entries up to this size are read by one rank and shared."""
+
+
+def _replicated_small(key: str, value: Any) -> bool:
+    """Entries one rank reads for everyone: every value that is not a DTensor shard and is
+    small (optimizer ``step``, hyperparameters). DCP's dedup stores each once, in whichever
+    rank's file, so every rank reading them costs ws x ws requests."""
+    if dcp_io.is_sharded(value):
+        return False
+    return not isinstance(value, torch.Tensor) or value.numel() * value.element_size() <= REPLICATED_MAX_BYTES
+
+
+def _trainer_placeholders(metadata: Any, rank: int) -> dict[str, Any]:
+    """What this rank loads from a trainer artifact: the common state and its own, if saved."""
+    sd: dict[str, Any] = {}
+    for key in (TRAINER_COMMON_KEY, trainer_rank_key(rank)):
+        meta = metadata.state_dict_metadata.get(key)
+        if meta is not None:
+            sd[key] = empty_like_packed(meta.size[0])
+    return sd
+
+
+def _metadata_or_reason(storage: Any, path: str) -> tuple[Any, str | None]:
+    """(DCP metadata, None), or (None, why it cannot be read)."""
+    try:
+        return dcp_io.read_metadata(path, storage), None
+    except FileNotFoundError:
+        return None, f"{path} has no DCP metadata"
+    except NoetherDistError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - unreadable metadata is a reason to fall back
+        return None, f"{path}/.metadata is unreadable: {type(exc).__name__}: {exc}"
+
+
+class DcpFormat(ArtifactIO):
+    """A DCP directory (``.metadata`` and shard files) with the artifact's name."""
+
+    format = ArtifactFormat.DCP
+
+    def check(self, storage: Any, path: str) -> str | None:
+        probe = f"{path}/{dcp_io.METADATA_FILE}"
+        return None if storage.exists(probe) else f"{probe} is missing"
+
+    def keys(self, storage: Any, path: str, kind: ArtifactKind) -> list[KeyInfo]:
+        metadata = dcp_io.read_metadata(path, storage)
+        stored: dict[str, int] = {}
+        for index, info in (metadata.storage_data or {}).items():
+            stored[index.fqn] = stored.get(index.fqn, 0) + int(getattr(info, "length", 0) or 0)
+        out = []
+        for key, meta in sorted(metadata.state_dict_metadata.items()):
+            if isinstance(meta, TensorStorageMetadata):
+                dtype = meta.properties.dtype
+                numel = 1
+                for dim in meta.size:
+                    numel *= int(dim)
+                out.append(KeyInfo(key, tuple(meta.size), str(dtype).replace("torch.", ""),
+                                   numel * torch.empty((), dtype=dtype).element_size()))
+            else:
+                out.append(KeyInfo(key, None, "object", stored.get(key)))
+        return out
+
+    def read(self, storage: Any, path: str, kind: ArtifactKind) -> Any:
+        full = dcp_io.load_full(path, storage)
+        if kind is not ArtifactKind.TRAINER:
+            return full
+        common = unpack_object(full[TRAINER_COMMON_KEY]) if TRAINER_COMMON_KEY in full else {}
+        ranks = {rank: unpack_object(v) for k, v in full.items() if (rank := rank_of_trainer_key(k)) is not None}
+        return TrainerContent(state_of_common_entry(common), ranks)
+
+    def write(self, storage: Any, path: str, kind: ArtifactKind, content: Any,
+              context: WriteContext) -> tuple[dcp_io.FileRecord, ...]:
+        state = content
+        if kind is ArtifactKind.TRAINER:
+            state = {TRAINER_COMMON_KEY: pack_object(common_entry(context.iteration.to_dict(), content.state))}
+            state.update({trainer_rank_key(r): pack_object(v) for r, v in content.ranks.items()})
+        return tuple(dcp_io.save_state(state, path, storage, process_group=None))
+
+    def artifact_name(self, model_name: str, checkpoint: str, kind: ArtifactKind, model_info: str | None) -> str:
+        return format_artifact(model_name, checkpoint, kind, normalize_model_info(model_info))
+
+    def prefetch(self, storage: Any, path: str) -> Any:
+        return _metadata_or_reason(storage, path)
+
+    def stage(self, comm: Any, storage: Any, path: str, target: LoadTarget, verify_max_bytes: int,
+              prefetched: Any = None) -> tuple[dcp_io.Staging | None, str | None]:
+        if target.role == "trainer":  # every rank's own state: each rank loads its part
+            def state_of(md: Any) -> dict[str, Any]:
+                return _trainer_placeholders(md, comm.rank)
+
+            def shared(key: str, _value: Any) -> bool:
+                return key == TRAINER_COMMON_KEY
+        else:
+            def state_of(md: Any) -> dict[str, Any]:
+                return target.state
+
+            shared = _replicated_small
+        return _stage(comm, storage, path, target, state_of, shared, verify_max_bytes, prefetched)
+
+    def apply(self, staged: dcp_io.Staging, target: LoadTarget, rank: int) -> tuple[dict[str, Any], Any] | None:
+        if target.role == "trainer":
+            flat = staged.flat
+            common = unpack_object(flat[TRAINER_COMMON_KEY]) if TRAINER_COMMON_KEY in flat else {}
+            own = unpack_object(flat[trainer_rank_key(rank)]) if trainer_rank_key(rank) in flat else None
+            return state_of_common_entry(common), own
+        if target.role == "optim":
+            apply_optimizer_state(target.owner, target.module, staged.nested())
+        elif isinstance(target.module, nn.Module):
+            apply_model_state(target.module, staged.nested())
+        else:
+            staged.copy_into(target.state)
+        return None
+
+    def load_weights(self, comm: Any, storage: Any, path: str, model: Any,
+                     plan: Callable[[dict[str, tuple[int, ...] | None]], dict[str, str]]) -> int:
+        chosen: dict[str, str] = {}
+
+        def target() -> dict[str, Any]:
+            stored = dcp_io.read_metadata(path, storage).state_dict_metadata
+            chosen.update(plan({k: getattr(m, "size", None) for k, m in stored.items()}))
+            current = model_state(model)
+            return {src: current[model_key] for model_key, src in chosen.items()}
+
+        loaded = comm.run_everywhere(target)
+        comm.run_everywhere(lambda: dcp_io.load_state(loaded, path, storage, process_group=comm.control_group))
+        current = model_state(model)
+        for model_key, src in chosen.items():
+            current[model_key] = loaded[src]
+        comm.run_everywhere(lambda: set_model_state_dict(model, current, options=StateDictOptions(strict=False)))
+        return len(loaded)
+
+
+def _stage(comm: Any, storage: Any, path: str, target: LoadTarget, state_of: Callable[[Any], dict[str, Any]],
+           shared: Callable[[str, Any], bool], verify_max_bytes: int, prefetched: Any
+           ) -> tuple[dcp_io.Staging | None, str | None]:
+    """Steps 1-4 of the module docstring."""
+    art, role = target.art, target.role
+
+    def coordinator_part() -> tuple[Any, str | None, list[str]]:
+        if isinstance(prefetched, BaseException):
+            raise prefetched
+        metadata, reason = prefetched if prefetched is not None else _metadata_or_reason(storage, path)
+        if reason or comm.world_size == 1:
+            return metadata, reason, []
+        flat = dcp_io.staging(state_of(metadata)).flat
+        return metadata, None, sorted(k for k, v in flat.items() if shared(k, v))
+
+    with dcp_io.paused_gc():  # the metadata is unpickled here on every rank
+        metadata, reason, shared_keys = comm.broadcast_from_coordinator(coordinator_part)
+    if reason:
+        return None, reason  # the same on every rank: every rank stops here
+
+    def prepare() -> dcp_io.Staging:
+        state = state_of(metadata)
+        if role != "trainer":  # (a trainer artifact holds every rank's own state: each rank loads a part)
+            dcp_io.check_keys(state, metadata, f"{role} checkpoint {art.name}")
+        return dcp_io.staging(state)
+
+    staged = comm.run_everywhere(prepare)
+    shared_set = set(shared_keys)
+    mine = [k for k in shared_keys if dcp_io.reader_of(k, metadata, comm.world_size) == comm.rank]
+    own = {k: v for k, v in staged.flat.items() if k not in shared_set}
+    own.update({k: dcp_io.placeholder(k, metadata) for k in mine})
+    report = comm.run_everywhere(lambda: dcp_io.load_checked(
+        own, path, storage, metadata=dcp_io.metadata_for(own, metadata), files=art.files,
+        verify=verify_max_bytes > 0, whole_max_bytes=verify_max_bytes, process_group=comm.control_group))
+    if shared_keys:
+        for part in comm.all_gather({k: own.pop(k) for k in mine}):
+            for key, value in part.items():
+                if key in staged.flat and not dcp_io.is_sharded(staged.flat[key]):
+                    own[key] = value
+    for key, value in own.items():  # DCP replaced non-tensors in the dict it was given
+        old = staged.flat[key]
+        if isinstance(old, torch.Tensor) and isinstance(value, torch.Tensor) and old is not value:
+            old.copy_(value)
+        else:
+            staged.flat[key] = value
+    return staged, "; ".join(report.problems) or None
