@@ -190,7 +190,7 @@ def test_store_failing_during_an_upload(setup, s3_server):
     assert cli(["verify", f"{merged}/{RUN}/{STAGE}", "--checkpoint", "E0_U4_S128", "--no-progress"]) == 0
 
 
-def test_kill_during_an_upload(setup, s3_server):
+def test_kill_during_an_upload(setup, s3_server, capsys):
     s3_bucket, endpoint, local_dirs, reference = setup
     dirs = local_dirs("killed")
     # slow uploads (20 kB/s per rank): U8's upload takes a second or two; the ranks die once
@@ -209,7 +209,16 @@ def test_kill_during_an_upload(setup, s3_server):
     assert not durable_keys(s3_server, s3_bucket, "killed", "E1_U8_S256")
     from noether_dist.tools.cli import main as cli
 
-    assert cli(["verify", f"s3://{s3_bucket}/killed/{RUN}/{STAGE}", "--endpoint-url", endpoint, "--no-progress"]) == 0
+    durable = f"s3://{s3_bucket}/killed/{RUN}/{STAGE}"
+    for d in dirs:  # both tiers, as each node sees them
+        assert cli(["verify", durable, "--endpoint-url", endpoint, "--local-dir", f"{d}/{RUN}/{STAGE}",
+                    "--no-progress"]) == 0
+    capsys.readouterr()
+    assert cli(["list", durable, "--endpoint-url", endpoint, "--local-dir", f"{dirs[1]}/{RUN}/{STAGE}"]) == 0
+    shown = capsys.readouterr().out
+    durable_part, local_part = shown.split("== local tier")
+    assert "== durable tier" in durable_part and "E1_U8_S256" not in durable_part and "E1_U14_S448" not in durable_part
+    assert "E1_U14_S448" in local_part and "E2_U16_S512" in local_part, shown
 
 
 # ------------------------------------------------------------------------------ config
