@@ -238,7 +238,7 @@ class Runner:
                 work = os.path.join(self.work, "tiers")
                 res = tiers_bench(work=work, endpoint=server.endpoint_url, extra=server.storage_extra(),
                                   bucket="nd-bench-tiers", total_bytes=int(self.args.tiers_size_mib * MiB),
-                                  repeats=max(3, self.args.repeats))
+                                  repeats=max(2, self.args.repeats))
                 self.raw["tiers"] = res
                 self._figures_tiers(res)
                 self.done("tiers", started, [k for k in self.figures if k.startswith("tiers")])

@@ -258,3 +258,65 @@ def test_tiers_config_parses_and_excludes_node_local():
     with pytest.raises(ConfigError, match="tiers.durable.every_updates is missing"):
         TiersConfig.from_dict({"local": {"dir": "/x", "every_updates": 2}, "durable": {}})
     assert json.dumps(_tiers())  # the block is plain YAML/JSON data
+
+
+# ------------------------------------------------------------------ two network-namespace hosts
+
+def test_two_hosts_sigkill_resumes_from_local_disks(two_hosts, s3_server, s3_env, tmp_path):
+    """torchrun across two namespace "hosts", each with its own local disk (a private bind
+    mount at the same path), the durable tier on S3: SIGKILL of every process on both hosts
+    once U12 is on both local disks, then the job again resumes from the local tier and ends
+    with the digest of an uninterrupted run."""
+    import uuid
+    from pathlib import Path
+
+    from tests.test_launch_slurm import uninterrupted_digest
+    from tests.test_launch_two_hosts import launch, wait_all, wait_until
+
+    reference = uninterrupted_digest(tmp_path / "reference")
+    bucket = f"nd-tiers2h-{uuid.uuid4().hex[:8]}"
+    s3_server.create_bucket(bucket)
+    endpoint = f"http://{two_hosts.server_ip}:{two_hosts.forward(s3_server.port)}"
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ENDPOINT_URL_S3": endpoint}
+    disk = tmp_path / "local_disk"
+    disk.mkdir()
+    backing = [tmp_path / "host0_disk", tmp_path / "host1_disk"]
+    for b in backing:
+        b.mkdir()
+
+    def own_disk(idx: int) -> list[str]:
+        return ["unshare", "--mount", "--uts", "--propagation", "private", "sh", "-c",
+                f'hostname host{idx} && mount --bind "$0" "$1" && shift && exec "$@"', str(backing[idx]), str(disk)]
+
+    tiers = "{local: {dir: %s, every_updates: 4, keep_last: 2}, durable: {every_updates: 8}}" % disk
+    overrides = [f"checkpointer.storage.endpoint_url={endpoint}", f"checkpointer.tiers={tiers}"]
+    ck = Path("torchrun-tiers2h") / "train" / "checkpoints"
+    client = s3_server.client()
+
+    def durable(point: str) -> bool:
+        res = client.list_objects_v2(Bucket=bucket, Prefix=f"exp/{ck}/_commits/{point}.json")
+        return bool(res.get("Contents"))
+
+    logs = [tmp_path / "host0.log", tmp_path / "host1.log"]
+    procs = [launch(two_hosts, i, nnodes=2, port=29400, rdzv_id="tiers2h", output_dir=f"s3://{bucket}/exp",
+                    log=logs[i], overrides=[*overrides, "trainer.step_delay_s=0.15"], env=env, wrap=own_disk(i))
+             for i in (0, 1)]
+    wait_until(lambda: all((b / ck / "_commits" / "E1_U12_S384.json").exists() for b in backing)
+               and durable("E1_U8_S256"), 180, "U12 on both local disks and U8 on S3", procs, logs)
+    for idx in (0, 1):  # every process of both hosts, at once
+        two_hosts._kill_ns_processes(two_hosts.ns_name(idx))
+    for p in procs:
+        p.wait(timeout=30)
+    logs = [tmp_path / "host0_resume.log", tmp_path / "host1_resume.log"]
+    procs = [launch(two_hosts, i, nnodes=2, port=29401, rdzv_id="tiers2h", output_dir=f"s3://{bucket}/exp",
+                    log=logs[i], overrides=overrides, env=env, wrap=own_disk(i)) for i in (0, 1)]
+    wait_all(procs, logs, timeout=240)
+    for log in logs:
+        assert "(local tier)" in log.read_text(), log.read_text()[-3000:]
+    summary = json.loads(client.get_object(Bucket=bucket, Key=f"exp/{ck.parent}/summary.json")["Body"].read())
+    assert summary["finished"] and summary["world_size"] == 2, summary
+    from noether_dist.format.names import TrainingIteration
+
+    assert summary["resumed"]["tier"] == "local", summary
+    assert TrainingIteration.parse(summary["resumed"]["checkpoint"]).update >= 12, summary
+    assert summary["digest"] == reference
