@@ -34,7 +34,7 @@ def config(bucket: str, endpoint: str, prefix: str, **durable) -> dict:
                     "log_every": 100, "warmup_updates": 3, "step_delay_s": 0.05},
         "checkpointer": {"timeout_s": 60, "storage": {"endpoint_url": endpoint},
                          "tiers": {"local": {"dir": "set per rank", "every_updates": 2, "keep_last": 3},
-                                   "durable": {"every_updates": 4, **durable}}},
+                                   "durable": {"every_updates": 4, "timeout_s": 60, **durable}}},
     }
 
 
@@ -45,9 +45,11 @@ def _exists(url: str) -> bool:
     return open_storage(url, options).exists(url)
 
 
-def _kill_when(paths: list[str]) -> None:
+def _kill_when(paths: list[str], marker: str) -> None:
     while not all(_exists(p) for p in paths):
         time.sleep(0.02)
+    with open(marker, "w"):
+        pass  # tells the test that this kill came from here (and not from a timeout)
     os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -59,7 +61,7 @@ def train(rank: int, world_size: int, cfg: dict, local_dirs: list[str], kill_whe
     cfg["checkpointer"]["tiers"]["local"]["dir"] = local_dirs[rank]
     os.environ["ND_TEST_ENDPOINT"] = cfg["checkpointer"]["storage"]["endpoint_url"]
     if kill_when:
-        threading.Thread(target=_kill_when, args=(kill_when,), daemon=True).start()
+        threading.Thread(target=_kill_when, args=(kill_when, f"{local_dirs[rank]}.killed"), daemon=True).start()
     from noether_dist.trainer.run import TrainConfig, run
 
     try:
@@ -73,10 +75,13 @@ def train(rank: int, world_size: int, cfg: dict, local_dirs: list[str], kill_whe
 def run_job(cfg: dict, local_dirs: list[str], kill_when: list[str] | None = None) -> list:
     if kill_when:
         out = run_ranks(train, 2, cfg, local_dirs, kill_when, expect_dead={0, 1}, raise_on_error=False,
-                        timeout_s=180)
+                        timeout_s=300)
         assert out == [None, None], f"every rank must die by SIGKILL: {out}"
+        for d in local_dirs:
+            assert os.path.exists(f"{d}.killed"), "a rank hung and was killed by the timeout, not by the test"
+            os.remove(f"{d}.killed")
         return out
-    return run_ranks(train, 2, cfg, local_dirs, None, timeout_s=180)
+    return run_ranks(train, 2, cfg, local_dirs, None, timeout_s=300)
 
 
 def durable_commits(s3_server, bucket: str, prefix: str) -> list[str]:
@@ -271,6 +276,7 @@ def test_two_hosts_sigkill_resumes_from_local_disks(two_hosts, s3_server, s3_env
     from pathlib import Path
 
     from tests.test_launch_slurm import uninterrupted_digest
+    from tests.netns_hosts import own_disks
     from tests.test_launch_two_hosts import launch, wait_all, wait_until
 
     reference = uninterrupted_digest(tmp_path / "reference")
@@ -278,15 +284,8 @@ def test_two_hosts_sigkill_resumes_from_local_disks(two_hosts, s3_server, s3_env
     s3_server.create_bucket(bucket)
     endpoint = f"http://{two_hosts.server_ip}:{two_hosts.forward(s3_server.port)}"
     env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ENDPOINT_URL_S3": endpoint}
-    disk = tmp_path / "local_disk"
-    disk.mkdir()
-    backing = [tmp_path / "host0_disk", tmp_path / "host1_disk"]
-    for b in backing:
-        b.mkdir()
-
-    def own_disk(idx: int) -> list[str]:
-        return ["unshare", "--mount", "--uts", "--propagation", "private", "sh", "-c",
-                f'hostname host{idx} && mount --bind "$0" "$1" && shift && exec "$@"', str(backing[idx]), str(disk)]
+    disk, backing, wraps = own_disks(tmp_path)
+    backing = [Path(b) for b in backing]
 
     tiers = "{local: {dir: %s, every_updates: 4, keep_last: 2}, durable: {every_updates: 8}}" % disk
     overrides = [f"checkpointer.storage.endpoint_url={endpoint}", f"checkpointer.tiers={tiers}"]
@@ -299,7 +298,7 @@ def test_two_hosts_sigkill_resumes_from_local_disks(two_hosts, s3_server, s3_env
 
     logs = [tmp_path / "host0.log", tmp_path / "host1.log"]
     procs = [launch(two_hosts, i, nnodes=2, port=29400, rdzv_id="tiers2h", output_dir=f"s3://{bucket}/exp",
-                    log=logs[i], overrides=[*overrides, "trainer.step_delay_s=0.15"], env=env, wrap=own_disk(i))
+                    log=logs[i], overrides=[*overrides, "trainer.step_delay_s=0.15"], env=env, wrap=wraps[i])
              for i in (0, 1)]
     wait_until(lambda: all((b / ck / "_commits" / "E1_U12_S384.json").exists() for b in backing)
                and durable("E1_U8_S256"), 180, "U12 on both local disks and U8 on S3", procs, logs)
@@ -309,7 +308,7 @@ def test_two_hosts_sigkill_resumes_from_local_disks(two_hosts, s3_server, s3_env
         p.wait(timeout=30)
     logs = [tmp_path / "host0_resume.log", tmp_path / "host1_resume.log"]
     procs = [launch(two_hosts, i, nnodes=2, port=29401, rdzv_id="tiers2h", output_dir=f"s3://{bucket}/exp",
-                    log=logs[i], overrides=overrides, env=env, wrap=own_disk(i)) for i in (0, 1)]
+                    log=logs[i], overrides=overrides, env=env, wrap=wraps[i]) for i in (0, 1)]
     wait_all(procs, logs, timeout=240)
     for log in logs:
         assert "(local tier)" in log.read_text(), log.read_text()[-3000:]
