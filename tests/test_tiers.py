@@ -279,6 +279,7 @@ def test_two_hosts_sigkill_resumes_from_local_disks(two_hosts, s3_server, s3_env
     from tests.netns_hosts import own_disks
     from tests.test_launch_two_hosts import launch, wait_all, wait_until
 
+    (tmp_path / "reference").mkdir()
     reference = uninterrupted_digest(tmp_path / "reference")
     bucket = f"nd-tiers2h-{uuid.uuid4().hex[:8]}"
     s3_server.create_bucket(bucket)
