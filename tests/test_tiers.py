@@ -320,3 +320,26 @@ def test_two_hosts_sigkill_resumes_from_local_disks(two_hosts, s3_server, s3_env
     assert summary["resumed"]["tier"] == "local", summary
     assert TrainingIteration.parse(summary["resumed"]["checkpoint"]).update >= 12, summary
     assert summary["digest"] == reference
+
+
+def test_local_retention_keeps_a_point_while_it_uploads(tmp_path):
+    """One process: local tier keeps 1 point, the durable tier is a folder, uploads paced to
+    5 kB/s. While U2 uploads, U3's retention must keep U2; once uploaded it may go."""
+    from noether_dist import Checkpointer, TrainingIteration
+    from tests.models import build
+
+    model, _, _ = build(sharded=False)
+    cfg = CheckpointerConfig.from_dict({
+        "output_dir": str(tmp_path / "durable"), "run_id": "r", "model_name": "mlp",
+        "tiers": {"local": {"dir": str(tmp_path / "local"), "every_updates": 1, "keep_last": 1},
+                  "durable": {"every_updates": 2, "bandwidth_mb_s": 0.005}}})
+    commits = tmp_path / "local" / "r" / "checkpoints" / "_commits"
+    with Checkpointer(cfg) as ck:
+        ck.save(TrainingIteration(0, 2, 2), model=model)  # local, then the (slow) upload starts
+        ck.save(TrainingIteration(0, 3, 3), model=model)  # local only; retention would drop U2
+        assert ck.durable.busy, "the upload should still be running (5 kB/s)"
+        assert sorted(os.listdir(commits)) == ["E0_U2_S2.json", "E0_U3_S3.json"]
+        ck.wait()
+        assert os.path.exists(tmp_path / "durable" / "r" / "checkpoints" / "_commits" / "E0_U2_S2.json")
+        ck.save(TrainingIteration(0, 5, 5), model=model)  # not due: the upload is over, U2 and U3 may go
+        assert sorted(os.listdir(commits)) == ["E0_U5_S5.json"]
