@@ -33,7 +33,7 @@ from benchmarks.common import MiB, Figure, median, ratio  # noqa: E402
 
 log = logging.getLogger("benchmarks")
 
-BENCHMARKS = ("rss", "sync", "async", "dedup", "s3", "resume", "scaling", "requests", "metadata")
+BENCHMARKS = ("rss", "sync", "async", "dedup", "s3", "resume", "scaling", "requests", "metadata", "tiers")
 """In the order they run (``rss`` first: its process has not run anything else yet)."""
 
 FIGURE_KEYS = (
@@ -58,12 +58,17 @@ FIGURE_KEYS = (
     "s3_resume_requests_per_rank_growth",
     "s3_save_requests_per_rank_growth",
     "metadata_plan_time_sliced_vs_full",
+    "tiers_local_stall_vs_copy",
+    "tiers_resume_time_local_vs_durable",
+    "tiers_upload_throughput_vs_raw_put",
+    "tiers_train_throughput_during_upload",
 )
 """Every figure a full run reports (one per key; scaling keys are for the largest world size)."""
 
 TINY = {"size_mib": 2, "s3_size_mib": 2, "rss_size_mib": 1, "scaling_size_mib": 2, "repeats": 1,
         "async_saves": 3, "rss_saves": 20, "checkpoints": 200, "request_world_sizes": "1,2",
-        "metadata_world_sizes": "64", "metadata_tensors": 100}
+        "metadata_world_sizes": "64", "metadata_tensors": 100,
+        "tiers_size_mib": 2}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -73,6 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="total state of the sync, async and dedup benchmarks (default 512)")
     p.add_argument("--rss-size-mib", type=float, default=128, help="total state of the memory benchmark (default 128)")
     p.add_argument("--s3-size-mib", type=float, default=128, help="total state of the S3 benchmark (default 128)")
+    p.add_argument("--tiers-size-mib", type=float, default=64, help="state of the two-tier benchmark (default 64)")
     p.add_argument("--scaling-size-mib", type=float, default=256, help="total state of the scaling table (default 256)")
     p.add_argument("--scaling-world-sizes", default="1,2,4", help="world sizes of the scaling table (default 1,2,4)")
     p.add_argument("--request-world-sizes", default="1,2,4,8,16",
@@ -165,7 +171,7 @@ class Runner:
             local_jobs.append(("dedup", dedup, {"out": self.work, "total_bytes": int(a.size_mib * MiB)}))
         if local_jobs:
             self._local(local_jobs)
-        if "s3" in a.only or "resume" in a.only or "requests" in a.only:
+        if "s3" in a.only or "resume" in a.only or "requests" in a.only or "tiers" in a.only:
             self._s3()
         if "scaling" in a.only:
             self._scaling()
@@ -223,6 +229,19 @@ class Runner:
                 self._figures_requests(self.request_rows)
                 self.done("requests", started, [k for k in self.figures if k.endswith("_requests_vs_dcp_load")
                                                 or k.endswith("_per_rank_growth")])
+            if "tiers" in self.args.only:
+                from benchmarks.bench_tiers import tiers_bench
+
+                started = self.progress("tiers", f"two tiers, {self.args.tiers_size_mib:g} MiB, 1 process, durable "
+                                                 f"tier on moto at {server.endpoint_url}")
+                server.create_bucket("nd-bench-tiers")
+                work = os.path.join(self.work, "tiers")
+                res = tiers_bench(work=work, endpoint=server.endpoint_url, extra=server.storage_extra(),
+                                  bucket="nd-bench-tiers", total_bytes=int(self.args.tiers_size_mib * MiB),
+                                  repeats=max(2, self.args.repeats))
+                self.raw["tiers"] = res
+                self._figures_tiers(res)
+                self.done("tiers", started, [k for k in self.figures if k.startswith("tiers")])
             if "resume" in self.args.only:
                 from benchmarks.bench_resume import resume_requests
 
@@ -409,6 +428,28 @@ class Runner:
                         f"{common}; {spread}; without the CRC32 read (verify_max_bytes=0): {nv:.2f} "
                         f"({mbs['ours_load_noverify']:.0f} MB/s); one load at 1 rank: {reqs('load')}, "
                         f"without verification {reqs('load_noverify')}"))
+
+    def _figures_tiers(self, res: dict[str, Any]) -> None:
+        def paired(a: str, b: str) -> tuple[float, str]:
+            rs = [x / y for x, y in zip(res[a], res[b])]
+            return median(rs), f"{len(rs)} pairs, {min(rs):.2f}..{max(rs):.2f}" if rs else "no pairs"
+
+        size = f"{res['state_bytes'] / MiB:.0f} MiB state, 1 process"
+        v, spread = paired("stall", "copy")
+        self.add(Figure("tiers_local_stall_vs_copy", v, "<= 1.2", f"tiered save stall {median(res['stall']) * 1e3:.1f} ms",
+                        f"plain copy {median(res['copy']) * 1e3:.1f} ms", f"{size}; async thread; {spread}"))
+        v, spread = paired("resume_local", "resume_durable")
+        self.add(Figure("tiers_resume_time_local_vs_durable", v, "info",
+                        f"resume from the local tier {median(res['resume_local']):.2f} s",
+                        f"from the durable tier (moto S3) {median(res['resume_durable']):.2f} s", f"{size}; {spread}"))
+        v, spread = paired("put", "upload")
+        self.add(Figure("tiers_upload_throughput_vs_raw_put", v, ">= 0.9",
+                        f"upload {median(res['upload']):.2f} s (read, check, send, agree, commit)",
+                        f"s3fs put_file of the same files {median(res['put']):.2f} s", f"{size}; {spread}"))
+        v, spread = paired("train_upload", "train_idle")
+        self.add(Figure("tiers_train_throughput_during_upload", v, ">= 0.95",
+                        f"{median(res['train_upload']):.0f} steps/s while an upload runs",
+                        f"{median(res['train_idle']):.0f} steps/s with none", f"{size}; CPU MLP 256x256; {spread}"))
 
     def _figures_resume(self, res: dict[str, Any]) -> None:
         n = res["checkpoints"]

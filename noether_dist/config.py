@@ -17,7 +17,8 @@ from .format.names import CheckpointRef, parse_resume_checkpoint, validate_name
 from .stage.retention import RetentionPolicy
 from .io.storage import StorageOptions
 
-__all__ = ["AsyncMode", "CheckpointerConfig", "ResumeConfig", "load_yaml", "check_known_keys", "parse_async_mode"]
+__all__ = ["AsyncMode", "CheckpointerConfig", "ResumeConfig", "load_yaml", "check_known_keys", "parse_async_mode",
+           "Replicate", "LocalTier", "DurableTier", "TiersConfig"]
 
 
 def check_known_keys(data: Mapping[str, Any], allowed: set[str] | list[str], where: str) -> None:
@@ -67,6 +68,129 @@ def parse_async_mode(value: Any) -> AsyncMode:
         raise ConfigError(f"async_mode {value!r} is not valid; use off, thread or process") from None
 
 
+class Replicate(enum.Enum):
+    """Where the local tier keeps a second copy of each node's shards."""
+
+    NONE = "none"
+    PEER = "peer"
+
+
+def _positive_int(value: Any, where: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{where} must be an int >= 1, got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LocalTier:
+    """The fast tier: every node saves to its own disk (node-local, as ``node_local``)."""
+
+    dir: str
+    """Node-local folder (the same path on every node, a different disk behind it), e.g.
+    /local_nvme/ckpt; runs live under it as under ``output_dir``."""
+    every_updates: int
+    """Save to this tier when the update count is a multiple of this (see ``Checkpointer.due``)."""
+    keep_last: int = 2
+    """Committed points this tier keeps (the newest, alias targets and a point whose upload is
+    running are always kept)."""
+    replicate: Replicate = Replicate.NONE
+    """``peer``: also copy each node's shards to one other node's local disk."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.dir, str) or not self.dir:
+            raise ConfigError(f"tiers.local.dir must be a non-empty path, got {self.dir!r}")
+        if "://" in self.dir and not self.dir.startswith("file://"):
+            raise ConfigError(f"tiers.local.dir must be a node-local path, got the URL {self.dir!r}; "
+                              "object stores belong in tiers.durable.output_dir")
+        _positive_int(self.every_updates, "tiers.local.every_updates")
+        _positive_int(self.keep_last, "tiers.local.keep_last")
+        if not isinstance(self.replicate, Replicate):
+            raise ConfigError(f"tiers.local.replicate must be none or peer, got {self.replicate!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DurableTier:
+    """The durable tier: every ``every_updates`` a point of the local tier is uploaded to
+    ``output_dir`` (an object store) in the background."""
+
+    every_updates: int
+    """Upload the point when the update count is a multiple of this (a multiple of the local
+    tier's ``every_updates``: only a point saved locally can be uploaded)."""
+    output_dir: str | None = None
+    """The durable store, e.g. s3://bucket/runs; defaults to the Checkpointer's ``output_dir``
+    (and must equal it when both are set)."""
+    retention: RetentionPolicy | None = None
+    """Which durable points to keep (applied after each durable commit); None keeps all."""
+    bandwidth_mb_s: float | None = None
+    """Upper bound of each rank's upload rate in MB/s (10**6 bytes), averaged per file; None:
+    as fast as the store takes it."""
+    timeout_s: float = 3600.0
+    """How long the ranks wait for each other's uploads before the upload fails."""
+
+    def __post_init__(self) -> None:
+        _positive_int(self.every_updates, "tiers.durable.every_updates")
+        if self.output_dir is not None and (not isinstance(self.output_dir, str) or not self.output_dir):
+            raise ConfigError(f"tiers.durable.output_dir must be a non-empty path or URL, got {self.output_dir!r}")
+        if self.retention is not None and not isinstance(self.retention, RetentionPolicy):
+            raise ConfigError(f"tiers.durable.retention must be a mapping (keep_last, keep_every), got {self.retention!r}")
+        if self.bandwidth_mb_s is not None and (isinstance(self.bandwidth_mb_s, bool) or not isinstance(
+                self.bandwidth_mb_s, (int, float)) or not self.bandwidth_mb_s > 0):
+            raise ConfigError(f"tiers.durable.bandwidth_mb_s must be a number > 0 or null, got {self.bandwidth_mb_s!r}")
+        if isinstance(self.timeout_s, bool) or not isinstance(self.timeout_s, (int, float)) or not self.timeout_s > 0:
+            raise ConfigError(f"tiers.durable.timeout_s must be > 0 (a number of seconds), got {self.timeout_s!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TiersConfig:
+    """Two tiers driven by one Checkpointer: a fast node-local tier saved often and a durable
+    tier (an object store) that receives some of its points, uploaded in the background."""
+
+    local: LocalTier
+    """The node-local tier."""
+    durable: DurableTier
+    """The durable tier."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.local, LocalTier) or not isinstance(self.durable, DurableTier):
+            raise ConfigError("tiers needs both a local and a durable block")
+        if self.durable.every_updates % self.local.every_updates:
+            raise ConfigError(f"tiers.durable.every_updates ({self.durable.every_updates}) must be a multiple of "
+                              f"tiers.local.every_updates ({self.local.every_updates}): only a point saved to the "
+                              "local tier can be uploaded")
+        if self.local.replicate is Replicate.PEER:
+            raise ConfigError("tiers.local.replicate: peer is not available in this version of noether_dist; "
+                              "use replicate: none")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TiersConfig:
+        """From the ``tiers:`` block: ``local: {dir, every_updates, keep_last, replicate}``,
+        ``durable: {output_dir, every_updates, retention, bandwidth_mb_s, timeout_s}``."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"tiers must be a mapping with local and durable, got {data!r}")
+        check_known_keys(data, {"local", "durable"}, "tiers")
+        blocks = {}
+        for name, kind in (("local", LocalTier), ("durable", DurableTier)):
+            block = data.get(name)
+            if not isinstance(block, Mapping):
+                raise ConfigError(f"tiers.{name} must be a mapping, got {block!r}")
+            check_known_keys(block, {f.name for f in fields(kind)}, f"tiers.{name}")
+            blocks[name] = dict(block)
+        local, durable = blocks["local"], blocks["durable"]
+        for key in ("dir", "every_updates"):
+            if key not in local:
+                raise ConfigError(f"tiers.local.{key} is missing")
+        if "every_updates" not in durable:
+            raise ConfigError("tiers.durable.every_updates is missing")
+        if "replicate" in local and not isinstance(local["replicate"], Replicate):
+            raw = "none" if local["replicate"] in (None, False) else str(local["replicate"]).lower()
+            try:
+                local["replicate"] = Replicate(raw)
+            except ValueError:
+                raise ConfigError(f"tiers.local.replicate {local['replicate']!r} is not valid; use none or peer") from None
+        if isinstance(durable.get("retention"), Mapping):
+            durable["retention"] = RetentionPolicy.from_dict(dict(durable["retention"]))
+        return cls(local=LocalTier(**local), durable=DurableTier(**durable))
+
+
 @dataclass(frozen=True, kw_only=True)
 class CheckpointerConfig:
     """Where and how a Checkpointer saves."""
@@ -96,6 +220,9 @@ class CheckpointerConfig:
     """Every node saves to its own disk at ``output_dir``: rank 0's files, the DCP metadata
     and the commit and alias records are mirrored to the first rank of every node, so that
     each node can resume on the same placement from its own disk."""
+    tiers: TiersConfig | None = None
+    """Two tiers (see :class:`TiersConfig`): every save goes to the node-local tier, some are
+    uploaded to ``output_dir`` in the background. None: one tier, ``output_dir``."""
 
     def __post_init__(self) -> None:
         from .format.names import validate_model_name
@@ -116,6 +243,19 @@ class CheckpointerConfig:
             raise ConfigError(f"thread_count must be an int >= 1, got {self.thread_count!r}")
         if not isinstance(self.async_mode, AsyncMode):
             raise ConfigError(f"async_mode must be an AsyncMode (off, thread, process), got {self.async_mode!r}")
+        if self.tiers is not None:
+            if not isinstance(self.tiers, TiersConfig):
+                raise ConfigError(f"tiers must be a TiersConfig (a mapping with local and durable), got {self.tiers!r}")
+            durable = self.tiers.durable.output_dir
+            if durable is not None and durable.rstrip("/") != self.output_dir.rstrip("/"):
+                raise ConfigError(f"tiers.durable.output_dir {durable!r} differs from output_dir {self.output_dir!r}; "
+                                  "set one of them (the durable tier is output_dir)")
+            if self.node_local:
+                raise ConfigError("node_local and tiers exclude each other: the local tier is node-local already, "
+                                  "the durable tier (output_dir) is shared")
+            if self.retention is not None:
+                raise ConfigError("with tiers, set retention per tier (tiers.local.keep_last, tiers.durable.retention), "
+                                  "not the top-level retention")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, where: str = "checkpointer config") -> CheckpointerConfig:
@@ -130,6 +270,8 @@ class CheckpointerConfig:
             data["retention"] = RetentionPolicy.from_dict(data["retention"])
         if "async_mode" in data:
             data["async_mode"] = parse_async_mode(data["async_mode"])
+        if data.get("tiers") is not None and not isinstance(data["tiers"], TiersConfig):
+            data["tiers"] = TiersConfig.from_dict(data["tiers"])
         return cls(**data)
 
     @classmethod

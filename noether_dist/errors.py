@@ -11,6 +11,7 @@ __all__ = [
     "AmbiguousCheckpointError",
     "CommitError",
     "AliasUpdateError",
+    "UploadError",
     "StateMismatchError",
     "DistributedTimeoutError",
     "RemoteRankError",
@@ -51,6 +52,11 @@ class AliasUpdateError(NoetherDistError):
     a newer one committed first), but moving another alias (``last``, ``best.<metric>``)
     failed. Not a :class:`CommitError`: the checkpoint is there and resume can select it;
     only the alias may still name an older one."""
+
+
+class UploadError(CommitError):
+    """An upload to the durable tier failed: no durable commit was written; the point stays
+    committed on the local tier."""
 
 
 class StateMismatchError(NoetherDistError, KeyError):

@@ -80,6 +80,8 @@ class ResumeResult:
     """This rank's own saved state, None when the checkpoint had no rank of this number."""
     fell_back_from: tuple[str, ...] = ()
     """Newer checkpoints skipped because some rank could not read them."""
+    tier: str | None = None
+    """With ``local_dir``: ``local`` or ``durable``, the tier it was loaded from."""
 
     @property
     def checkpoint(self) -> str:
@@ -106,6 +108,7 @@ def resume(
     timeout_s: float | None = None,
     storage: Storage | None = None,
     verify_max_bytes: int | None = None,
+    local_dir: str | None = None,
 ) -> ResumeResult:
     """Resume model, optimizer, EMA models and trainer state from a previous run (collective).
 
@@ -118,6 +121,11 @@ def resume(
     256 MiB on local disks, 1 MiB on object stores), bigger ones only in the parts a rank
     needs when that is less than half (those parts are checked for length only).
     ``verify_max_bytes=0`` turns the CRC32 check off.
+
+    ``local_dir`` (two tiers: the local tier's node-local folder; ``output_dir`` is the
+    durable tier): first the newest point every rank can read from its own local disk, when
+    it is at least as new as the newest durable one (or, asked for by name, that point), with
+    the usual agreement and fallback among local points; when there is none, the durable tier.
     """
     if not isinstance(config, ResumeConfig):
         parsed = ResumeConfig.from_root_config(config)
@@ -126,16 +134,43 @@ def resume(
         config = parsed
     comm = Comm(timeout_s)
     storage = storage or open_storage(config.output_dir, config.storage)
-    if verify_max_bytes is None:
-        verify_max_bytes = DEFAULT_VERIFY_MAX_BYTES if storage.is_local else DEFAULT_VERIFY_MAX_BYTES_REMOTE
     layout = StageLayout(config.output_dir, config.resume_run_id, config.resume_stage_name)
     targets = comm.run_everywhere(lambda: _targets(model, optimizer, ema))
     cache: dict[str, Any] = {}
-    record, skipped, staged, trainer = _select_load_and_agree(comm, storage, layout, config, targets, model_name,
-                                                              cache, verify_max_bytes)
+    tier = None
+    loaded = None
+    if local_dir is not None:
+        tier = "local"
+        floor = None if config.explicit else comm.broadcast_from_coordinator(lambda: _newest_point(storage, layout, config))
+        local_layout = StageLayout(local_dir, config.resume_run_id, config.resume_stage_name)
+        try:
+            # PEER HOOK: a rank whose own disk lacks a file reads its peer's copy here
+            loaded = _select_load_and_agree(comm, open_storage(local_dir), local_layout, config, targets, model_name,
+                                            cache, DEFAULT_VERIFY_MAX_BYTES if verify_max_bytes is None
+                                            else verify_max_bytes, floor=floor)
+            layout = local_layout
+        except CheckpointNotFoundError as exc:
+            log.warning("the local tier has no point every rank can read%s (%s); resuming from the durable tier",
+                        f" at least as new as {floor}, the durable tier's newest" if floor else "", exc)
+            tier = "durable"
+    if loaded is None:
+        if verify_max_bytes is None:
+            verify_max_bytes = DEFAULT_VERIFY_MAX_BYTES if storage.is_local else DEFAULT_VERIFY_MAX_BYTES_REMOTE
+        loaded = _select_load_and_agree(comm, storage, layout, config, targets, model_name, cache, verify_max_bytes)
+    record, skipped, staged, trainer = loaded
     trainer_state, rank_state = _apply(comm, targets, staged, trainer)
-    log.info("resumed %s/%s at %s", config.resume_run_id, config.resume_stage_name or "-", record.iteration)
-    return ResumeResult(record.iteration, record, layout, config.continue_stage_name, trainer_state, rank_state, skipped)
+    log.info("resumed %s/%s at %s%s", config.resume_run_id, config.resume_stage_name or "-", record.iteration,
+             f" from the {tier} tier" if tier else "")
+    return ResumeResult(record.iteration, record, layout, config.continue_stage_name, trainer_state, rank_state,
+                        skipped, tier)
+
+
+def _newest_point(storage: Storage, layout: StageLayout, config: ResumeConfig) -> TrainingIteration | None:
+    """The coordinator's look at the durable tier: the point ``latest`` resolves to, or None."""
+    try:
+        return StageIndex(storage, layout).resolve(config.checkpoint_ref).iteration
+    except CheckpointNotFoundError:
+        return None
 
 
 def _targets(model, optimizer, ema) -> _Targets:
@@ -232,10 +267,20 @@ def _prefetch(storage: Storage, layout: StageLayout, arts: list[ArtifactRecord])
 
 
 def _select_load_and_agree(comm: Comm, storage: Storage, layout: StageLayout, config: ResumeConfig,
-                           targets: _Targets, model_name: str, cache: dict[str, Any], verify_max_bytes: int
+                           targets: _Targets, model_name: str, cache: dict[str, Any], verify_max_bytes: int,
+                           floor: TrainingIteration | None = None
                            ) -> tuple[CommitRecord, tuple[str, ...], list[_Staged], _Staged | None]:
+    """Select, stage and agree (collective); only points at least as new as ``floor``."""
     index = StageIndex(storage, layout)  # used on the coordinator only
-    record = comm.broadcast_from_coordinator(lambda: index.resolve_or_uncommitted(config.checkpoint_ref, model_name))
+
+    def select() -> CommitRecord:
+        found = index.resolve_or_uncommitted(config.checkpoint_ref, model_name)
+        if floor is not None and found.iteration < floor:
+            raise CheckpointNotFoundError(f"the newest checkpoint in {layout.checkpoints_dir} is {found.iteration}, "
+                                          f"older than {floor}")
+        return found
+
+    record = comm.broadcast_from_coordinator(select)
     skipped: list[str] = []
     while True:
         needed = comm.run_everywhere(lambda: _needed(record, targets, model_name))
@@ -258,7 +303,7 @@ def _select_load_and_agree(comm: Comm, storage: Storage, layout: StageLayout, co
 
         def older() -> CommitRecord:
             rec = index.newest(before=current)
-            if rec is not None:
+            if rec is not None and (floor is None or rec.iteration >= floor):
                 return rec
             raise CheckpointNotFoundError(
                 f"no committed checkpoint in {layout.checkpoints_dir} can be read by every rank; "

@@ -16,13 +16,14 @@ from torch import nn
 from .io import dcp_io
 from .dist.comm import Comm
 from .format.records import AliasRecord, ArtifactRecord, CommitRecord
-from .stage.commit import read_alias, read_commit, write_alias, write_commit
+from .stage.commit import move_aliases, publish, read_alias, read_commit
 from .config import AsyncMode, CheckpointerConfig
 from .errors import AliasUpdateError, CommitError, ConfigError, NoetherDistError
 from .format.layout import StageLayout
 from .io.mirror import is_node_leader, mirror_from_coordinator
 from .stage.retention import prune
 from .dist.spawn_check import check_process_mode
+from .tiers import DurableUploader, local_tier_config
 from .format.names import (ArtifactFormat, ArtifactKind, TrainingIteration, format_artifact, normalize_model_info,
                            parse_checkpoint)
 from .format.trainer_keys import TRAINER_COMMON_KEY, common_entry, trainer_rank_key
@@ -91,11 +92,20 @@ class Checkpointer:
     """
 
     def __init__(self, config: CheckpointerConfig, *, storage: Storage | None = None) -> None:
+        tiered = config if config.tiers is not None else None
+        if tiered is not None:  # saves go to the local tier; DurableUploader uploads to output_dir
+            config = local_tier_config(tiered)
         self.config = config
         self.layout = StageLayout(config.output_dir, config.run_id, config.stage_name)
-        self.storage = storage or open_storage(config.output_dir, config.storage)
+        self.storage = open_storage(config.output_dir, config.storage) if tiered or storage is None else storage
         self.comm = Comm(config.timeout_s)
         self.comm.broadcast_from_coordinator(lambda: self.storage.check_root(config.output_dir))
+        self.tiers = tiered.tiers if tiered is not None else None
+        """The two tiers' settings, None for one tier."""
+        self.durable: DurableUploader | None = None
+        """The durable tier (``tiers``), else None. ``storage`` is its store then."""
+        if tiered is not None:
+            self.durable = DurableUploader(tiered, self.storage, self.layout, self.comm, storage=storage)
         self._pending: Future[SaveResult] | None = None
         self.last_stall_s: float | None = None
         """Seconds the last asynchronous save blocked the caller (capture + staging copy)."""
@@ -117,6 +127,7 @@ class Checkpointer:
         metrics: Mapping[str, float] | None = None,
         last: bool = False,
         aliases: Sequence[str] = (),
+        durable: bool | None = None,
     ) -> SaveResult | Future[SaveResult]:
         """Save and commit one checkpoint at ``iteration`` (collective).
 
@@ -133,14 +144,35 @@ class Checkpointer:
         the ``last`` alias (end of training). ``aliases`` names further aliases (``last``,
         ``best.<metric>``) to point at this checkpoint unconditionally: the caller has already
         decided (e.g. Noether's BestCheckpointCallback). Raises on every rank alike on failure.
+
+        With ``tiers`` the point is saved to the local tier as above, and uploaded to the
+        durable tier in the background when ``durable`` is True, or, with ``durable=None``,
+        when it is due (``tiers.durable.every_updates``) or ``last``; such a save first waits
+        for the upload in flight. A failed upload is raised (:class:`UploadError`) on every
+        rank at the next ``save`` (after that save's local part), ``wait`` or ``close``.
         """
+        upload = self.durable is not None and (
+            durable if durable is not None else (last or self.durable.due(iteration)))
+        if self.durable is not None and upload and self.durable.busy:
+            log.info("save %s waits for the upload in flight (at most one upload at a time)", iteration)
+        upload_error = self.durable.collect(self.comm, block=upload) if self.durable is not None else None
+        result, plan = self._save_here(iteration, model, optimizer, ema, trainer_state, rank_state, metrics, last,
+                                       aliases)
+        if upload:
+            self.durable.start(result, plan.iteration, plan.aliases, plan.metrics)
+        if upload_error is not None:
+            raise upload_error
+        return result
+
+    def _save_here(self, iteration, model, optimizer, ema, trainer_state, rank_state, metrics, last, aliases
+                   ) -> tuple[SaveResult | Future[SaveResult], _Plan]:
         if self.config.async_mode is AsyncMode.OFF:
             plan = self.comm.run_everywhere(lambda: self._capture(iteration, model, optimizer, ema, trainer_state,
-                                                                  rank_state, metrics, last, aliases))
-            return self._write_and_commit(plan, self.comm)
+                                                        rank_state, metrics, last, aliases))
+            return self._write_and_commit(plan, self.comm), plan
         if self._pending is not None and not self._pending.done():
             log.info("save %s waits for the previous save to finish (at most one save in flight)", iteration)
-        self.wait()
+        self._wait_here()
         started = time.perf_counter()
         plan = self.comm.run_everywhere(lambda: self._background.stage(self._capture(
             iteration, model, optimizer, ema, trainer_state, rank_state, metrics, last, aliases)))
@@ -148,7 +180,12 @@ class Checkpointer:
             self._background.comm.parallel_groups(len(plan.artifacts))  # groups are made on this thread, not the writer's
         self.last_stall_s = time.perf_counter() - started
         self._pending = self._background.submit(lambda: self._write_and_commit(plan, self._background.comm))
-        return self._pending
+        return self._pending, plan
+
+    def due(self, iteration: TrainingIteration) -> bool:
+        """With ``tiers``: True when the local tier's schedule saves at ``iteration``
+        (``tiers.local.every_updates``). Without tiers every point is due: the caller decides."""
+        return self.tiers is None or iteration.update % self.tiers.local.every_updates == 0
 
     def prepare(
         self,
@@ -168,7 +205,7 @@ class Checkpointer:
         """
         if self.config.async_mode is AsyncMode.OFF:
             return
-        self.wait()  # the buffers may still be read by a save in flight
+        self._wait_here()  # the buffers may still be read by a save in flight
 
         def reserve() -> int:
             fresh = isinstance(optimizer, torch.optim.Optimizer) and not optimizer.state
@@ -189,7 +226,16 @@ class Checkpointer:
 
     def wait(self) -> SaveResult | None:
         """Block until no save is in flight; return its result, or raise its failure on every
-        rank alike (a collective when a save was in flight). A no-op for synchronous saves."""
+        rank alike (a collective). With ``tiers`` also until no upload is in flight, raising
+        its failure (:class:`UploadError`). A no-op for synchronous saves without tiers."""
+        result = self._wait_here()
+        if self.durable is not None:
+            error = self.durable.collect(self.comm, block=True)
+            if error is not None:
+                raise error
+        return result
+
+    def _wait_here(self) -> SaveResult | None:
         pending, self._pending = self._pending, None
         if pending is None:
             return None
@@ -197,12 +243,14 @@ class Checkpointer:
 
     def close(self) -> None:
         """Finish pending work and free staging memory; the Checkpointer must not be used
-        afterwards. Raises a pending save's failure."""
+        afterwards. Raises a pending save's (or upload's) failure."""
         try:
             self.wait()
         finally:
             if self.config.async_mode is not AsyncMode.OFF:
                 self._background.close()
+            if self.durable is not None:
+                self.durable.close()
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -309,25 +357,8 @@ class Checkpointer:
                 arts.append(ArtifactRecord(art.name, art.kind.value, art.model_info, ArtifactFormat.DCP, tuple(files)))
             record = CommitRecord(plan.iteration, self.config.run_id, self.config.stage_name or None,
                                   self.config.model_name, comm.world_size, tuple(arts), plan.metrics)
-            # `latest` moves just BEFORE the record: a crash in between leaves it naming a point
-            # that is not committed, which selection skips (one listing finds the newest
-            # committed). Moved after, a crash in between would leave it one checkpoint behind.
             # `previous`: the alias as _prepare read it; only this coordinator moves it
-            moved_latest = previous is None or previous.iteration <= plan.iteration
-            if moved_latest:
-                write_alias(self.storage, self.layout, AliasRecord("latest", plan.iteration))
-            try:
-                write_commit(self.storage, self.layout, record)
-            except BaseException:
-                if moved_latest and previous is not None:
-                    write_alias(self.storage, self.layout, previous)
-                raise
-            log.info("committed %s (%d artifacts, %d bytes)", plan.iteration, len(arts), record.total_bytes)
-            try:
-                others = self._move_aliases(plan, record, include_latest=False)
-            except Exception as exc:  # noqa: BLE001 - reported as such, on every rank
-                raise AliasUpdateError(f"{plan.iteration} is committed, but moving its aliases failed: {exc}") from exc
-            return record, (("latest",) if moved_latest else ()) + others
+            return record, publish(self.storage, self.layout, record, plan.aliases, self.config.best_metrics, previous)
 
         try:
             record, aliases = comm.broadcast_from_coordinator(commit)
@@ -337,6 +368,8 @@ class Checkpointer:
             raise CommitError(f"committing {plan.iteration} failed, nothing was committed: {exc}") from exc
         if self.config.node_local:
             self._mirror_records(comm, plan.iteration, aliases)
+        if self.durable is not None:
+            self.durable.after_local_commit(comm, record)
         self._apply_retention(comm)
         return SaveResult(plan.iteration, record, aliases)
 
@@ -347,8 +380,9 @@ class Checkpointer:
         if policy is None or policy.keeps_everything:
             return
         leader = comm.is_coordinator or (self.config.node_local and is_node_leader())
+        keep = self.durable.protected() if self.durable is not None else set()  # a point being uploaded
         try:
-            comm.all_gather_results(lambda: prune(self.storage, self.layout, policy) if leader else None)
+            comm.all_gather_results(lambda: prune(self.storage, self.layout, policy, keep=keep) if leader else None)
         except NoetherDistError as exc:
             # The new checkpoint is committed; a failed prune only leaves extra files behind.
             log.error("retention after %s failed (nothing committed was lost): %s", self.layout.checkpoints_dir, exc)
@@ -365,31 +399,9 @@ class Checkpointer:
             raise CommitError(f"commit record of {plan.iteration} vanished")
         return record
 
-    def _move_aliases(self, plan: _Plan, record: CommitRecord, *, include_latest: bool = True) -> tuple[str, ...]:
-        moved = []
-        for alias in plan.aliases:
-            if alias == "latest" and not include_latest:
-                continue
-            current = read_alias(self.storage, self.layout, alias)
-            if alias == "latest" and current is not None and current.iteration > plan.iteration:
-                continue  # never move latest backwards
-            write_alias(self.storage, self.layout, AliasRecord(alias, plan.iteration))
-            moved.append(alias)
-        metrics = record.metrics or plan.metrics
-        for metric, mode in self.config.best_metrics.items():
-            value = metrics.get(metric)
-            if value is None or not math.isfinite(value):
-                continue
-            name = f"best.{metric}"
-            current = read_alias(self.storage, self.layout, name)
-            better = (current is None or current.value is None
-                      or (value < current.value if mode == "min" else value > current.value))
-            if better:
-                write_alias(self.storage, self.layout, AliasRecord(name, plan.iteration, value, mode))
-                moved.append(name)
-        if moved:
-            log.info("aliases %s -> %s", ", ".join(moved), plan.iteration)
-        return tuple(moved)
+    def _move_aliases(self, plan: _Plan, record: CommitRecord) -> tuple[str, ...]:
+        return move_aliases(self.storage, self.layout, plan.iteration, plan.aliases, record.metrics or plan.metrics,
+                            self.config.best_metrics)
 
 
 def _states(model, optimizer, ema) -> list[tuple[ArtifactKind, str | None, dict[str, Any]]]:

@@ -498,3 +498,19 @@ class TwoHosts:
                 os.kill(pid, signal.SIGKILL)
         if pids:
             logger.debug("killed %d stray processes in netns %s", len(pids), ns)
+
+
+def own_disks(root: "os.PathLike[str] | str", hosts: int = 2) -> tuple[str, list[str], list[list[str]]]:
+    """Give each host its own "local disk" at one path: (the shared mount point, each host's
+    backing folder, each host's command prefix). The prefix runs a command in a private mount
+    namespace (and its own host name, ``host<i>``) where the backing folder is bind-mounted at
+    the mount point, so the same path is a different folder on each host."""
+    disk = os.path.join(os.fspath(root), "local_disk")
+    os.makedirs(disk, exist_ok=True)
+    backing = [os.path.join(os.fspath(root), f"host{i}_disk") for i in range(hosts)]
+    for b in backing:
+        os.makedirs(b, exist_ok=True)
+    wraps = [["unshare", "--mount", "--uts", "--propagation", "private", "sh", "-c",
+              f'hostname host{i} && mount --bind "$0" "$1" && shift && exec "$@"', backing[i], disk]
+             for i in range(hosts)]
+    return disk, backing, wraps

@@ -16,7 +16,7 @@ PACKAGE = "noether_dist"
 ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 
 LAYER_OF_TOP = {"errors": "base", "logs": "base", "format": "format", "io": "io", "dist": "dist", "stage": "stage",
-                "save": "api", "resume": "api", "initializers": "api", "config": "api", "state": "api",
+                "save": "api", "resume": "api", "initializers": "api", "config": "api", "state": "api", "tiers": "api",
                 "tools": "tools", "trainer": "trainer", "integrations": "integrations"}
 """The layer of a module, by its first name below the package (``noether_dist.io.storage``: io)."""
 

@@ -16,7 +16,7 @@ from benchmarks.gpu_check import FIGURE_KEYS as GPU_FIGURE_KEYS
 from benchmarks.run import FIGURE_KEYS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-S3_KEYS = {k for k in FIGURE_KEYS if k.startswith(("s3_", "resume_"))}
+S3_KEYS = {k for k in FIGURE_KEYS if k.startswith(("s3_", "resume_", "tiers_"))}
 
 
 def _run(args: list[str], timeout_s: float) -> str:
@@ -40,7 +40,7 @@ def test_every_benchmark_runs_at_tiny_size(tmp_path):
     if not _moto_available():  # the S3 parts need a moto server; everything else still runs
         args += ["--only", "rss,sync,async,dedup,scaling"]
         expected -= S3_KEYS
-    printed = _run(args, timeout_s=150)
+    printed = _run(args, timeout_s=240)
     data = json.loads(out.read_text())
     assert expected <= set(data["figures"]), sorted(expected - set(data["figures"]))
     for key in expected:

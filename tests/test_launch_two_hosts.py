@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.netns_hosts import TwoHosts
+from tests.netns_hosts import TwoHosts, own_disks
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "launch" / "configs" / "cpu_small.yaml"
@@ -155,15 +155,11 @@ def test_two_hosts_node_local_disks(two_hosts, tmp_path, reference):
         pytest.skip("awaits the checkpointer flag node_local (CheckpointerConfig.node_local) in noether_dist")
     # The same path on both hosts, a different directory behind it on each: a private mount
     # namespace per host with its own bind mount ("its own local disk").
-    disk = tmp_path / "local_disk"
-    disk.mkdir()
-    backing = [tmp_path / "host0_disk", tmp_path / "host1_disk"]
-    for b in backing:
-        b.mkdir()
+    disk, backing, wraps = own_disks(tmp_path)
+    disk, backing = Path(disk), [Path(b) for b in backing]
 
     def own_disk(idx: int) -> list[str]:
-        return ["unshare", "--mount", "--uts", "--propagation", "private", "sh", "-c",
-                f'hostname host{idx} && mount --bind "$0" "$1" && shift && exec "$@"', str(backing[idx]), str(disk)]
+        return wraps[idx]
 
     ckpt = Path("noether_runs") / "torchrun-nlpair" / "train" / "checkpoints"
     overrides = ["checkpointer.node_local=true"]

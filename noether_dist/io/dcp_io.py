@@ -46,7 +46,7 @@ from ..format.records import FileRecord
 from ..errors import StateMismatchError
 from .storage import Storage
 
-__all__ = ["FileRecord", "save_state", "load_state", "load_checked", "LoadReport", "Staging", "staging", "is_sharded", "reader_of", "placeholder", "metadata_for", "paused_gc", "load_full", "open_checksummed", "save_state_in_process", "collect_sidecar", "shutdown_checkpoint_process", "read_metadata", "check_keys", "cpu_buffers_like", "METADATA_FILE"]
+__all__ = ["FileRecord", "save_state", "load_state", "load_checked", "LoadReport", "Staging", "staging", "is_sharded", "reader_of", "placeholder", "metadata_for", "paused_gc", "load_full", "open_checksummed", "save_state_in_process", "collect_sidecar", "shutdown_checkpoint_process", "read_metadata", "check_keys", "cpu_buffers_like", "METADATA_FILE", "writer_rank", "upload_object"]
 
 METADATA_FILE = ".metadata"
 
@@ -613,9 +613,34 @@ def reader_of(key: str, metadata: Metadata, world_size: int) -> int:
     ``world_size`` (a checkpoint saved on more ranks) are spread over the ranks."""
     meta = metadata.state_dict_metadata[key]
     index = MetadataIndex(key, meta.chunks[0].offsets) if isinstance(meta, TensorStorageMetadata) else MetadataIndex(key)
-    name = (metadata.storage_data or {})[index].relative_path
+    return writer_rank((metadata.storage_data or {})[index].relative_path, world_size)
+
+
+def writer_rank(name: str, world_size: int) -> int:
+    """The rank that wrote the file ``name`` of a DCP directory (``__<rank>_<n>.distcp``;
+    ``.metadata`` and other names: rank 0), spread over ``world_size`` ranks when the file
+    comes from a bigger world."""
     match = re.match(r"__(\d+)_", name)
-    return int(match.group(1)) % world_size if match else zlib.crc32(name.encode()) % world_size
+    if match:
+        return int(match.group(1)) % world_size
+    return 0 if name == METADATA_FILE else zlib.crc32(name.encode()) % world_size
+
+
+def upload_object(storage: Storage, path: str, data: bytes | bytearray, crc: int) -> None:
+    """Write a whole file whose CRC32 is already known, as a save writes it: on an object
+    store one PUT, or parallel parts for a big file, each carrying its CRC32 (the store
+    checks them; the object keeps the whole file's); elsewhere a synced replace."""
+    if storage.is_local:
+        storage.replace(path, bytes(data))
+        return
+    crc32 = storage.protocol in ("s3", "s3a") and storage.options.checksum == "CRC32"
+
+    def put() -> None:
+        upload = _ObjectUpload(storage.fs, storage._strip(path), crc32)
+        upload.buffer = bytearray(data)
+        upload.upload(crc)
+
+    storage.retry("write", path, put)
 
 
 def placeholder(key: str, metadata: Metadata) -> Any:

@@ -19,13 +19,17 @@ from __future__ import annotations
 
 import logging
 
-from ..errors import InvalidNameError
+import math
+from collections.abc import Mapping, Sequence
+
+from ..errors import AliasUpdateError, InvalidNameError
 from ..format.layout import StageLayout
 from ..format.names import TrainingIteration, validate_name
 from ..format.records import AliasRecord, CommitRecord, CorruptRecordError
 from ..io.storage import Storage
 
-__all__ = ["write_commit", "read_commit", "commit_files", "list_commits", "alias_files", "read_alias", "write_alias"]
+__all__ = ["write_commit", "read_commit", "commit_files", "list_commits", "alias_files", "read_alias", "write_alias",
+           "move_aliases", "publish"]
 
 log = logging.getLogger(__name__)
 
@@ -106,3 +110,62 @@ def read_alias(storage: Storage, layout: StageLayout, name: str, *, strict: bool
 def write_alias(storage: Storage, layout: StageLayout, alias: AliasRecord) -> None:
     """Point an alias at a committed training point (one write)."""
     storage.replace(layout.alias_path(alias.name), alias.to_json())
+
+
+def move_aliases(storage: Storage, layout: StageLayout, iteration: TrainingIteration, requested: Sequence[str],
+                 metrics: Mapping[str, float], best_metrics: Mapping[str, str], *,
+                 include_latest: bool = True) -> tuple[str, ...]:
+    """Point the ``requested`` aliases (latest, last, best.<metric>) at a committed point
+    (``latest`` never backwards), and each ``best.<metric>`` of ``best_metrics`` (metric ->
+    min/max) whose value in ``metrics`` beats the alias's; return the names moved."""
+    moved = []
+    for alias in requested:
+        if alias == "latest" and not include_latest:
+            continue
+        current = read_alias(storage, layout, alias)
+        if alias == "latest" and current is not None and current.iteration > iteration:
+            continue  # never move latest backwards
+        write_alias(storage, layout, AliasRecord(alias, iteration))
+        moved.append(alias)
+    for metric, mode in best_metrics.items():
+        value = metrics.get(metric)
+        if value is None or not math.isfinite(value):
+            continue
+        name = f"best.{metric}"
+        current = read_alias(storage, layout, name)
+        better = (current is None or current.value is None
+                  or (value < current.value if mode == "min" else value > current.value))
+        if better:
+            write_alias(storage, layout, AliasRecord(name, iteration, value, mode))
+            moved.append(name)
+    if moved:
+        log.info("aliases %s -> %s", ", ".join(moved), iteration)
+    return tuple(moved)
+
+
+def publish(storage: Storage, layout: StageLayout, record: CommitRecord, requested: Sequence[str],
+            best_metrics: Mapping[str, str], previous: AliasRecord | None) -> tuple[str, ...]:
+    """The coordinator's commit: ``latest`` (``previous`` is its value before this save), the
+    commit record (once), then the other aliases; return the aliases moved.
+
+    ``latest`` moves just BEFORE the record: a crash in between leaves it naming a point that
+    is not committed, which selection skips (one listing finds the newest committed). Moved
+    after, a crash in between would leave it one checkpoint behind. A failed record write puts
+    ``latest`` back; a failure after the record raises :class:`AliasUpdateError`."""
+    moved_latest = previous is None or previous.iteration <= record.iteration
+    if moved_latest:
+        write_alias(storage, layout, AliasRecord("latest", record.iteration))
+    try:
+        write_commit(storage, layout, record)
+    except BaseException:
+        if moved_latest and previous is not None:
+            write_alias(storage, layout, previous)
+        raise
+    log.info("committed %s in %s (%d artifacts, %d bytes)", record.iteration, layout.checkpoints_dir,
+             len(record.artifacts), record.total_bytes)
+    try:
+        others = move_aliases(storage, layout, record.iteration, requested, record.metrics, best_metrics,
+                              include_latest=False)
+    except Exception as exc:  # noqa: BLE001 - reported as such, on every rank
+        raise AliasUpdateError(f"{record.iteration} is committed, but moving its aliases failed: {exc}") from exc
+    return (("latest",) if moved_latest else ()) + others

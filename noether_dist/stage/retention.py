@@ -10,6 +10,7 @@ are removed too. Works the same on local disks and S3.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,16 +66,18 @@ class PrunePlan:
     """Artifact names of saves that never committed and are older than the newest commit."""
 
 
-def plan_prune(storage: Storage, layout: StageLayout, policy: RetentionPolicy) -> PrunePlan:
-    """Decide (no deletion) what ``policy`` removes from one stage."""
-    return _plan(StageIndex(storage, layout), policy)
+def plan_prune(storage: Storage, layout: StageLayout, policy: RetentionPolicy, *,
+               keep: Iterable[TrainingIteration] = ()) -> PrunePlan:
+    """Decide (no deletion) what ``policy`` removes from one stage; points in ``keep`` (e.g.
+    one whose upload to the durable tier is running) are kept whatever the policy says."""
+    return _plan(StageIndex(storage, layout), policy, keep)
 
 
-def _plan(index: StageIndex, policy: RetentionPolicy) -> PrunePlan:
+def _plan(index: StageIndex, policy: RetentionPolicy, keep: Iterable[TrainingIteration] = ()) -> PrunePlan:
     points = index.committed()
     if not points:
         return PrunePlan((), (), ())
-    protected = {points[-1]} | {alias.iteration for alias in index.aliases().values() if alias is not None}
+    protected = {points[-1], *keep} | {alias.iteration for alias in index.aliases().values() if alias is not None}
     keep = set(protected)
     if policy.keep_last is None:
         keep.update(points)
@@ -90,13 +93,14 @@ def _plan(index: StageIndex, policy: RetentionPolicy) -> PrunePlan:
 
 
 def prune(storage: Storage, layout: StageLayout, policy: RetentionPolicy, *, dry_run: bool = False,
-          progress: Any = None) -> PrunePlan:
+          progress: Any = None, keep: Iterable[TrainingIteration] = ()) -> PrunePlan:
     """Apply ``policy`` to one stage: delete each dropped checkpoint (commit record first,
     then its files) and leftovers of saves that never committed. Logs every deletion.
     ``progress`` (``add_total(n)``/``update(n)``, e.g. :class:`noether_dist.tools.progress.Bar`)
-    counts the bytes of the deleted checkpoints, as their commit records give them."""
+    counts the bytes of the deleted checkpoints, as their commit records give them; ``keep``
+    as in :func:`plan_prune`."""
     index = StageIndex(storage, layout)
-    plan = _plan(index, policy)
+    plan = _plan(index, policy, keep)
     if dry_run:
         return plan
     sizes: dict[TrainingIteration, int] = {}

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import enum
 import json
+import re
 import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -104,6 +105,8 @@ class CheckpointCheck:
     """Bytes read to compute CRC32s (the rest was checked by the store's checksum)."""
     store_checked: int = 0
     """Files checked by comparing the store's CRC32 with the record, without reading them."""
+    elsewhere: int = 0
+    """``node_local``: files of other ranks that are not on this node's disk (not damage)."""
 
     @property
     def ok(self) -> bool:
@@ -114,6 +117,7 @@ class CheckpointCheck:
         """JSON-ready form."""
         return {"checkpoint": self.checkpoint, "committed": self.committed, "ok": self.ok, "files": self.files,
                 "bytes": self.bytes, "bytes_read": self.bytes_read, "store_checked": self.store_checked,
+                "elsewhere": self.elsewhere,
                 "damages": [d.to_dict() for d in self.damages]}
 
 
@@ -278,8 +282,18 @@ def _record_jobs(layout: StageLayout, record: CommitRecord) -> tuple[list[_FileC
     return jobs, damages
 
 
+def _other_node(damage: Damage | None) -> bool:
+    """On one node's disk of a node-local (local tier) checkpoint: a missing shard of a rank
+    other than 0 may live on another node (rank 0's files are mirrored to every node)."""
+    if damage is None or damage.kind is not DamageKind.MISSING:
+        return False
+    match = re.match(r"__(\d+)_", damage.path.rsplit("/", 1)[-1])
+    return match is not None and int(match.group(1)) != 0
+
+
 def _verify_records(storage: Storage, layout: StageLayout, records: list[CommitRecord], *, jobs: int,
-                    read_all: bool, chunk_bytes: int, progress: ByteProgress | None) -> list[CheckpointCheck]:
+                    read_all: bool, chunk_bytes: int, progress: ByteProgress | None,
+                    node_local: bool = False) -> list[CheckpointCheck]:
     """Check every file of ``records``, ``jobs`` at a time; one CheckpointCheck per record
     (no early exit: every damaged file is named)."""
     planned = [_record_jobs(layout, record) for record in records]
@@ -314,11 +328,14 @@ def _verify_records(storage: Storage, layout: StageLayout, records: list[CommitR
     checks = []
     for record, (file_jobs, damages) in zip(records, planned):
         outcome = [by_job[id(job)] for job in file_jobs]
+        elsewhere = [r for r in outcome if node_local and r is not None and _other_node(r.damage)]
+        outcome = [r for r in outcome if not any(r is e for e in elsewhere)]
         found = list(damages) + [r.damage for r in outcome if r is not None and r.damage is not None]
-        checks.append(CheckpointCheck(record.checkpoint, True, len(file_jobs),
+        checks.append(CheckpointCheck(record.checkpoint, True, len(file_jobs) - len(elsewhere),
                                       sum(r.size for r in outcome if r is not None), tuple(found),
                                       bytes_read=sum(r.bytes_read for r in outcome if r is not None),
-                                      store_checked=sum(1 for r in outcome if r is not None and r.by_store)))
+                                      store_checked=sum(1 for r in outcome if r is not None and r.by_store),
+                                      elsewhere=len(elsewhere)))
     return checks
 
 
@@ -390,12 +407,13 @@ def _select(index: StageIndex, ref: CheckpointRef) -> str | None:
 
 def verify_stage(storage: Storage, layout: StageLayout, *, checkpoint: str | None = None,
                  progress: ByteProgress | None = None, jobs: int = DEFAULT_JOBS, read_all: bool = False,
-                 chunk_bytes: int = CHUNK_BYTES) -> StageReport:
+                 chunk_bytes: int = CHUNK_BYTES, node_local: bool = False) -> StageReport:
     """Verify one stage: every committed checkpoint (or only ``checkpoint``: a training
     point, an alias such as latest or best.loss, or one of E10/U100/S200), leftovers
     without a commit record, and every alias (with ``checkpoint``: the alias it names).
     Files are checked ``jobs`` at a time; ``read_all`` reads every byte even where the
-    store keeps a CRC32.
+    store keeps a CRC32. ``node_local`` (one node's disk of the local tier): shards of
+    ranks other than 0 that are not on this disk are counted as ``elsewhere``, not damage.
 
     Raises CheckpointNotFoundError / AmbiguousCheckpointError when ``checkpoint`` names
     nothing (or several); store errors raise StorageError.
@@ -427,7 +445,8 @@ def verify_stage(storage: Storage, layout: StageLayout, *, checkpoint: str | Non
     to_read = [records[by_name[n]] for n in names if n in by_name and by_name[n] not in record_damages
                and records.get(by_name[n]) is not None]
     checked = {c.checkpoint: c for c in _verify_records(storage, layout, to_read, jobs=jobs, read_all=read_all,
-                                                        chunk_bytes=chunk_bytes, progress=progress)}
+                                                        chunk_bytes=chunk_bytes, progress=progress,
+                                                        node_local=node_local)}
     checks = []
     for name in names:
         it = by_name.get(name)

@@ -119,15 +119,36 @@ def _summary_json(summary: StageSummary) -> dict[str, Any]:
     }
 
 
+def _tiers(args: argparse.Namespace, storage: Storage) -> list[tuple[str | None, Storage, str]]:
+    """(tier name, store, url) to look at: the url alone, or with ``--local-dir`` the
+    durable tier (the url) and this node's local tier."""
+    if not getattr(args, "local_dir", None):
+        return [(None, storage, args.url)]
+    local = open_storage(args.local_dir)
+    _require_exists(local, args.local_dir)
+    return [("durable", storage, args.url), ("local", local, args.local_dir)]
+
+
 def cmd_list(args: argparse.Namespace, storage: Storage) -> int:
-    """List runs, stages and checkpoints with state, size and aliases."""
-    summaries = [summarize_stage(storage, layout) for layout in _stages_under(storage, args.url)]
+    """List runs, stages and checkpoints with state, size and aliases (with ``--local-dir``:
+    of both tiers)."""
+    tiers = [(tier, [summarize_stage(store, layout) for layout in _stages_under(store, url)], url)
+             for tier, store, url in _tiers(args, storage)]
     if args.json:
-        print(json.dumps([_summary_json(s) for s in summaries], indent=1))
+        print(json.dumps([{**_summary_json(s), **({"tier": tier} if tier else {})}
+                          for tier, summaries, _ in tiers for s in summaries], indent=1))
         return EXIT_OK
+    for tier, summaries, url in tiers:
+        if tier:
+            print(f"== {tier} tier: {url}")
+        _print_summaries(summaries, url)
+    return EXIT_OK
+
+
+def _print_summaries(summaries: list[StageSummary], url: str) -> None:
     if not summaries:
-        print(f"no runs or checkpoints under {args.url}")
-        return EXIT_OK
+        print(f"no runs or checkpoints under {url}")
+        return
     for summary in summaries:
         layout = summary.layout
         print(f"{_name(layout)}  [{layout.checkpoints_dir}]")
@@ -138,7 +159,6 @@ def cmd_list(args: argparse.Namespace, storage: Storage) -> int:
             aliases = ", ".join(cp.aliases)
             ws = f"ws={cp.record.world_size}" if cp.record else ""
             print(f"  {cp.name:<24} {state:<12} {_human(cp.bytes):>10}  {ws:<6} {aliases}")
-    return EXIT_OK
 
 
 # -- inspect ------------------------------------------------------------------------------
@@ -215,20 +235,21 @@ def cmd_inspect(args: argparse.Namespace, storage: Storage) -> int:
 # -- verify -------------------------------------------------------------------------------
 def cmd_verify(args: argparse.Namespace, storage: Storage) -> int:
     """Check every file of every commit record (size and CRC32, read in full); report
-    leftovers without a record, corrupt records and bad aliases. Exit 1 on any damage."""
+    leftovers without a record, corrupt records and bad aliases (with ``--local-dir``: of
+    both tiers; this node's local disk holds its own ranks' shards and rank 0's files, so
+    other ranks' shards missing there are counted, not damage). Exit 1 on any damage."""
     if args.checkpoint:
         parse_checkpoint_arg(args.checkpoint, "--checkpoint")
-        layouts = [_one_stage(storage, args.url, "verify --checkpoint")]
-    else:
-        layouts = _stages_under(storage, args.url)
-    if not layouts:
-        raise ConfigError(f"no checkpoints folder under {args.url}")
     reports = []
     with Bar("verify", enabled=_progress_on(args)) as bar:
-        for layout in layouts:
-            bar.describe(_name(layout))
-            reports.append(verify_stage(storage, layout, checkpoint=args.checkpoint, progress=bar, jobs=args.jobs,
-                                        read_all=args.read_all))
+        for tier, store, url in _tiers(args, storage):
+            layouts = [_one_stage(store, url, "verify --checkpoint")] if args.checkpoint else _stages_under(store, url)
+            if not layouts:
+                raise ConfigError(f"no checkpoints folder under {url}")
+            for layout in layouts:
+                bar.describe(f"{tier + ' tier ' if tier else ''}{_name(layout)}")
+                reports.append(verify_stage(store, layout, checkpoint=args.checkpoint, progress=bar, jobs=args.jobs,
+                                            read_all=args.read_all, node_local=tier == "local"))
     report = VerifyReport(tuple(reports))
     if args.json:
         print(json.dumps(report.to_dict(), indent=1))
@@ -238,9 +259,10 @@ def cmd_verify(args: argparse.Namespace, storage: Storage) -> int:
             nbytes = sum(c.bytes for c in stage.checkpoints)
             by_store = sum(c.store_checked for c in stage.checkpoints)
             read = sum(c.bytes_read for c in stage.checkpoints)
+            elsewhere = sum(c.elsewhere for c in stage.checkpoints)
             print(f"{_name(stage.layout)}  [{stage.layout.checkpoints_dir}]  {len(stage.checkpoints)} checkpoint(s), "
                   f"{files} file(s), {_human(nbytes)} checked: {by_store} file(s) by the store's CRC32, "
-                  f"{_human(read)} read")
+                  f"{_human(read)} read" + (f"; {elsewhere} file(s) of other nodes' ranks not here" if elsewhere else ""))
             for check in stage.checkpoints:
                 state = "ok" if check.ok else ("UNCOMMITTED" if not check.committed and all(
                     d.kind.value == "uncommitted" for d in check.damages) else "DAMAGED")
@@ -378,6 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_list = add("list", "runs, stages and checkpoints: committed or not, size, aliases", cmd_list)
     p_list.add_argument("url", help="output dir, run dir or stage dir (local path, file:// or s3://)")
+    p_list.add_argument("--local-dir", metavar="DIR", help="two tiers: also this node's local tier, the folder at "
+                        "the same level as url (output, run or stage dir under tiers.local.dir)")
 
     p_insp = add("inspect", "one checkpoint: artifacts, keys, shapes, dtypes, bytes, world size, training point, "
                  "metrics", cmd_inspect)
@@ -393,6 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
                 "exit 1 on damage", cmd_verify)
     p_ver.add_argument("url", help="output dir, run dir or stage dir")
     p_ver.add_argument("--checkpoint", help="only this checkpoint (latest, best.<metric>, E.._U.._S.., E<n>, ...)")
+    p_ver.add_argument("--local-dir", metavar="DIR", help="two tiers: also this node's local tier, the folder at "
+                       "the same level as url (output, run or stage dir under tiers.local.dir)")
     p_ver.add_argument("--jobs", type=_positive, default=DEFAULT_JOBS, metavar="N",
                        help=f"files checked at the same time (default {DEFAULT_JOBS})")
     p_ver.add_argument("--read-all", action="store_true",

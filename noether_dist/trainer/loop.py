@@ -17,7 +17,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from ..config import ResumeConfig
 from ..dist.comm import Comm
 from ..dist.preemption import PreemptionWatcher, requeue_slurm_job
-from ..errors import ConfigError
+from ..errors import ConfigError, UploadError
 from ..format.layout import StageLayout, default_run_id, join_url
 from ..format.names import TrainingIteration
 from ..format.trainer_keys import CALLBACKS_KEY, DATA_POSITION_KEY, GRAD_SCALER_KEY, RNG_KEY
@@ -124,6 +124,9 @@ class TrainLoop:
         self.callbacks = [LossHistory()]
         self.update, self.sample, self.position = 0, 0, DataPosition(0, 0)
         self.checkpointer = Checkpointer(ck_config)
+        self.tiers = self.checkpointer.tiers
+        self.resumed: dict[str, Any] | None = None
+        self.upload_errors: list[str] = []
 
     def _lr_factor(self, update: int) -> float:
         warm = self.config.trainer.warmup_updates
@@ -144,6 +147,9 @@ class TrainLoop:
             own = StageLayout(cfg.output_dir, self.run_id, self.stage_name)
             storage = open_storage(cfg.output_dir, self.storage_options)
             has_own = self.comm.broadcast_from_coordinator(lambda: bool(list_commits(storage, own)))
+            if self.tiers is not None:  # any rank's local tier counts too
+                local = StageLayout(self.tiers.local.dir, self.run_id, self.stage_name)
+                has_own = any(self.comm.all_gather(has_own or bool(list_commits(open_storage(local.output_dir), local))))
             if has_own:
                 return ResumeConfig(output_dir=cfg.output_dir, resume_run_id=self.run_id,
                                     resume_stage_name=self.stage_name, storage=self.storage_options)
@@ -154,7 +160,8 @@ class TrainLoop:
 
     def _restore(self, source: ResumeConfig) -> None:
         result = resume(source, model=self.model, optimizer=self.optimizer, ema=self.emas,
-                        model_name=self.config.model.name, timeout_s=self.timeout_s)
+                        model_name=self.config.model.name, timeout_s=self.timeout_s,
+                        local_dir=self.tiers.local.dir if self.tiers is not None else None)
         state = result.trainer_state
         self.update, self.sample = result.iteration.update, result.iteration.sample
         self.position = DataPosition.from_dict(state[DATA_POSITION_KEY])
@@ -167,7 +174,9 @@ class TrainLoop:
             restore_rng(result.rank_state[RNG_KEY])
         else:  # another world size: a fresh, reproducible stream per rank
             torch.manual_seed(self.config.trainer.seed * 7919 + self.rank * 104729 + self.update)
-        log.info("resumed from %s/%s at %s", source.resume_run_id, source.resume_stage_name or "-", result.checkpoint)
+        self.resumed = {"checkpoint": result.checkpoint, "tier": result.tier}
+        log.info("resumed from %s/%s at %s%s", source.resume_run_id, source.resume_stage_name or "-", result.checkpoint,
+                 f" ({result.tier} tier)" if result.tier else "")
 
     # -- steps ------------------------------------------------------------------------
     def _batch(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -206,12 +215,32 @@ class TrainLoop:
         parts = self.comm.all_gather((float(err), ys.numel()))
         return sum(p[0] for p in parts) / sum(p[1] for p in parts)
 
-    def _save(self, metrics: dict[str, float], last: bool = False) -> None:
+    def _save(self, metrics: dict[str, float], last: bool = False, durable: bool | None = None) -> None:
         common = {DATA_POSITION_KEY: self.position.to_dict(), _SCHEDULER_KEY: self.scheduler.state_dict(),
                   GRAD_SCALER_KEY: self.scaler.state_dict(), CALLBACKS_KEY: callback_states(self.callbacks),
                   _WORLD_SIZE_KEY: self.world}
-        self.checkpointer.save(self.iteration, model=self.model, optimizer=self.optimizer, ema=self.emas,
-                               trainer_state=common, rank_state={RNG_KEY: capture_rng()}, metrics=metrics, last=last)
+        try:
+            self.checkpointer.save(self.iteration, model=self.model, optimizer=self.optimizer, ema=self.emas,
+                                   trainer_state=common, rank_state={RNG_KEY: capture_rng()}, metrics=metrics,
+                                   last=last, durable=durable)
+        except UploadError as exc:
+            # this point is saved on the local tier; the next durable point uploads again
+            self.upload_errors.append(str(exc))
+            log.error("%s; training goes on", exc)
+
+    def _due(self) -> bool:
+        """A periodic save now: every trainer.checkpoint_every updates, or with tiers on the
+        local tier's schedule (tiers.local.every_updates)."""
+        if self.tiers is not None:
+            return self.checkpointer.due(self.iteration)
+        return self.update % self.config.trainer.checkpoint_every == 0
+
+    def _wait(self) -> None:
+        try:
+            self.checkpointer.wait()
+        except UploadError as exc:
+            self.upload_errors.append(str(exc))
+            log.error("%s", exc)
 
     # -- the run ----------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -242,7 +271,7 @@ class TrainLoop:
                     rate = (self.update - start_update) / max(1e-9, time.monotonic() - started)
                     log.info("%s loss %.5f%s lr %.2e (%.1f updates/s)", self.iteration, loss,
                              f" test {metrics['loss.test']:.5f}" if metrics else "", self.scheduler.get_last_lr()[0], rate)
-                if self.update % t.checkpoint_every == 0:
+                if self._due():
                     self._save(metrics)
                     last_saved = self.update
                 if t.step_delay_s:
@@ -256,12 +285,13 @@ class TrainLoop:
             if preempted:
                 log.warning("preemption signal: saving %s and stopping", self.iteration)
                 if last_saved != self.update:
-                    self._save({})
-                self.checkpointer.wait()
+                    self._save({}, durable=True)  # a requeued job may land on other nodes
+                self._wait()
                 if t.requeue_on_preempt and self.comm.is_coordinator:
                     requeue_slurm_job()
             elif not stopped:
                 self._save({"loss.test": self._evaluate()}, last=True)
+            self._wait()
             self.checkpointer.close()
         finally:
             watcher.restore()
@@ -269,7 +299,9 @@ class TrainLoop:
         digest = state_digest(self.model, self.optimizer, self.emas)
         summary = {"run_id": self.run_id, "stage_name": self.stage_name, "checkpoint": str(self.iteration),
                    "finished": finished, "preempted": preempted, "stopped": stopped, "world_size": self.world, "digest": digest,
-                   "callbacks": callback_states(self.callbacks)}
+                   "callbacks": callback_states(self.callbacks), "resumed": self.resumed}
+        if self.tiers is not None:
+            summary["upload_errors"] = self.upload_errors
         if self.comm.is_coordinator:
             storage = open_storage(self.config.output_dir, self.storage_options)
             path = join_url(StageLayout(self.config.output_dir, self.run_id, self.stage_name).stage_dir, "summary.json")

@@ -1,0 +1,130 @@
+"""Two tiers (issue 13), one process, the durable tier on the moto S3 server; each pair
+measured side by side, alternating, ``repeats`` times:
+
+- ``stall``: the caller's stall of a tiered save (async thread mode: capture + staging copy;
+  the local write and the upload run in the background) next to one plain copy of the
+  state into preallocated memory (the least any staging can cost);
+- ``resume``: the same point resumed from the local tier (``resume(local_dir=...)``) and
+  from the durable tier (``resume`` of output_dir), each into a fresh model: the part of
+  "kill to training resumed" that depends on the tier (process start-up is the same);
+- ``upload``: one upload of a point's local files to the durable tier
+  (``DurableUploader.last_upload_s``: read, check, send, agree, commit) next to s3fs
+  ``put_file`` of the same files;
+- ``train``: training steps per second (a CPU MLP) while an upload runs, next to the same
+  steps with nothing in flight.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+from benchmarks.common import build_model, local_tensors
+
+log = logging.getLogger(__name__)
+
+
+def _config(work: str, endpoint: str, extra: dict[str, Any], bucket: str, run_id: str, *, async_mode: str,
+            durable_every: int) -> Any:
+    from noether_dist import CheckpointerConfig
+
+    return CheckpointerConfig.from_dict({
+        "output_dir": f"s3://{bucket}/tiers", "run_id": run_id, "model_name": "m", "timeout_s": 600,
+        "async_mode": async_mode, "storage": {"endpoint_url": endpoint, "extra": extra},
+        "tiers": {"local": {"dir": os.path.join(work, "local"), "every_updates": 1, "keep_last": 2},
+                  "durable": {"every_updates": durable_every}}})
+
+
+def _train_rate(model: Any, opt: Any, seconds: float) -> float:
+    """Steps per second of a small CPU training loop over ``seconds``."""
+    import torch
+
+    x = torch.randn(64, model[0].in_features)
+    steps, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        loss = model(x).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        steps += 1
+    return steps / (time.perf_counter() - started)
+
+
+def tiers_bench(*, work: str, endpoint: str, extra: dict[str, Any], bucket: str, total_bytes: int,
+                repeats: int) -> dict[str, Any]:
+    """Raw samples of the four pairs (see the module docstring)."""
+    import torch
+
+    from benchmarks.bench_async import CopyBaseline
+    from noether_dist import Checkpointer, TrainingIteration, resume
+    from noether_dist.io.storage import StorageOptions, open_storage
+
+    torch.set_num_threads(1)
+    out: dict[str, Any] = {"stall": [], "copy": [], "upload": [], "put": [], "resume_local": [],
+                           "resume_durable": [], "train_upload": [], "train_idle": []}
+    model = build_model(total_bytes)
+    baseline = CopyBaseline(local_tensors(model.state_dict()))
+    out["state_bytes"] = sum(t.numel() * t.element_size() for t in baseline.tensors)
+    store = open_storage(f"s3://{bucket}", StorageOptions(endpoint_url=endpoint, extra=extra))
+
+    # stall, upload vs put: every save is uploaded (durable every update)
+    ck = Checkpointer(_config(work, endpoint, extra, bucket, "stall", async_mode="thread", durable_every=1))
+    ck.prepare(model=model)
+    for update in range(1, repeats + 2):
+        out["copy"].append(baseline.time())
+        ck.save(TrainingIteration(0, update, update), model=model)
+        stall = ck.last_stall_s
+        record = ck.wait().record  # the local save, then the upload
+        if update == 1:
+            out["copy"].pop()
+            continue  # the first save also makes the writer's groups and the folders
+        out["stall"].append(stall)
+        out["upload"].append(ck.durable.last_upload_s)
+        files = [(f"{ck.layout.artifact_path(a.name)}/{f.name}", f"{bucket}/raw/{update}/{a.name}/{f.name}")
+                 for a in record.artifacts for f in a.files]
+        started = time.perf_counter()
+        for local, remote in files:
+            store.fs.put_file(local, remote)
+        out["put"].append(time.perf_counter() - started)
+    last = TrainingIteration(0, repeats + 1, repeats + 1)
+    ck.close()
+
+    # resume the same point from each tier into a fresh model
+    root = {"output_dir": f"s3://{bucket}/tiers", "resume_run_id": "stall", "resume_checkpoint": f"U{last.update}"}
+    durable = open_storage(root["output_dir"], StorageOptions(endpoint_url=endpoint, extra=extra))
+    for _ in range(repeats):
+        for tier in ("local", "durable"):
+            fresh = build_model(total_bytes, seed=1)
+            started = time.perf_counter()
+            res = resume(root, model=fresh, model_name="m", storage=durable,
+                         local_dir=os.path.join(work, "local") if tier == "local" else None)
+            out[f"resume_{tier}"].append(time.perf_counter() - started)
+            if res.tier != (tier if tier == "local" else None):
+                raise RuntimeError(f"resumed from the {res.tier} tier, not the {tier} tier")
+
+    # training throughput while an upload runs, next to the same time with none in flight
+    small = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256))
+    opt = torch.optim.SGD(small.parameters(), lr=1e-3)
+    ck = Checkpointer(_config(work, endpoint, extra, bucket, "train", async_mode="off", durable_every=1))
+    x = torch.randn(64, 256)
+    for update in range(1, repeats + 1):
+        ck.save(TrainingIteration(0, update, update), model=model)  # returns once local; the upload runs on
+        steps, started = 0, time.perf_counter()
+        while ck.durable.busy:
+            loss = small(x).square().mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            steps += 1
+        took = time.perf_counter() - started
+        ck.wait()
+        if steps:
+            out["train_upload"].append(steps / took)
+            out["train_idle"].append(_train_rate(small, opt, took))
+    ck.close()
+    return out
+
+
+__all__ = ["tiers_bench"]
