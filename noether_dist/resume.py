@@ -108,6 +108,7 @@ def resume(
     timeout_s: float | None = None,
     storage: Storage | None = None,
     verify_max_bytes: int | None = None,
+    process_group: Any = None,
 ) -> ResumeResult:
     """Resume model, optimizer, EMA models and trainer state from a previous run (collective).
 
@@ -119,14 +120,17 @@ def resume(
     second read); files of at most ``verify_max_bytes`` are always read whole (default
     256 MiB on local disks, 1 MiB on object stores), bigger ones only in the parts a rank
     needs when that is less than half (those parts are checked for length only).
-    ``verify_max_bytes=0`` turns the CRC32 check off.
+    ``verify_max_bytes=0`` turns the CRC32 check off. ``process_group``: resume on a
+    subgroup (its ranks alone take part, its first rank coordinates; DCP loads on the same
+    ranks and reshards as on the default group); ``rank_state`` is then that of the rank
+    with the same rank within the group.
     """
     if not isinstance(config, ResumeConfig):
         parsed = ResumeConfig.from_root_config(config)
         if parsed is None:
             raise ConfigError("resume needs resume_run_id in the config")
         config = parsed
-    comm = Comm(timeout_s)
+    comm = Comm(timeout_s, process_group=process_group)
     storage = storage or open_storage(config.output_dir, config.storage)
     if verify_max_bytes is None:
         verify_max_bytes = DEFAULT_VERIFY_MAX_BYTES if storage.is_local else DEFAULT_VERIFY_MAX_BYTES_REMOTE
