@@ -172,17 +172,22 @@ class Comm:
         return self._parallel[:count]
 
     @property
+    def global_rank(self) -> int:
+        """This rank in the whole job (what error messages name)."""
+        return self.group_ranks[self.rank] if self.distributed else 0
+
+    @property
     def is_coordinator(self) -> bool:
         """True on the coordinator (``coordinator_rank``), which selects, commits and writes
         aliases."""
-        return self.group_ranks[self.rank] == self.coordinator_rank if self.distributed else True
+        return self.global_rank == self.coordinator_rank
 
     def _guard(self, what: str, fn: Callable[[], T]) -> T:
         try:
             return fn()
         except RuntimeError as exc:  # gloo reports timeouts and dead peers as RuntimeError
             raise DistributedTimeoutError(
-                f"{what} did not complete within {self.timeout_s:.0f}s on rank {self.rank} "
+                f"{what} did not complete within {self.timeout_s:.0f}s on rank {self.global_rank} "
                 f"(a rank died or is stuck): {exc}"
             ) from exc
 
@@ -217,7 +222,7 @@ class Comm:
     def broadcast_from_coordinator(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on the coordinator only; every rank returns its value or raises its
         error."""
-        outcome = _capture(self.rank, fn) if self.is_coordinator else None
+        outcome = _capture(self.global_rank, fn) if self.is_coordinator else None
         outcome = self.broadcast(outcome)
         _raise_same([outcome], outcome if self.is_coordinator else None)
         return outcome.value
@@ -225,7 +230,7 @@ class Comm:
     def all_gather_results(self, fn: Callable[[], T]) -> list[T]:
         """Run ``fn`` on every rank; return all values in rank order on every rank, or, if
         any rank failed, raise the same error on every rank."""
-        local = _capture(self.rank, fn)
+        local = _capture(self.global_rank, fn)
         outcomes = self.all_gather(local)
         _raise_same(outcomes, local)
         return [o.value for o in outcomes]
@@ -234,7 +239,7 @@ class Comm:
         """Run ``fn`` on every rank and return this rank's value; only success or failure
         travels (values may be large, e.g. state dicts). If any rank failed, every rank
         raises the same error."""
-        local = _capture(self.rank, fn)
+        local = _capture(self.global_rank, fn)
         if self.all_true(local.ok):  # the common case costs one tiny all_reduce
             return local.value
         outcomes = self.all_gather(_Outcome(local.rank, local.ok, None, local.error, local.error_text))
