@@ -141,8 +141,10 @@ class PreviousRunInitializer(Initializer):
             return parse_checkpoint_tag(self.checkpoint_tag)
         return parse_checkpoint(self.checkpoint or "latest")
 
-    def apply(self, model: nn.Module, *, output_dir: str | None = None, timeout_s: float | None = None) -> None:
-        """Load the chosen checkpoint's model weights into ``model`` (collective)."""
+    def apply(self, model: nn.Module, *, output_dir: str | None = None, timeout_s: float | None = None,
+              process_group: Any = None) -> None:
+        """Load the chosen checkpoint's model weights into ``model`` (collective over
+        ``process_group``, default: the default group)."""
         out = self.output_dir or self.output_path or output_dir
         if not out:
             raise ConfigError("PreviousRunInitializer needs output_dir (where the previous run lives)")
@@ -150,7 +152,7 @@ class PreviousRunInitializer(Initializer):
         if not isinstance(model_name, str):
             raise ConfigError("PreviousRunInitializer needs model_name (the model has no name attribute)")
         validate_model_name(model_name)
-        comm = Comm(timeout_s)
+        comm = Comm(timeout_s, process_group=process_group)
         storage = open_storage(out, self.storage)
         layout = StageLayout(out, self.run_id, self.stage_name)
         info = normalize_model_info(self.model_info)

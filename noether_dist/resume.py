@@ -109,6 +109,7 @@ def resume(
     storage: Storage | None = None,
     verify_max_bytes: int | None = None,
     local_dir: str | None = None,
+    process_group: Any = None,
 ) -> ResumeResult:
     """Resume model, optimizer, EMA models and trainer state from a previous run (collective).
 
@@ -126,13 +127,18 @@ def resume(
     durable tier): first the newest point every rank can read from its own local disk, when
     it is at least as new as the newest durable one (or, asked for by name, that point), with
     the usual agreement and fallback among local points; when there is none, the durable tier.
+
+    ``process_group``: resume on a
+    subgroup (its ranks alone take part, its first rank coordinates; DCP loads on the same
+    ranks and reshards as on the default group); ``rank_state`` is then that of the rank
+    with the same rank within the group.
     """
     if not isinstance(config, ResumeConfig):
         parsed = ResumeConfig.from_root_config(config)
         if parsed is None:
             raise ConfigError("resume needs resume_run_id in the config")
         config = parsed
-    comm = Comm(timeout_s)
+    comm = Comm(timeout_s, process_group=process_group)
     storage = storage or open_storage(config.output_dir, config.storage)
     layout = StageLayout(config.output_dir, config.resume_run_id, config.resume_stage_name)
     targets = comm.run_everywhere(lambda: _targets(model, optimizer, ema))

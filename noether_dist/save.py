@@ -89,16 +89,33 @@ class Checkpointer:
        raises :class:`AliasUpdateError`: the checkpoint has committed.
 
     A failure at any step leaves earlier committed checkpoints and aliases untouched.
+
+    ``process_group``: save on a subgroup (a pipeline stage, a replica group of HSDP)
+    instead of the default group; then "every rank" above means every rank of that group,
+    the coordinator is its first rank, DCP writes on the same ranks, and the record's world
+    size is the group's. Ranks outside it take no part: two subgroups can save to their own
+    stages at the same time. Node-local storage and the process async mode need the default
+    group.
     """
 
-    def __init__(self, config: CheckpointerConfig, *, storage: Storage | None = None) -> None:
+    def __init__(self, config: CheckpointerConfig, *, storage: Storage | None = None,
+                 process_group: Any = None) -> None:
         tiered = config if config.tiers is not None else None
         if tiered is not None:  # saves go to the local tier; DurableUploader uploads to output_dir
             config = local_tier_config(tiered)
         self.config = config
         self.layout = StageLayout(config.output_dir, config.run_id, config.stage_name)
         self.storage = open_storage(config.output_dir, config.storage) if tiered or storage is None else storage
-        self.comm = Comm(config.timeout_s)
+        self.comm = Comm(config.timeout_s, process_group=process_group)
+        if not self.comm.is_default_group:
+            # Node leaders (LOCAL_RANK 0) mirror node-local files, and DCP's checkpoint process
+            # forms its own group over the whole job: neither follows a subgroup.
+            if config.node_local:
+                raise ConfigError("node_local (and tiers, whose local tier is node-local) needs the default "
+                                  "process group; a Checkpointer on a process_group subgroup saves to shared storage")
+            if config.async_mode is AsyncMode.PROCESS:
+                raise ConfigError("async_mode 'process' needs the default process group; use 'thread' "
+                                  "with a process_group subgroup")
         self.comm.broadcast_from_coordinator(lambda: self.storage.check_root(config.output_dir))
         self.tiers = tiered.tiers if tiered is not None else None
         """The two tiers' settings, None for one tier."""
@@ -112,7 +129,7 @@ class Checkpointer:
         if config.async_mode is AsyncMode.PROCESS:
             self.comm.run_everywhere(check_process_mode)
         if config.async_mode is not AsyncMode.OFF:
-            self._background = _Background(config)
+            self._background = _Background(config, process_group)
 
     # -- public --------------------------------------------------------------------
     def save(
@@ -430,8 +447,8 @@ class _Background:
     process mode the thread hands each artifact to DCP's checkpoint process (staging in
     shared memory) and runs the commit protocol when it reports back."""
 
-    def __init__(self, config: CheckpointerConfig) -> None:
-        self.comm = Comm(config.timeout_s, private=True)
+    def __init__(self, config: CheckpointerConfig, process_group: Any = None) -> None:
+        self.comm = Comm(config.timeout_s, process_group=process_group, private=True)
         self.process_mode = config.async_mode is AsyncMode.PROCESS
         self.staging = SaveStaging(shared=self.process_mode)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="noether-ckpt-writer")

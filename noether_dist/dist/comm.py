@@ -6,6 +6,11 @@ cross-rank step has the shape DCP uses: each rank (or the coordinator) runs its 
 outcome, value or exception, is exchanged, and then every rank returns the same value or
 raises the same error. No rank ever skips a collective that another rank enters.
 
+A :class:`Comm` runs on one process group, the default one or a subgroup (a pipeline
+stage, a replica group of HSDP), with one coordinator among its ranks, as DCP's
+``_DistWrapper(group, use_dist, coordinator_rank)`` does: ranks outside the group take no
+part, so several subgroups can save and resume at the same time.
+
 Works in a plain single process too (no process group): then every step is local.
 """
 
@@ -23,7 +28,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from ..errors import DistributedTimeoutError, NoetherDistError, RemoteRankError
+from ..errors import ConfigError, DistributedTimeoutError, NoetherDistError, RemoteRankError
 from .timeouts import DEFAULT_TIMEOUT_S
 from .launch_env import DistEnv
 
@@ -37,7 +42,7 @@ try:  # DCP's CheckpointException derives from BaseException: catch it explicitl
 except ImportError:  # pragma: no cover
     _DcpError = Exception  # type: ignore[misc,assignment]
 
-_CONTROL_GROUPS: dict[tuple[int, float], Any] = {}
+_CONTROL_GROUPS: dict[tuple[int, tuple[int, ...] | None, float], Any] = {}
 
 
 @dataclass(frozen=True)
@@ -94,10 +99,15 @@ def _raise_same(outcomes: list[_Outcome], local: _Outcome | None) -> None:
 
 
 class Comm:
-    """Collectives for control messages among the ranks of the default process group.
+    """Collectives for control messages among the ranks of one process group.
 
-    ``Comm()`` in a job without an initialised process group is a one-rank Comm.
-    Every method is a collective: all ranks must call it, in the same order.
+    ``Comm()`` works on the default process group with rank 0 as the coordinator; in a job
+    without an initialised process group it is a one-rank Comm. ``process_group`` (a
+    subgroup) and ``coordinator_rank`` (a global rank inside it; default: its first rank)
+    are DCP's: only the group's ranks take part, ``rank`` and ``world_size`` are within the
+    group, and the control traffic travels on a gloo group over the same ranks, made once
+    per group and timeout (its making is a collective of the group's ranks alone).
+    Every method is a collective: all ranks of the group must call it, in the same order.
     ``Comm(private=True)`` has a gloo group of its own (for a background writer thread).
 
     Three ways to run a function, named after what travels between the ranks:
@@ -112,19 +122,43 @@ class Comm:
     In each, a failure on any rank raises the same error on every rank.
     """
 
-    def __init__(self, timeout_s: float | None = None, *, private: bool = False) -> None:
+    def __init__(self, timeout_s: float | None = None, *, process_group: Any = None,
+                 coordinator_rank: int | None = None, private: bool = False) -> None:
         self.timeout_s = float(timeout_s or DEFAULT_TIMEOUT_S)
         self.distributed = dist.is_available() and dist.is_initialized()
-        if self.distributed:
-            self.rank = dist.get_rank()
-            self.world_size = dist.get_world_size()
+        self.process_group = process_group
+        """The group given (None: the default group)."""
+        if not self.distributed:
+            if process_group is not None:
+                raise ConfigError("process_group needs an initialised torch.distributed process group; "
+                                  "leave it None in a single process")
+            if coordinator_rank not in (None, 0):
+                raise ConfigError(f"coordinator_rank {coordinator_rank} is not a rank of this single process; use 0")
+            self.rank, self.world_size, self.group_ranks, self.coordinator_rank = 0, 1, (0,), 0
+            self.control_group = None
+            self._subgroup: tuple[int, ...] | None = None
+        else:
+            self._subgroup = _subgroup_ranks(process_group)
+            self.group_ranks = self._subgroup or tuple(range(dist.get_world_size()))
+            """The global ranks of the group, in group-rank order."""
+            self.rank = self.group_ranks.index(dist.get_rank())
+            self.world_size = len(self.group_ranks)
+            self.coordinator_rank = self.group_ranks[0] if coordinator_rank is None else coordinator_rank
+            """The global rank of the coordinator."""
+            if self.coordinator_rank not in self.group_ranks:
+                raise ConfigError(f"coordinator_rank {coordinator_rank} is not a rank of the process group; "
+                                  f"its global ranks are {list(self.group_ranks)}")
             # private: a group of its own, for a background thread (gloo groups must not be
             # shared between threads that run collectives concurrently). Creating one is a
             # collective itself.
-            self.control_group = _new_gloo_group(self.timeout_s) if private else _control_group(self.timeout_s)
-        else:
-            self.rank, self.world_size, self.control_group = 0, 1, None
+            self.control_group = (_new_gloo_group(self._subgroup, self.timeout_s) if private
+                                  else _control_group(self._subgroup, self.timeout_s))
         self._parallel: list[Any] = [self.control_group]
+
+    @property
+    def is_default_group(self) -> bool:
+        """True when this Comm spans every rank of the job (or there is no process group)."""
+        return self._subgroup is None
 
     def parallel_groups(self, count: int) -> list[Any]:
         """``count`` gloo groups of these ranks for as many DCP saves running at once on
@@ -134,29 +168,37 @@ class Comm:
         if not self.distributed:
             return [None] * count
         while len(self._parallel) < count:
-            self._parallel.append(_new_gloo_group(self.timeout_s))
+            self._parallel.append(_new_gloo_group(self._subgroup, self.timeout_s))
         return self._parallel[:count]
 
     @property
+    def global_rank(self) -> int:
+        """This rank in the whole job (what error messages name)."""
+        return self.group_ranks[self.rank] if self.distributed else 0
+
+    @property
     def is_coordinator(self) -> bool:
-        """True on rank 0, which selects, commits and writes aliases."""
-        return self.rank == 0
+        """True on the coordinator (``coordinator_rank``), which selects, commits and writes
+        aliases."""
+        return self.global_rank == self.coordinator_rank
 
     def _guard(self, what: str, fn: Callable[[], T]) -> T:
         try:
             return fn()
         except RuntimeError as exc:  # gloo reports timeouts and dead peers as RuntimeError
             raise DistributedTimeoutError(
-                f"{what} did not complete within {self.timeout_s:.0f}s on rank {self.rank} "
+                f"{what} did not complete within {self.timeout_s:.0f}s on rank {self.global_rank} "
                 f"(a rank died or is stuck): {exc}"
             ) from exc
 
-    def broadcast(self, obj: T | None, src: int = 0) -> T:
-        """Send ``obj`` from ``src`` to every rank; return it everywhere."""
+    def broadcast(self, obj: T | None, src: int | None = None) -> T:
+        """Send ``obj`` from ``src`` (a global rank of the group; default: the coordinator)
+        to every rank; return it everywhere."""
         if not self.distributed:
             return obj  # type: ignore[return-value]
         box = [obj]
-        self._guard("broadcast", lambda: dist.broadcast_object_list(box, src=src, group=self.control_group))
+        source = self.coordinator_rank if src is None else src
+        self._guard("broadcast", lambda: dist.broadcast_object_list(box, src=source, group=self.control_group))
         return box[0]  # type: ignore[return-value]
 
     def all_gather(self, obj: T) -> list[T]:
@@ -180,7 +222,7 @@ class Comm:
     def broadcast_from_coordinator(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on the coordinator only; every rank returns its value or raises its
         error."""
-        outcome = _capture(self.rank, fn) if self.is_coordinator else None
+        outcome = _capture(self.global_rank, fn) if self.is_coordinator else None
         outcome = self.broadcast(outcome)
         _raise_same([outcome], outcome if self.is_coordinator else None)
         return outcome.value
@@ -188,7 +230,7 @@ class Comm:
     def all_gather_results(self, fn: Callable[[], T]) -> list[T]:
         """Run ``fn`` on every rank; return all values in rank order on every rank, or, if
         any rank failed, raise the same error on every rank."""
-        local = _capture(self.rank, fn)
+        local = _capture(self.global_rank, fn)
         outcomes = self.all_gather(local)
         _raise_same(outcomes, local)
         return [o.value for o in outcomes]
@@ -197,7 +239,7 @@ class Comm:
         """Run ``fn`` on every rank and return this rank's value; only success or failure
         travels (values may be large, e.g. state dicts). If any rank failed, every rank
         raises the same error."""
-        local = _capture(self.rank, fn)
+        local = _capture(self.global_rank, fn)
         if self.all_true(local.ok):  # the common case costs one tiny all_reduce
             return local.value
         outcomes = self.all_gather(_Outcome(local.rank, local.ok, None, local.error, local.error_text))
@@ -213,19 +255,38 @@ class Comm:
         return bool(value.item())
 
 
-def _control_group(timeout_s: float):
-    key = (id(dist.group.WORLD), timeout_s)
+def _subgroup_ranks(group: Any) -> tuple[int, ...] | None:
+    """The global ranks of ``group``, or None when it spans the whole job (or is None)."""
+    if group is None or group is dist.group.WORLD:
+        return None
+    if group is dist.GroupMember.NON_GROUP_MEMBER:
+        raise ConfigError(f"rank {dist.get_rank()} is not a member of the process_group it was given; "
+                          "pass the group this rank belongs to")
+    ranks = tuple(dist.get_process_group_ranks(group))
+    if dist.get_rank() not in ranks:
+        raise ConfigError(f"rank {dist.get_rank()} is not a member of the process_group it was given "
+                          f"(global ranks {list(ranks)})")
+    return None if ranks == tuple(range(dist.get_world_size())) else ranks
+
+
+def _control_group(ranks: tuple[int, ...] | None, timeout_s: float):
+    key = (id(dist.group.WORLD), ranks, timeout_s)
     group = _CONTROL_GROUPS.get(key)
     if group is None:
-        group = dist.new_group(backend="gloo", timeout=_dt.timedelta(seconds=timeout_s))
+        group = _new_gloo_group(ranks, timeout_s)
         _CONTROL_GROUPS[key] = group
     return group
 
 
-def _new_gloo_group(timeout_s: float):
-    """A fresh gloo group over all ranks (collective). For background writers that must
-    not share a group with the training loop."""
-    return dist.new_group(backend="gloo", timeout=_dt.timedelta(seconds=timeout_s))
+def _new_gloo_group(ranks: tuple[int, ...] | None, timeout_s: float):
+    """A fresh gloo group over ``ranks`` (None: all ranks), a collective of those ranks.
+    A subgroup's is made by its ranks alone (use_local_synchronization), so that subgroups
+    never wait for each other; they must make their groups in the same order, which every
+    collective here does."""
+    timeout = _dt.timedelta(seconds=timeout_s)
+    if ranks is None:
+        return dist.new_group(backend="gloo", timeout=timeout)
+    return dist.new_group(ranks=list(ranks), backend="gloo", timeout=timeout, use_local_synchronization=True)
 
 
 def init_distributed(timeout_s: float | None = None, backend: str | None = None) -> DistEnv:
