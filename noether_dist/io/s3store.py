@@ -6,18 +6,35 @@ Imported only for s3:// URLs (it imports s3fs and botocore). Every object writte
 (``ChecksumType=FULL_OBJECT``), so the value the store keeps is the CRC32 of the whole
 object, the same number a commit record holds. :func:`stored_crc32` reads it back with one
 HEAD, which lets ``noether-ckpt verify`` check a file without reading its bytes.
+
+It also holds the S3 side of the storage streams: :class:`S3Sink` (an upload that keeps
+at most a few parts in memory and goes up as one PUT or a multipart upload) and
+:class:`S3Body` (one GET whose body is read in pieces).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import concurrent.futures
+import http.client
 import re
+import zlib
 from typing import Any
 
 import s3fs
+from fsspec.asyn import sync as fsspec_sync
 from fsspec.asyn import sync_wrapper
 
-__all__ = ["ChecksummedS3FileSystem", "checksum_kwargs", "stored_crc32", "StoredChecksum"]
+__all__ = ["ChecksummedS3FileSystem", "checksum_kwargs", "stored_crc32", "StoredChecksum", "S3Sink", "S3Body",
+           "MULTIPART_MIN_BYTES"]
+
+MULTIPART_MIN_BYTES = 64 << 20
+"""Objects from this size on go up as a multipart upload (parts in parallel), smaller ones in one PUT."""
+_PART_BYTES = 16 << 20
+"""Size of a part; it doubles every ``_PARTS_PER_SIZE`` parts (S3 allows 10,000 parts)."""
+_PARTS_PER_SIZE = 1000
+_PARTS_IN_FLIGHT = 8
 
 _PARTS_SUFFIX = re.compile(r"-\d+$")
 
@@ -100,3 +117,120 @@ def stored_crc32(fs: s3fs.S3FileSystem, path: str) -> StoredChecksum:
     except (ValueError, TypeError):
         return StoredChecksum(size, None)
     return StoredChecksum(size, int.from_bytes(raw, "big") if len(raw) == 4 else None)
+
+
+def _crc_header(crc: int) -> str:
+    return base64.b64encode((crc & 0xFFFFFFFF).to_bytes(4, "big")).decode()
+
+
+class S3Sink:
+    """Where an object written through a storage stream gathers and how it goes up.
+
+    Up to :data:`MULTIPART_MIN_BYTES` the bytes stay in memory and go up on commit in one
+    PUT. From that size on a multipart upload starts: parts of ``_PART_BYTES`` go up in the
+    background while writing goes on (at most ``_PARTS_IN_FLIGHT`` at once, so memory stays
+    bounded), and commit sends the rest and completes the upload; abort aborts it. With
+    ``crc32`` (the store's uploads carry CRC32) every request carries the CRC32 of what it
+    sends and the completion the CRC32 of the whole object (the stream's), which the store
+    checks; botocore then computes none of its own.
+    """
+
+    def __init__(self, fs: Any, path: str, *, crc32: bool) -> None:
+        self.fs = fs
+        self.bucket, self.key, _ = fs.split_path(path)
+        self.crc32 = crc32
+        self.buffer = bytearray()
+        self.upload_id: str | None = None
+        self.parts: list[concurrent.futures.Future] = []
+
+    def write(self, data: memoryview | bytes) -> None:
+        """Gather ``data``; send full parts once the object is big enough for a multipart upload."""
+        self.buffer += data
+        if self.upload_id is None and len(self.buffer) >= MULTIPART_MIN_BYTES:
+            self.upload_id = self.fs.call_s3("create_multipart_upload", Bucket=self.bucket, Key=self.key)["UploadId"]
+        while self.upload_id is not None and len(self.buffer) >= self._part_size():
+            self._send_part(self._part_size())
+
+    def _part_size(self) -> int:
+        return _PART_BYTES << (len(self.parts) // _PARTS_PER_SIZE)
+
+    def _send_part(self, size: int) -> None:
+        body = bytes(self.buffer[:size])  # botocore takes bytes, not views
+        del self.buffer[:size]
+        extra = {"ChecksumCRC32": _crc_header(zlib.crc32(body))} if self.crc32 else {}
+        in_flight = [f for f in self.parts if not f.done()]
+        if len(in_flight) >= _PARTS_IN_FLIGHT:
+            concurrent.futures.wait(in_flight, return_when=concurrent.futures.FIRST_COMPLETED)
+        for done in (f for f in self.parts if f.done()):
+            done.result()  # a failed part fails the write now
+        number = len(self.parts) + 1
+        self.parts.append(asyncio.run_coroutine_threadsafe(self._upload_part(number, body, extra), self.fs.loop))
+
+    async def _upload_part(self, number: int, body: bytes, extra: dict[str, str]) -> dict[str, Any]:
+        out = await self.fs._call_s3("upload_part", Bucket=self.bucket, Key=self.key, UploadId=self.upload_id,
+                                     PartNumber=number, Body=body, **extra)
+        return {"PartNumber": number, "ETag": out["ETag"], **extra}
+
+    def commit(self, crc: int) -> None:
+        """Send what is left: one PUT, or the last part and the completion of the upload."""
+        if self.upload_id is None:
+            data, self.buffer = self.buffer, bytearray()
+            checksum = {"ChecksumCRC32": _crc_header(crc)} if self.crc32 else {}
+            self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key, Body=data, **checksum)
+            return
+        try:
+            if self.buffer:
+                self._send_part(len(self.buffer))
+            parts = [f.result() for f in self.parts]
+            whole = {"ChecksumCRC32": _crc_header(crc)} if self.crc32 else {}
+            self.fs.call_s3("complete_multipart_upload", Bucket=self.bucket, Key=self.key, UploadId=self.upload_id,
+                            MultipartUpload={"Parts": parts}, **whole)
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        """Drop what is held; abort a multipart upload (the store then keeps nothing of it)."""
+        self.buffer = bytearray()
+        if self.upload_id is None:
+            return
+        concurrent.futures.wait(self.parts)
+        upload_id, self.upload_id = self.upload_id, None
+        try:
+            self.fs.call_s3("abort_multipart_upload", Bucket=self.bucket, Key=self.key, UploadId=upload_id)
+        except Exception:  # noqa: BLE001 - the first error is the one to report
+            pass
+
+
+class S3Body:
+    """One GET of ``path`` from byte ``start`` (to ``end``, exclusive, or the end), its
+    body read in pieces. FileNotFoundError if the object does not exist."""
+
+    def __init__(self, fs: Any, path: str, start: int, end: int | None) -> None:
+        self.fs = fs
+        bucket, key, version = fs.split_path(path)
+        extra: dict[str, Any] = {"VersionId": version} if version else {}
+        if start or end is not None:
+            extra["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
+        self.left = 0 if end is not None and end <= start else None
+        if self.left == 0:
+            self.body = None
+            return
+        response = fs.call_s3("get_object", Bucket=bucket, Key=key, **extra)
+        self.body = response["Body"]
+        self.left = int(response.get("ContentLength") or 0)
+
+    def read(self, n: int) -> bytes:
+        """Up to ``n`` bytes (n < 0: the rest); b"" at the end, without a request."""
+        if self.body is None or not self.left:
+            return b""
+        data = fsspec_sync(self.fs.loop, self.body.read, self.left if n < 0 else min(n, self.left))
+        if not data:
+            raise http.client.IncompleteRead(b"", self.left)  # cut off: the reader picks up from here
+        self.left -= len(data)
+        return data
+
+    def close(self) -> None:
+        """Release the connection."""
+        if self.body is not None:
+            self.body.close()

@@ -19,6 +19,17 @@ Promises:
   overwritten (:meth:`Storage.check_root`, before writing).
 - on S3 every object carries a CRC32 the store checks on upload and keeps
   (:meth:`Storage.stored_checksum` reads it back).
+- ``open_read`` streams an object (or a byte range) in pieces: one GET on S3, memory
+  bounded by the piece; ``open_write`` streams one in, counting its size and CRC32, and
+  the object appears whole when the ``with`` block ends (local: temp file + rename; S3:
+  one PUT, or a multipart upload completed last). See :mod:`noether_dist.io.streams`.
+- nothing outside this module reaches into the fsspec filesystem: callers use these
+  methods and :meth:`Storage.local_path` (to memory-map a local file); DCP's reader and
+  writer too (:class:`noether_dist.io.dcp_io.StorageFileSystem`).
+
+A test or a tool may wrap the store by subclassing :class:`Storage` (see
+``Storage.__init__``) and overriding these methods; every library module that touches the
+store goes through them, so such a wrapper sees every read and write.
 """
 
 from __future__ import annotations
@@ -31,7 +42,8 @@ import random
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -39,8 +51,10 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from ..errors import ConfigError, StorageError
+from .streams import FileSink, LocalSink, ReadStream, Sink, WriteStream
 
-__all__ = ["StorageOptions", "RetryPolicy", "Storage", "Entry", "open_storage", "is_transient"]
+__all__ = ["StorageOptions", "RetryPolicy", "Storage", "Entry", "open_storage", "is_transient", "ReadStream",
+           "WriteStream"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -268,7 +282,10 @@ def _retried_by_client(exc: BaseException) -> bool:
 
 
 class Storage:
-    """A store reached through one fsspec filesystem; see the module docstring for promises."""
+    """A store reached through one fsspec filesystem; see the module docstring for promises.
+
+    Built by :func:`open_storage`; a subclass that wraps a store passes an opened one's
+    ``fs``, ``options`` and ``protocol`` to this constructor."""
 
     def __init__(self, fs: fsspec.AbstractFileSystem, options: StorageOptions, protocol: str) -> None:
         self.fs = fs
@@ -316,11 +333,13 @@ class Storage:
 
     # -- the interface ------------------------------------------------------------
     def check_bucket(self, url: str) -> None:
-        """Raise StorageError if the bucket of an S3 URL does not exist (it is never created).
-        Reads only: for tools that look without writing."""
+        """Raise StorageError if the bucket of an S3 URL does not exist (it is never created),
+        ConfigError if the URL names no bucket. Reads only: for tools that look without writing."""
         if not self.is_s3:
             return
         bucket = self._strip(url).split("/", 1)[0]
+        if not bucket:
+            raise ConfigError(f"{url} names no bucket; use s3://bucket/prefix")
         try:
             self.retry("check bucket", bucket, lambda: self.fs.ls(bucket, refresh=True))
         except FileNotFoundError:
@@ -462,6 +481,76 @@ class Storage:
 
             return self.retry("read", path, local)
         return self.retry("read", path, lambda: self.fs.cat_file(stripped, start=start, end=end))
+
+    @contextmanager
+    def open_read(self, path: str, *, start: int = 0, end: int | None = None) -> Iterator[ReadStream]:
+        """Read bytes ``start`` up to ``end`` (exclusive; None: to the end) of ``path`` in
+        pieces: ``stream.read(n)``. One GET on S3 (no HEAD), whose body arrives as it is
+        read; memory is bounded by the pieces the caller asks for. A connection lost midway
+        is picked up at the byte where it stopped. FileNotFoundError if ``path`` does not
+        exist (when the ``with`` block is entered)."""
+        stripped = self._strip(path)
+
+        def opener(offset: int) -> Any:
+            if self.is_local:
+                fh = open(stripped, "rb")  # noqa: SIM115 - the stream closes it
+                fh.seek(offset)
+                return fh
+            if self.is_s3:
+                from .s3store import S3Body
+
+                return S3Body(self.fs, stripped, offset, end)
+            fh = self.fs.open(stripped, "rb")
+            fh.seek(offset)
+            return fh
+
+        stream = ReadStream(path, lambda offset: self.retry("read", path, lambda: opener(offset)), start=start,
+                            end=end, attempts=self.options.retry.attempts, is_transient=self._retry_mid_stream)
+        try:
+            yield stream
+        finally:
+            stream.close()
+
+    def _retry_mid_stream(self, exc: BaseException) -> bool:
+        return is_transient(exc) and not (self.is_s3 and _retried_by_client(exc))
+
+    @contextmanager
+    def open_write(self, path: str) -> Iterator[WriteStream]:
+        """Write ``path`` as a stream: ``stream.write(data)``; ``stream.size`` and
+        ``stream.crc`` count the bytes (CRC32) as a commit record holds them. The object
+        appears, replacing any old one, when the ``with`` block ends without an exception;
+        with one, nothing of it remains. Local: a temp file beside it, fsynced and renamed.
+        S3: one PUT, or for a big object a multipart upload whose parts go up while writing
+        goes on (a few parts in memory at most), each request with its CRC32 and the
+        completion with the object's when the store's uploads carry CRC32."""
+        stripped = self._strip(path)
+        sink = self.retry("open for writing", path, lambda: self._sink(stripped))
+        stream = WriteStream(path, sink)
+        try:
+            yield stream
+        except BaseException:
+            sink.abort()
+            raise
+        try:
+            sink.commit(stream.crc)  # not retried here: botocore retries each request of it
+        except BaseException as exc:
+            sink.abort()
+            if isinstance(exc, (FileExistsError, StorageError)) or not isinstance(exc, Exception):
+                raise
+            raise StorageError(f"write {path} failed: {type(exc).__name__}: {exc}") from exc
+
+    def _sink(self, stripped: str) -> Sink:
+        if self.is_local:
+            return LocalSink(stripped)
+        if self.is_s3:
+            from .s3store import S3Sink
+
+            return S3Sink(self.fs, stripped, crc32=self.options.checksum == "CRC32")
+        return FileSink(self.fs, stripped)
+
+    def local_path(self, path: str) -> str | None:
+        """The OS path of ``path`` on a local store (to memory-map a file), else None."""
+        return os.path.abspath(self._strip(path)) if self.is_local else None
 
     def exists(self, path: str) -> bool:
         """True/False for found/not found; any other failure raises StorageError."""
