@@ -120,7 +120,11 @@ def resume(
     is applied: every file a rank reads whole, by size and CRC32 of the bytes loaded (no
     second read); files of at most ``verify_max_bytes`` are always read whole (default
     256 MiB on local disks, 1 MiB on object stores), bigger ones only in the parts a rank
-    needs when that is less than half (those parts are checked for length only).
+    needs when that is less than half (those parts are checked for length only). A file
+    read whole is streamed: its items are loaded as their bytes arrive and its CRC32 is
+    computed on those bytes, so memory holds a piece and an item, not the file. A single
+    file is checked on the bytes loaded on object stores, and streamed through the CRC32
+    first on local disks (up to ``verify_max_bytes``) before it is memory-mapped.
     ``verify_max_bytes=0`` turns the CRC32 check off.
 
     ``local_dir`` (two tiers: the local tier's node-local folder; ``output_dir`` is the

@@ -19,7 +19,6 @@ rank touches only the pages of the tensors it keeps.
 from __future__ import annotations
 
 import io
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -34,7 +33,7 @@ from ..format.trainer_keys import CALLBACKS_KEY, GRAD_SCALER_KEY
 from .optim_file import match_optimizer_file
 from .storage import Storage
 
-__all__ = ["model_file", "trainer_file", "submodel_names", "submodel_of_variant", "submodel_state", "submodel_optimizer", "read_file", "state_dict_of", "load_model_file", "load_optimizer_file",
+__all__ = ["model_file", "trainer_file", "submodel_names", "submodel_of_variant", "submodel_state", "submodel_optimizer", "read_file", "load_bytes", "state_dict_of", "load_model_file", "load_optimizer_file",
            "check_optimizer_file", "apply_optimizer_file", "full_shapes", "trainer_state_of", "save_file"]
 
 _FULL = StateDictOptions(full_state_dict=True, strict=True)
@@ -120,9 +119,15 @@ def save_file(storage: Storage, path: str, obj: Any) -> int:
 
 def read_file(storage: Storage, path: str) -> Any:
     """Load a consolidated file with ``weights_only=True`` (memory-mapped on local disks)."""
-    if storage.is_local:
-        return torch.load(storage._strip(path), map_location="cpu", weights_only=True, mmap=True)
-    return torch.load(io.BytesIO(storage.read(path)), map_location="cpu", weights_only=True)
+    local = storage.local_path(path)
+    if local is not None:
+        return torch.load(local, map_location="cpu", weights_only=True, mmap=True)
+    return load_bytes(storage.read(path))
+
+
+def load_bytes(data: bytes) -> Any:
+    """Load a consolidated file's bytes (already read) with ``weights_only=True``."""
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
 def state_dict_of(obj: Any, what: str) -> dict[str, torch.Tensor]:
@@ -207,4 +212,4 @@ def trainer_state_of(obj: Any) -> tuple[dict[str, Any], dict[int, Any]]:
 
 def local_path(storage: Storage, path: str) -> str | None:
     """The OS path of ``path`` on a local store, else None."""
-    return os.path.abspath(storage._strip(path)) if storage.is_local else None
+    return storage.local_path(path)

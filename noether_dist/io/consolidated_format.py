@@ -3,9 +3,10 @@
 :mod:`noether_dist.io.consolidated`). Every rank reads the whole file (memory-mapped on a
 local disk) and keeps its own shard of each tensor.
 
-Staging one artifact for resume (collective): every rank compares the file's CRC32 with the
-commit record (files of at most ``verify_max_bytes``; Noether's own files have no record),
-reads it, and checks it against its targets (keys and shapes; an optimizer file is matched
+Staging one artifact for resume (collective): every rank reads the file and checks it against
+the commit record on the bytes it loads (object stores: size and CRC32 of the one read; local
+disks: streamed through the CRC32 in pieces when at most ``verify_max_bytes``; Noether's own
+files have no record), and checks it against its targets (keys and shapes; an optimizer file is matched
 by parameter name), nothing applied yet.
 """
 
@@ -22,38 +23,66 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from ..errors import ConfigError, NoetherDistError
 from ..format.names import ArtifactFormat, ArtifactKind, ema_factor_of, format_artifact, noether_model_info
 from . import consolidated
-from .dcp_io import FileRecord, open_checksummed
+from .dcp_io import FileRecord
+from .storage import Storage
 from .format_api import ArtifactIO, KeyInfo, LoadTarget, TrainerContent, WriteContext, flat_keys
 from .optim_file import names_from_file, to_noether_layout
 
 __all__ = ["ConsolidatedFormat"]
 
 
-def _check_crcs(storage: Any, path: str, art: Any, names: list[str], limit: int) -> str | None:
-    """Compare CRC32s with the commit record for files of at most ``limit``
-    bytes (reading them costs one extra read; bigger files are checked by size only)."""
-    for rec in art.files:
-        if rec.name in names and rec.size <= limit:
-            where = f"{path}/{rec.name}" if rec.name else path
-            data = storage.read(where)
-            if zlib.crc32(data) & 0xFFFFFFFF != rec.crc32:
-                return f"{where} is corrupt: CRC32 {zlib.crc32(data) & 0xFFFFFFFF:08x}, the commit record says {rec.crc32:08x}"
-    return None
-
-
-def _check_file(storage: Any, path: str, need: LoadTarget, verify_max_bytes: int) -> tuple[Any, str | None]:
-    """(what to apply, None) or (None, why this rank cannot use the file)."""
-    reason = _check_crcs(storage, path, need.art, [""], verify_max_bytes)
-    if reason:
-        return None, reason
+def _read_single(storage: Storage, path: str, art: Any, limit: int) -> tuple[Any, str | None]:
+    """A single file's content, checked against its commit record before anything uses it;
+    (content, None) or (None, why this rank cannot use it). The bytes checked are the bytes
+    loaded: on an object store the file is read once (one GET) and its size and CRC32
+    checked on those bytes; on a local disk a file of at most ``limit`` bytes is streamed
+    through the CRC32 in pieces (memory bounded by a piece, not the file), then memory-mapped.
+    ``limit`` 0: no CRC32 check. Noether's own files have no record: only read."""
+    rec = next((r for r in art.files if r.name == ""), None)
     try:
-        obj = consolidated.read_file(storage, path)
+        if storage.local_path(path) is None:
+            data = storage.read(path)
+            reason = _mismatch(path, rec, len(data), zlib.crc32(data)) if rec is not None and limit > 0 else None
+            return (None, reason) if reason else (consolidated.load_bytes(data), None)
+        if rec is not None and 0 < limit and rec.size <= limit:
+            reason = _mismatch(path, rec, *_streamed_crc32(storage, path))
+            if reason:
+                return None, reason
+        return consolidated.read_file(storage, path), None
     except FileNotFoundError:
         return None, f"{path} is missing"
     except NoetherDistError:
         raise
     except Exception as exc:  # noqa: BLE001 - a damaged file is a reason to fall back
         return None, f"{path} is unreadable: {type(exc).__name__}: {exc}"
+
+
+def _streamed_crc32(storage: Storage, path: str) -> tuple[int, int]:
+    size, crc = 0, 0
+    with storage.open_read(path) as stream:
+        while chunk := stream.read(_CHUNK_BYTES):
+            crc = zlib.crc32(chunk, crc)
+            size += len(chunk)
+    return size, crc
+
+
+_CHUNK_BYTES = 8 << 20
+
+
+def _mismatch(path: str, rec: FileRecord, size: int, crc: int) -> str | None:
+    """Why a file of ``size`` bytes and CRC32 ``crc`` is not the one ``rec`` records, or None."""
+    if size != rec.size:
+        return f"{path} has {size} bytes, the commit record says {rec.size}"
+    if crc & 0xFFFFFFFF != rec.crc32:
+        return f"{path} is corrupt: CRC32 {crc & 0xFFFFFFFF:08x}, the commit record says {rec.crc32:08x}"
+    return None
+
+
+def _check_file(storage: Any, path: str, need: LoadTarget, verify_max_bytes: int) -> tuple[Any, str | None]:
+    """(what to apply, None) or (None, why this rank cannot use the file)."""
+    obj, reason = _read_single(storage, path, need.art, verify_max_bytes)
+    if reason:
+        return None, reason
     if need.role == "optim":
         # matched by name and every shape checked here, before anything is loaded
         return consolidated.check_optimizer_file(need.owner, need.module, obj, f"optimizer file {path}",
@@ -103,9 +132,9 @@ class ConsolidatedFormat(ArtifactIO):
 
     def write_object(self, storage: Any, path: str, obj: Any) -> FileRecord:
         """``torch.save`` ``obj`` to ``path``, streamed; the file's record (size, CRC32)."""
-        with open_checksummed(storage, path) as stream:
+        with storage.open_write(path) as stream:
             torch.save(obj, stream)
-        return FileRecord("", stream.size, stream.crc & 0xFFFFFFFF)
+        return FileRecord("", stream.size, stream.crc)
 
     def write(self, storage: Any, path: str, kind: ArtifactKind, content: Any,
               context: WriteContext) -> tuple[FileRecord, ...]:
@@ -123,13 +152,7 @@ class ConsolidatedFormat(ArtifactIO):
         if target.role != "trainer":
             return comm.run_everywhere(lambda: _check_file(storage, path, target, verify_max_bytes))
 
-        def read_trainer() -> tuple[Any, str | None]:
-            if not storage.exists(path):
-                return None, f"{path} is missing"
-            reason = _check_crcs(storage, path, target.art, [""], verify_max_bytes)
-            return (None if reason else consolidated.read_file(storage, path)), reason
-
-        return comm.run_everywhere(read_trainer)
+        return comm.run_everywhere(lambda: _read_single(storage, path, target.art, verify_max_bytes))
 
     def apply(self, staged: Any, target: LoadTarget, rank: int) -> tuple[dict[str, Any], Any] | None:
         if target.role == "trainer":

@@ -1,16 +1,16 @@
 """DCP on our storage: sharded save that records what each rank wrote, and load.
 
-This is the only module that imports DCP's private parts (the fsspec writer/reader, the
-planner internals of a full load, the allocation of staging memory). DCP does the
-planning, resharding and dedup of replicated tensors; this module adds two things DCP
-does not do: every write goes through :class:`noether_dist.io.storage.Storage`'s filesystem,
-and every file written is recorded with its size and CRC32, computed while writing.
+This is the only module that imports DCP's private parts (the planner internals of a full
+load, the allocation of staging memory). DCP does the planning, resharding and dedup of
+replicated tensors; this module adds what DCP does not do: every read and write goes
+through :class:`noether_dist.io.storage.Storage`'s public methods (:class:`StorageFileSystem`),
+every file written is recorded with its size and CRC32, computed while writing, and a file
+read whole is streamed, its items loaded as their bytes arrive and its CRC32 checked on
+the bytes loaded.
 """
 
 from __future__ import annotations
 
-import asyncio
-import base64
 import bisect
 import contextlib
 import dataclasses
@@ -30,146 +30,35 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
-from fsspec.asyn import sync as fsspec_sync
 from torch.distributed._shard._utils import narrow_tensor_by_index
 from torch.distributed.checkpoint import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint._nested_dict import flatten_state_dict, unflatten_state_dict
-from torch.distributed.checkpoint._fsspec_filesystem import FileSystem as _DcpFsspecFS
-from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION as _DCP_VERSION
+from torch.distributed.checkpoint.filesystem import FileSystemBase, FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, StorageMeta, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadItemType
 from torch.futures import Future
 
 from ..dist.comm import is_distributed as _dist_ready
 from ..format.records import FileRecord
-from ..errors import StateMismatchError
+from ..errors import StateMismatchError, StorageError
 from .storage import Storage
 
-__all__ = ["FileRecord", "save_state", "load_state", "load_checked", "LoadReport", "Staging", "staging", "is_sharded", "reader_of", "placeholder", "metadata_for", "paused_gc", "load_full", "open_checksummed", "save_state_in_process", "collect_sidecar", "shutdown_checkpoint_process", "read_metadata", "check_keys", "cpu_buffers_like", "METADATA_FILE", "writer_rank", "upload_object"]
+__all__ = ["FileRecord", "save_state", "load_state", "load_checked", "LoadReport", "Staging", "staging", "is_sharded", "reader_of", "placeholder", "metadata_for", "paused_gc", "load_full", "StorageFileSystem", "save_state_in_process", "collect_sidecar", "shutdown_checkpoint_process", "read_metadata", "check_keys", "cpu_buffers_like", "METADATA_FILE", "writer_rank", "upload_object"]
 
 METADATA_FILE = ".metadata"
 
 
-class _ChecksumStream:
-    """Passes writes through to ``raw`` while counting bytes and updating a CRC32."""
-
-    def __init__(self, raw: Any) -> None:
-        self._raw = raw
-        self.size = 0
-        self.crc = 0
-
-    def write(self, data: Any) -> int:
-        view = memoryview(data).cast("B") if not isinstance(data, (bytes, bytearray)) else data
-        self.crc = zlib.crc32(view, self.crc)
-        self.size += len(view)
-        return self._raw.write(data)
-
-    def tell(self) -> int:
-        return self.size
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._raw, name)
-
-
-class _ObjectUpload:
-    """Where a file for an object store gathers while it is written (one copy, in memory),
-    and how it goes up on close: one PUT, or for a big file a multipart upload whose parts
-    go up in parallel. Each request carries the CRC32 of what it sends, which the store
-    checks on arrival and which spares botocore its own pass over the bytes."""
-
-    def __init__(self, fs: Any, path: str, crc32: bool) -> None:
-        self.fs = fs
-        self.path = path
-        self.crc32 = crc32
-        """True when the store's uploads carry CRC32 (``StorageOptions.checksum``): then
-        ours is sent, and botocore computes none; otherwise the store's own settings apply."""
-        self.buffer = bytearray()
-
-    def write(self, data: Any) -> int:
-        self.buffer += data
-        return len(data) if isinstance(data, (bytes, bytearray)) else memoryview(data).nbytes
-
-    def flush(self) -> None:
-        pass  # everything goes up in upload(), once the file is complete
-
-    def close(self) -> None:
-        pass  # DCP closes the stream inside the block; the upload follows the block
-
-    def upload(self, crc: int) -> None:
-        bucket, key, _ = self.fs.split_path(self.path)
-        data, self.buffer = self.buffer, bytearray()
-        if len(data) < MULTIPART_MIN_BYTES:
-            checksum = {"ChecksumCRC32": _crc_header(crc)} if self.crc32 else {}
-            self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, **checksum)
-        else:
-            _multipart_upload(self.fs, bucket, key, data, crc if self.crc32 else None)
-
-
-MULTIPART_MIN_BYTES = 64 << 20
-"""Files from this size on go up as a multipart upload (parts in parallel), smaller ones in one PUT."""
-_PART_BYTES = 16 << 20
-_PARTS_IN_FLIGHT = 8
-
-
-def _crc_header(crc: int) -> str:
-    return base64.b64encode((crc & 0xFFFFFFFF).to_bytes(4, "big")).decode()
-
-
-def _multipart_upload(fs: Any, bucket: str, key: str, data: bytearray, crc: int | None) -> None:
-    part = max(_PART_BYTES, -(-len(data) // 10_000))  # S3 allows at most 10,000 parts
-    view = memoryview(data)
-    starts = range(0, len(data), part)
-    # on this (a DCP writer) thread, beside the other writers, not on s3fs's event loop
-    checksums = [_crc_header(zlib.crc32(view[start:start + part])) if crc is not None else None for start in starts]
-    fsspec_sync(fs.loop, _send_parts, fs, bucket, key, view, part, checksums, crc)
-
-
-async def _send_parts(fs: Any, bucket: str, key: str, view: memoryview, part: int, checksums: list[str | None],
-                      crc: int | None) -> None:
-    # The checksum algorithm and type (a full-object CRC32) come with the store's options
-    # (s3_additional_kwargs); with CRC32 each part carries its own and the completion ours
-    # of the whole file, which the store checks against the parts.
-    mpu = await fs._call_s3("create_multipart_upload", Bucket=bucket, Key=key)
-    upload_id = mpu["UploadId"]
-    gate = asyncio.Semaphore(_PARTS_IN_FLIGHT)
-
-    async def send(index: int) -> dict[str, Any]:
-        extra = {"ChecksumCRC32": checksums[index]} if checksums[index] else {}
-        async with gate:
-            start = index * part
-            out = await fs._call_s3("upload_part", Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=index + 1,
-                                    Body=bytes(view[start:start + part]),  # botocore takes bytes, not views
-                                    **extra)
-        return {"PartNumber": index + 1, "ETag": out["ETag"], **extra}
-
-    try:
-        parts = await asyncio.gather(*(send(i) for i in range(len(checksums))))
-        whole = {"ChecksumCRC32": _crc_header(crc)} if crc is not None else {}
-        await fs._call_s3("complete_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id,
-                          MultipartUpload={"Parts": list(parts)}, **whole)
-    except BaseException:
-        try:
-            await fs._call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
-        except Exception:  # noqa: BLE001 - the first error is the one to report
-            pass
-        raise
-
-
-class _RecordingFS(_DcpFsspecFS):
-    """DCP's fsspec FileSystem bound to our filesystem instance, recording written files.
-    On an object store a file is written by :class:`_ObjectUpload`."""
+class StorageFileSystem(FileSystemBase):
+    """DCP's filesystem interface on our :class:`Storage`, through its public methods only:
+    streams are :meth:`Storage.open_write` (the file appears whole when DCP's block ends)
+    and :meth:`Storage.open_read`; every file written is recorded with the size and CRC32
+    its stream counted. Travels to DCP's checkpoint process with the storage (pickled)."""
 
     def __init__(self, storage: Storage) -> None:
-        super().__init__()
-        self.fs = storage.fs
+        self.storage = storage
         self.records: dict[str, FileRecord] = {}
         self._lock = threading.Lock()
-        self.object_store = not storage.is_local
-        self.crc32_uploads = storage.protocol in ("s3", "s3a") and storage.options.checksum == "CRC32"
-
-    def init_path(self, path: str | os.PathLike, **kwargs: Any) -> str | os.PathLike:
-        return path  # keep our filesystem instance (and its options)
 
     def __getstate__(self) -> dict[str, Any]:  # travels to DCP's background process
         state = dict(self.__dict__)
@@ -182,28 +71,47 @@ class _RecordingFS(_DcpFsspecFS):
 
     @contextlib.contextmanager
     def create_stream(self, path: str | os.PathLike, mode: str) -> Generator[io.IOBase, None, None]:
+        path = os.fspath(path)
         if "w" not in mode:
-            with super().create_stream(path, mode) as stream:
-                yield stream
+            with self.storage.open_read(path) as stream:
+                yield stream  # type: ignore[misc]
             return
-        if self.object_store:
-            upload = _ObjectUpload(self.fs, os.fspath(path), self.crc32_uploads)
-            wrapped = _ChecksumStream(upload)
-            yield wrapped  # type: ignore[misc]
-            upload.upload(wrapped.crc)
-        else:
-            with super().create_stream(path, mode) as stream:
-                wrapped = _ChecksumStream(stream)
-                yield wrapped  # type: ignore[misc]
-        name = os.fspath(path).rsplit("/", 1)[-1]
-        if name.endswith(".tmp"):
-            name = name[: -len(".tmp")]  # DCP renames .metadata.tmp to .metadata
+        with self.storage.open_write(path) as stream:
+            yield stream  # type: ignore[misc]
+        name = path.rsplit("/", 1)[-1]
         with self._lock:
-            self.records[name] = FileRecord(name, wrapped.size, wrapped.crc & 0xFFFFFFFF)
+            self.records[name] = FileRecord(name, stream.size, stream.crc)
+
+    def concat_path(self, path: str | os.PathLike, suffix: str) -> str:
+        return f"{os.fspath(path).rstrip('/')}/{suffix}"
+
+    def init_path(self, path: str | os.PathLike, **kwargs: Any) -> str | os.PathLike:
+        return path
+
+    def rename(self, path: str | os.PathLike, new_path: str | os.PathLike) -> None:
+        # _Writer writes .metadata in one step (open_write is atomic): DCP's tmp-and-rename is not used
+        raise NotImplementedError("noether_dist writes every file in one step; nothing is renamed")
+
+    def mkdir(self, path: str | os.PathLike) -> None:
+        self.storage.makedirs(os.fspath(path))
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
+        return False  # paths come with the storage, never as DCP checkpoint ids
+
+    def exists(self, path: str | os.PathLike) -> bool:
+        return self.storage.exists(os.fspath(path))
+
+    def rm_file(self, path: str | os.PathLike) -> None:
+        self.storage.remove(os.fspath(path))
+
+    def ls(self, path: str | os.PathLike) -> list[str]:
+        return [e.path for e in self.storage.list(os.fspath(path))]
 
 
-class _Writer(FsspecWriter):
-    """DCP's fsspec writer on our filesystem, recording every file it writes.
+class _Writer(FileSystemWriter):
+    """DCP's file-system writer on our storage (:class:`StorageFileSystem`), recording
+    every file it writes. Each file appears whole when written (no rename of ``.metadata``).
 
     In another process (DCP's process-based async save) the records cannot travel back in
     memory: with ``sidecar`` each rank writes them, once its files are complete, to a small
@@ -212,9 +120,10 @@ class _Writer(FsspecWriter):
     """
 
     def __init__(self, path: str, storage: Storage, thread_count: int, sidecar: bool = False) -> None:
-        super().__init__(path, sync_files=storage.is_local, thread_count=thread_count, overwrite=True)
+        # open_write fsyncs what it commits: DCP's own fsync would find no file descriptor
+        super().__init__(path, sync_files=False, thread_count=thread_count, overwrite=True)
         self._threads = thread_count
-        self.fs = _RecordingFS(storage)
+        self.fs = StorageFileSystem(storage)
         self.path = path
         self.sidecar = sidecar
         self.local = storage.is_local
@@ -233,8 +142,7 @@ class _Writer(FsspecWriter):
 
     def _write_metadata(self, metadata: Metadata, results: Any) -> None:
         # DCP writes .metadata.tmp and renames it: on an object store a rename is a copy and
-        # a delete. The commit record, not this file, makes the checkpoint visible, so one
-        # PUT of the final name is enough there.
+        # a delete. open_write makes the file appear whole in one step anyway (one PUT).
         metadata.version = _DCP_VERSION
         metadata.storage_data = {wr.index: wr.storage_data for wr_list in results for wr in wr_list}
         metadata.storage_meta = self.storage_meta()
@@ -254,17 +162,13 @@ class _Writer(FsspecWriter):
         return fut
 
     def finish(self, metadata: Metadata, results: Any) -> None:
-        if self.local:
-            super().finish(metadata, results)
-        else:
-            self._write_metadata(metadata, results)
+        self._write_metadata(metadata, results)
         if self.sidecar:
             self._write_sidecar()
 
     def _write_sidecar(self) -> None:
         data = json.dumps([r.to_dict() for r in self.fs.records.values()]).encode()
-        with self.fs.fs.open(f"{self.path}/{_sidecar_name(self.rank)}", "wb") as fh:
-            fh.write(data)
+        self.fs.storage.replace(f"{self.path}/{_sidecar_name(self.rank)}", data)
 
 
 MIN_FILE_BYTES = 8 << 20
@@ -334,19 +238,25 @@ DEFAULT_READ_THREADS = 8
 """Files a reader fetches at once (each file one GET, or one ranged GET per span)."""
 _SPAN_GAP = 64 * 1024
 """Spans of one file closer than this are fetched as one ranged read."""
+READ_CHUNK_BYTES = 8 << 20
+"""A file read whole arrives in pieces of this size (memory per reader thread: one piece
+and the item being gathered)."""
 
 
-class _Reader(FsspecReader):
-    """DCP's fsspec reader on our storage, with its own ``read_data``.
+class _Reader(FileSystemReader):
+    """DCP's file-system reader on our storage, with its own ``read_data``.
 
-    - files are fetched in parallel (``threads`` at once) with plain GETs (no HEAD), and
-      deserialised on the caller's thread as they arrive;
+    - files are fetched in parallel (``threads`` at once) with plain GETs (no HEAD); a file
+      read whole is streamed, each item deserialised on the reader thread as soon as its
+      bytes have arrived (memory: a piece and an item per thread, not the file);
     - a file is read whole (one GET) when this rank needs at least half of its bytes, or it
       is at most ``whole_max_bytes``; otherwise only the spans its items occupy (ranged GETs);
     - with ``files`` (the commit record's size and CRC32 of each file), a file read whole is
-      checked against them on the bytes just read: no second download. With ``collect``,
-      a missing, short or corrupt file is recorded in ``problems`` (its items are left
-      unloaded) instead of raised, so that the caller can decide with the other ranks;
+      checked against them on the bytes streamed and loaded: no second download. With
+      ``collect``, a missing, short or corrupt file is recorded in ``problems`` instead of
+      raised, so that the caller can decide with the other ranks; items of it may already
+      be in the state loaded into, which the caller then discards (resume loads into
+      staging, never into the model);
     - ``metadata``: DCP metadata already read (e.g. by the coordinator and broadcast); then
       ``read_metadata`` costs no request.
     """
@@ -355,7 +265,7 @@ class _Reader(FsspecReader):
                  files: list[FileRecord] | tuple[FileRecord, ...] | None = None, verify: bool = True,
                  whole_max_bytes: int = 0, threads: int = DEFAULT_READ_THREADS, collect: bool = False) -> None:
         super().__init__(path)
-        self.fs = _RecordingFS(storage)
+        self.fs = StorageFileSystem(storage)
         self.path = path
         self.storage = storage
         self._metadata = metadata
@@ -367,6 +277,7 @@ class _Reader(FsspecReader):
         self.problems: list[str] = []
         self.bytes_read = 0
         self.requests = 0
+        self._lock = threading.Lock()
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         if self._metadata is not None:
@@ -397,72 +308,123 @@ class _Reader(FsspecReader):
         if jobs:
             with ThreadPoolExecutor(max_workers=min(self._threads, len(jobs)),
                                     thread_name_prefix="noether-read") as pool:
-                futures = {pool.submit(self._fetch, rel, record, spans): (rel, items)
-                           for rel, items, record, spans in jobs}
+                futures = [pool.submit(self._read_file, rel, items, record, spans, planner)
+                           for rel, items, record, spans in jobs]
                 for fut in as_completed(futures):
-                    rel, items = futures[fut]
-                    chunks, problem = fut.result()
+                    problem = fut.result()
                     if problem is not None:
                         if not self._collect:
                             raise problem
                         self.problems.append(str(problem))
-                        continue
-                    self._load_items(items, chunks, planner)
         done: Future = Future()
         done.set_result(None)
         return done
 
-    def _fetch(self, rel: str, record: FileRecord | None,
-               spans: list[tuple[int, int]] | None) -> tuple[list[tuple[int, bytes]], Exception | None]:
-        """(start offset, bytes) pieces of the file, or the problem that stopped the read."""
+    def _read_file(self, rel: str, items: list[Any], record: FileRecord | None,
+                   spans: list[tuple[int, int]] | None, planner: Any) -> Exception | None:
+        """Read one file and load its items (on a reader thread); the problem that made the
+        file unusable, or None. An error loading an item into a good file is raised."""
         path = f"{self.path}/{rel}"
         try:
             if spans is None:
-                data = self.storage.read(path)
-                self.requests += 1
-                self.bytes_read += len(data)
-                if record is not None and len(data) != record.size:
-                    return [], _ReadProblem(f"{path} has {len(data)} bytes, the commit record says {record.size}")
-                if record is not None and self._verify:
-                    crc = zlib.crc32(data) & 0xFFFFFFFF
-                    if crc != record.crc32:
-                        return [], _ReadProblem(f"{path} is corrupt: CRC32 {crc:08x}, the commit record says "
-                                                f"{record.crc32:08x}")
-                return [(0, data)], None
-            pieces = []
-            for start, length in spans:
-                data = self.storage.read_range(path, start, start + length)
-                self.requests += 1
-                self.bytes_read += len(data)
-                if len(data) != length:
-                    size = f", the commit record says {record.size}" if record is not None else ""
-                    return [], _ReadProblem(f"{path} ends before byte {start + length} (read {len(data)} of "
-                                            f"{length} bytes at {start}){size}")
-                pieces.append((start, data))
-            return pieces, None
+                problem, load_error = self._stream_whole(path, items, record, planner)
+            else:
+                problem, load_error = self._read_spans(path, items, record, spans, planner)
         except FileNotFoundError:
-            return [], FileNotFoundError(f"{path} is missing")
+            return FileNotFoundError(f"{path} is missing")
         except Exception as exc:  # noqa: BLE001 - reported (or raised) by the caller
-            return [], _ReadProblem(f"{path} is unreadable: {type(exc).__name__}: {exc}") if self._collect else exc
+            return _ReadProblem(f"{path} is unreadable: {type(exc).__name__}: {exc}") if self._collect else exc
+        if problem is None and load_error is not None:
+            raise load_error
+        return problem
 
-    def _load_items(self, items: list[Any], chunks: list[tuple[int, bytes]], planner: Any) -> None:
+    def _stream_whole(self, path: str, items: list[Any], record: FileRecord | None,
+                      planner: Any) -> tuple[Exception | None, Exception | None]:
+        """Stream a file from the front in pieces of READ_CHUNK_BYTES, loading each item once
+        its bytes have arrived and computing the CRC32 of every byte; memory holds one piece
+        and the item being gathered, never the file. (problem, first load error): a file
+        found short or corrupt at the end makes the items already loaded from it void (the
+        caller discards them: resume loads into staging); only then is a load error, which
+        damaged bytes may cause, the one to raise."""
+        order = sorted(items, key=lambda i: self.storage_data[i.storage_index].offset)
+        infos = [self.storage_data[i.storage_index] for i in order]
+        buf, buf_start, size, crc, nxt = bytearray(), 0, 0, 0, 0
+        load_error: Exception | None = None
+        with self.storage.open_read(path) as stream:
+            self._count(requests=1)
+            while chunk := stream.read(READ_CHUNK_BYTES):
+                crc = zlib.crc32(chunk, crc)
+                size += len(chunk)
+                buf += chunk  # buf holds the bytes [buf_start, size) of the file
+                while nxt < len(order) and infos[nxt].offset + infos[nxt].length <= size:
+                    if load_error is None:
+                        start = infos[nxt].offset - buf_start
+                        with memoryview(buf) as view, view[start:start + infos[nxt].length] as piece:
+                            data = piece.tobytes()
+                        try:
+                            self._load_item(order[nxt], data, planner)
+                        except Exception as exc:  # noqa: BLE001 - decided once the CRC32 is known
+                            load_error = exc
+                    nxt += 1
+                keep_from = min(infos[nxt].offset, size) if nxt < len(order) else size
+                del buf[:keep_from - buf_start]
+                buf_start = keep_from
+        self._count(bytes_read=size)
+        crc &= 0xFFFFFFFF
+        if record is not None and size != record.size:
+            return _ReadProblem(f"{path} has {size} bytes, the commit record says {record.size}"), load_error
+        if record is not None and self._verify and crc != record.crc32:
+            return _ReadProblem(f"{path} is corrupt: CRC32 {crc:08x}, the commit record says {record.crc32:08x}"), \
+                load_error
+        if nxt < len(order):
+            end = infos[nxt].offset + infos[nxt].length
+            return _ReadProblem(f"{path} ends before byte {end} (it has {size} bytes)"), load_error
+        return None, load_error
+
+    def _read_spans(self, path: str, items: list[Any], record: FileRecord | None, spans: list[tuple[int, int]],
+                    planner: Any) -> tuple[Exception | None, Exception | None]:
+        """Read only the spans this rank's items occupy (one ranged read each) and load them."""
+        pieces = []
+        for start, length in spans:
+            data = self.storage.read_range(path, start, start + length)
+            self._count(requests=1, bytes_read=len(data))
+            if len(data) != length:
+                size = f", the commit record says {record.size}" if record is not None else ""
+                return _ReadProblem(f"{path} ends before byte {start + length} (read {len(data)} of "
+                                    f"{length} bytes at {start}){size}"), None
+            pieces.append((start, data))
         for item in items:
             info = self.storage_data[item.storage_index]
-            start, data = next((s, d) for s, d in chunks if s <= info.offset < s + len(d))
-            view = memoryview(data)[info.offset - start: info.offset - start + info.length]
-            stream = self.transforms.transform_load_stream(item, info.transform_descriptors or (), io.BytesIO(view))
-            if item.type == LoadItemType.BYTE_IO:
-                planner.load_bytes(item, io.BytesIO(stream.read(-1)))
-                continue
-            if not stream.seekable():
-                stream = io.BytesIO(stream.read(-1))
-            tensor = torch.load(stream, map_location="cpu", weights_only=True)
-            tensor = narrow_tensor_by_index(tensor, item.storage_offsets, item.lengths)
+            start, data = next((s, d) for s, d in pieces if s <= info.offset < s + len(d))
+            self._load_item(item, memoryview(data)[info.offset - start: info.offset - start + info.length], planner)
+        return None, None
+
+    def _count(self, *, requests: int = 0, bytes_read: int = 0) -> None:
+        with self._lock:
+            self.requests += requests
+            self.bytes_read += bytes_read
+
+    def _load_item(self, item: Any, data: bytes | memoryview, planner: Any) -> None:
+        """Deserialise one item and put it where the planner says (planner calls serialised:
+        the planner builds nested containers)."""
+        info = self.storage_data[item.storage_index]
+        stream = self.transforms.transform_load_stream(item, info.transform_descriptors or (), io.BytesIO(data))
+        if item.type == LoadItemType.BYTE_IO:
+            value = io.BytesIO(stream.read(-1))
+            with self._lock:
+                planner.load_bytes(item, value)
+            return
+        if not stream.seekable():
+            stream = io.BytesIO(stream.read(-1))
+        tensor = torch.load(stream, map_location="cpu", weights_only=True)
+        tensor = narrow_tensor_by_index(tensor, item.storage_offsets, item.lengths)
+        with self._lock:
             target = planner.resolve_tensor(item).detach()
-            if target.size() != tensor.size():
-                raise StateMismatchError(f"{self.path}: item {item.storage_index} has size {list(tensor.size())}, "
-                                         f"the state to load into {list(target.size())}")
-            target.copy_(tensor)
+        if target.size() != tensor.size():
+            raise StateMismatchError(f"{self.path}: item {item.storage_index} has size {list(tensor.size())}, "
+                                     f"the state to load into {list(target.size())}")
+        target.copy_(tensor)
+        with self._lock:
             planner.commit_tensor(item, target)
 
 
@@ -627,20 +589,14 @@ def writer_rank(name: str, world_size: int) -> int:
 
 
 def upload_object(storage: Storage, path: str, data: bytes | bytearray, crc: int) -> None:
-    """Write a whole file whose CRC32 is already known, as a save writes it: on an object
-    store one PUT, or parallel parts for a big file, each carrying its CRC32 (the store
-    checks them; the object keeps the whole file's); elsewhere a synced replace."""
-    if storage.is_local:
-        storage.replace(path, bytes(data))
-        return
-    crc32 = storage.protocol in ("s3", "s3a") and storage.options.checksum == "CRC32"
-
-    def put() -> None:
-        upload = _ObjectUpload(storage.fs, storage._strip(path), crc32)
-        upload.buffer = bytearray(data)
-        upload.upload(crc)
-
-    storage.retry("write", path, put)
+    """Write a whole file whose CRC32 is already known, as a save writes it
+    (:meth:`Storage.open_write`: on an object store one PUT, or parts for a big file, each
+    carrying its CRC32; elsewhere a synced replace). StorageError, with nothing written, when
+    ``data`` does not have the CRC32 ``crc``."""
+    with storage.open_write(path) as stream:
+        stream.write(data)
+        if stream.crc != crc & 0xFFFFFFFF:
+            raise StorageError(f"write {path}: the data has CRC32 {stream.crc:08x}, expected {crc & 0xFFFFFFFF:08x}")
 
 
 def placeholder(key: str, metadata: Metadata) -> Any:
@@ -762,7 +718,7 @@ def check_keys(state_dict: dict[str, Any], metadata: Metadata, what: str) -> Non
 
 def load_full(path: str, storage: Storage) -> dict[str, Any]:
     """Load a whole DCP directory into one nested state dict in this process (no
-    collective): one copy of the state in memory, used to convert to a consolidated file."""
+    collective): one copy of the state in memory, used to convert to a single file."""
     # The public dcp.load only fills keys the caller already has; building the dict from
     # the metadata needs DCP's own (private) planner and inner loader, as its format_utils do.
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
@@ -773,16 +729,6 @@ def load_full(path: str, storage: Storage) -> dict[str, Any]:
         _load_state_dict(state, storage_reader=_Reader(path, storage), planner=_EmptyStateDictLoadPlanner(),
                          no_dist=True)
     return state
-
-
-@contextlib.contextmanager
-def open_checksummed(storage: Storage, path: str) -> Generator[Any, None, None]:
-    """A binary write stream to ``path`` whose ``size`` and ``crc`` count what was written
-    (streaming: nothing is held in memory)."""
-    storage.makedirs(path.rsplit("/", 1)[0])
-    with storage.fs.open(storage._strip(path), "wb") as raw:
-        stream = _ChecksumStream(raw)
-        yield stream
 
 
 def shutdown_checkpoint_process() -> None:

@@ -341,10 +341,7 @@ def _progress_on(args: argparse.Namespace) -> bool:
 def _require_exists(storage: Storage, url: str) -> None:
     """ConfigError (exit 2) when the path, or the S3 bucket, does not exist; other store
     errors (403, unreachable) raise StorageError (exit 3)."""
-    if storage.protocol in ("s3", "s3a"):
-        bucket = storage._strip(url).split("/", 1)[0]
-        if not bucket:
-            raise ConfigError(f"{url} names no bucket; use s3://bucket/prefix")
+    if storage.is_s3:
         try:
             storage.check_bucket(url)
         except StorageError as exc:
