@@ -9,34 +9,33 @@ import time
 import pytest
 
 from noether_dist import AsyncMode, Checkpointer, CheckpointerConfig, CommitError, TrainingIteration
+from noether_dist.io.storage import open_storage
 from tests.distributed import run_ranks
 from tests.models import EMA_INFO, assert_states_equal, build, full_state, train_steps
+from tests.storage_faults import FaultyStorage
 from tests.test_resume_dist import resume_state
 
 pytestmark = pytest.mark.torch_compat
 
 
-def _slow_writes(delay_s: float) -> None:
-    """Make the first write of every file of this process slow, so that training overlaps
-    the background write."""
-    from noether_dist.io import dcp_io
-
-    original = dcp_io._ChecksumStream.write
-
-    def slow(self, data):
-        if self.size == 0:
+def _slow_first_writes(delay_s: float):
+    """A stream-write hook that makes the first write of every file slow, so that training
+    overlaps the background write."""
+    def slow(write, stream, data):
+        if stream.size == 0:
             time.sleep(delay_s)
-        return original(self, data)
+        return write(data)
 
-    dcp_io._ChecksumStream.write = slow
+    return slow
 
 
 def async_save_while_training(rank: int, world_size: int, out: str) -> dict:
     model, opt, ema = build()
+    storage = FaultyStorage(open_storage(out))
     ck = Checkpointer(CheckpointerConfig(output_dir=out, run_id="run1", stage_name="train", model_name="mlp",
-                                         async_mode=AsyncMode.THREAD, timeout_s=60))
+                                         async_mode=AsyncMode.THREAD, timeout_s=60), storage=storage)
     train_steps(model, opt, ema, 2, rank)
-    _slow_writes(0.3)
+    storage.stream_write = _slow_first_writes(0.3)
     future = ck.save(TrainingIteration(0, 2, 32), model=model, optimizer=opt, ema={EMA_INFO: ema},
                      trainer_state={"at": 2})
     at_call = full_state(model, opt, ema)
@@ -59,18 +58,17 @@ def test_async_save_writes_the_values_of_the_moment_of_the_call(tmp_path):
 
 def async_failure(rank: int, world_size: int, out: str) -> dict:
     model, opt, ema = build()
+    storage = FaultyStorage(open_storage(out))
     ck = Checkpointer(CheckpointerConfig(output_dir=out, run_id="run1", stage_name="train", model_name="mlp",
-                                         async_mode=AsyncMode.THREAD, timeout_s=30))
+                                         async_mode=AsyncMode.THREAD, timeout_s=30), storage=storage)
     train_steps(model, opt, ema, 1, rank)
     ck.save(TrainingIteration(0, 1, 16), model=model, optimizer=opt)
     ck.wait()
     if rank == 1:
-        from noether_dist.io import dcp_io
-
-        def broken(self, data):
+        def broken(write, stream, data):
             raise OSError(28, "No space left on device (injected)")
 
-        dcp_io._ChecksumStream.write = broken
+        storage.stream_write = broken
     train_steps(model, opt, ema, 1, rank, start=1)
     ck.save(TrainingIteration(0, 2, 32), model=model, optimizer=opt)  # returns: the failure is in the background
     train_steps(model, opt, ema, 1, rank, start=2)

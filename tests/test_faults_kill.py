@@ -30,6 +30,7 @@ from noether_dist.io.storage import open_storage
 from noether_dist.stage.verify import verify_stage
 from tests.distributed import run_ranks
 from tests.models import EMA_INFO, assert_states_equal, build, full_state, train_steps
+from tests.storage_faults import FaultyStorage
 
 RUN, STAGE, MODEL = "run1", "train", "mlp"
 TIMEOUT_S = 6.0
@@ -41,58 +42,49 @@ def _it(update: int) -> TrainingIteration:
     return TrainingIteration(0, update, 16 * update)
 
 
-def _checkpointer(out: str) -> Checkpointer:
+def _checkpointer(out: str, storage=None) -> Checkpointer:
     return Checkpointer(CheckpointerConfig(output_dir=out, run_id=RUN, stage_name=STAGE, model_name=MODEL,
-                                           timeout_s=TIMEOUT_S))
+                                           timeout_s=TIMEOUT_S), storage=storage)
 
 
 class _Killer:
-    """Installed in a rank's process: counts the bytes this rank writes and SIGKILLs the
-    process at the moment the trial chose."""
+    """A rank's storage for a trial (:class:`FaultyStorage`): counts the bytes this rank
+    writes and SIGKILLs the process at the moment the trial chose."""
 
-    def __init__(self) -> None:
-        from noether_dist.io import dcp_io
-        from noether_dist.io.storage import Storage
-
+    def __init__(self, out: str) -> None:
         self.written = 0
         self.kill_at_byte: int | None = None
         self.commit_hook: str | None = None  # before_commit, after_commit, after_alias
         self.lock = threading.Lock()
-        original_write = dcp_io._ChecksumStream.write
-        original_once = Storage.write_once
-        original_replace = Storage.replace
-        killer = self
+        self.storage = FaultyStorage(open_storage(out), stream_write=self._write, write_once=self._write_once,
+                                     replace=self._replace)
 
-        def write(stream, data):
-            with killer.lock:
-                size = memoryview(data).nbytes
-                limit = killer.kill_at_byte
-                if limit is not None and killer.written + size >= limit:
-                    keep = max(0, limit - killer.written)
-                    original_write(stream, memoryview(data).cast("B")[:keep])
-                    try:
-                        stream.flush()
-                    except Exception:  # noqa: BLE001 - dying anyway
-                        pass
-                    _die()
-                killer.written += size
-            return original_write(stream, data)
-
-        def write_once(storage, path, data):
-            if killer.commit_hook == "before_commit" and "/_commits/" in path:
+    def _write(self, write, stream, data):
+        with self.lock:
+            size = memoryview(data).nbytes
+            limit = self.kill_at_byte
+            if limit is not None and self.written + size >= limit:
+                keep = max(0, limit - self.written)
+                write(memoryview(data).cast("B")[:keep])
+                try:
+                    stream.flush()
+                except Exception:  # noqa: BLE001 - dying anyway
+                    pass
                 _die()
-            original_once(storage, path, data)
-            if killer.commit_hook == "after_commit" and "/_commits/" in path:
-                _die()
+            self.written += size
+        return write(data)
 
-        def replace(storage, path, data):
-            original_replace(storage, path, data)
-            if killer.commit_hook == "after_alias" and path.endswith("/_aliases/latest.json"):
-                _die()
+    def _write_once(self, original, path, data):
+        if self.commit_hook == "before_commit" and "/_commits/" in path:
+            _die()
+        original(path, data)
+        if self.commit_hook == "after_commit" and "/_commits/" in path:
+            _die()
 
-        dcp_io._ChecksumStream.write = write
-        Storage.write_once = write_once
-        Storage.replace = replace
+    def _replace(self, original, path, data):
+        original(path, data)
+        if self.commit_hook == "after_alias" and path.endswith("/_aliases/latest.json"):
+            _die()
 
 
 def _die() -> None:
@@ -131,9 +123,9 @@ def trial_job(rank: int, world_size: int, prev: dict | None, trial: dict | None)
             pickle.dump(_resume_and_check(rank, prev), fh)
     if trial is None:
         return out
-    killer = _Killer()
+    killer = _Killer(trial["dir"])
     model, opt, ema = build(seed=trial["index"])
-    ck = _checkpointer(trial["dir"])
+    ck = _checkpointer(trial["dir"], killer.storage)
     states = {}
     save_s = bytes_per_save = 0.0
     for update in range(1, trial["committed_before"] + 1):
@@ -322,21 +314,18 @@ def test_dead_or_hung_rank_during_resume_agreement(tmp_path, report):
 
 def save_with_hung_peer(rank: int, world_size: int, out: str) -> dict:
     """Rank 1 stops (SIGSTOP: alive but silent) in the middle of writing its shards."""
-    from noether_dist.io import dcp_io
-
     pids, model, opt, ema = _pids_and_save(rank, out)
+    storage = FaultyStorage(open_storage(out))
     if rank == 1:
-        original = dcp_io._ChecksumStream.write
-
-        def write_then_hang(stream, data):
-            original(stream, data)
+        def write_then_hang(write, stream, data):
+            write(data)
             os.kill(os.getpid(), signal.SIGSTOP)
 
-        dcp_io._ChecksumStream.write = write_then_hang
+        storage.stream_write = write_then_hang
     train_steps(model, opt, ema, 1, rank, start=1)
     started = time.perf_counter()
     try:
-        _checkpointer(out).save(_it(2), model=model, optimizer=opt, ema={EMA_INFO: ema})
+        _checkpointer(out, storage).save(_it(2), model=model, optimizer=opt, ema={EMA_INFO: ema})
         outcome = ("ok", "")
     except NoetherDistError as exc:
         outcome = (type(exc).__name__, str(exc))

@@ -12,8 +12,10 @@ import torch
 
 from noether_dist import Checkpointer, CheckpointerConfig, CommitError, TrainingIteration, resume
 from noether_dist.errors import NoetherDistError
+from noether_dist.io.storage import open_storage
 from tests.distributed import run_ranks
 from tests.models import EMA_INFO, assert_states_equal, build, full_state, train_steps
+from tests.storage_faults import FaultyStorage
 
 pytestmark = pytest.mark.torch_compat
 
@@ -21,9 +23,9 @@ RUN = "run1"
 STAGE = "train"
 
 
-def _checkpointer(out: str, **kw) -> Checkpointer:
+def _checkpointer(out: str, storage=None, **kw) -> Checkpointer:
     return Checkpointer(CheckpointerConfig(output_dir=out, run_id=RUN, stage_name=kw.pop("stage", STAGE),
-                                           model_name="mlp", **kw))
+                                           model_name="mlp", **kw), storage=storage)
 
 
 def _it(update: int, world_size: int) -> TrainingIteration:
@@ -33,21 +35,18 @@ def _it(update: int, world_size: int) -> TrainingIteration:
 def save_then_die(rank: int, world_size: int, out: str, victim: int) -> dict:
     """Save at U1 (commits), train on, save at U2 while ``victim`` SIGKILLs itself mid-write."""
     model, opt, ema = build()
-    ck = _checkpointer(out, timeout_s=8.0)
+    storage = FaultyStorage(open_storage(out))
+    ck = _checkpointer(out, timeout_s=8.0, storage=storage)
     train_steps(model, opt, ema, 1, rank)
     ck.save(_it(1, world_size), model=model, optimizer=opt, ema={EMA_INFO: ema})
     saved = full_state(model, opt, ema)
     train_steps(model, opt, ema, 1, rank, start=1)
     if rank == victim:
-        from noether_dist.io import dcp_io
-
-        original = dcp_io._ChecksumStream.write
-
-        def die_mid_write(self, data):
-            original(self, data)
+        def die_mid_write(write, stream, data):
+            write(data)
             os.kill(os.getpid(), signal.SIGKILL)
 
-        dcp_io._ChecksumStream.write = die_mid_write
+        storage.stream_write = die_mid_write
     try:
         ck.save(_it(2, world_size), model=model, optimizer=opt, ema={EMA_INFO: ema})
     except CommitError as exc:
