@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import zlib
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from noether_dist.io import dcp_io
-from noether_dist.io.storage import open_storage
+from noether_dist.io.storage import Storage, open_storage
 
 pytestmark = pytest.mark.torch_compat
 
@@ -34,3 +35,53 @@ def test_records_match_the_files_and_metadata_is_allow_listed(tmp_path, monkeypa
     with pytest.raises(pickle.UnpicklingError, match="may not reference posix.system"):
         dcp_io.read_metadata(path, st)
     assert not (tmp_path / "PWNED").exists()
+
+
+class _PieceCounting(Storage):
+    """The same local store, noting the size of every piece a stream hands out."""
+
+    def __init__(self, base: Storage) -> None:
+        super().__init__(base.fs, base.options, base.protocol)
+        self.pieces: list[int] = []
+
+    @contextlib.contextmanager
+    def open_read(self, path, **kw):
+        with super().open_read(path, **kw) as stream:
+            read = stream.read
+
+            def counted(n=-1):
+                data = read(n)
+                self.pieces.append(len(data))
+                return data
+
+            stream.read = counted
+            yield stream
+
+
+def test_a_file_read_whole_streams_loads_items_as_they_arrive_and_checks_its_crc(tmp_path, monkeypatch):
+    """The CRC32 check of resume's load runs on the bytes streamed in pieces (never the
+    whole file in memory), items spanning pieces load exactly, and a damaged byte is
+    reported as a corrupt file (not raised) even where it breaks an item's bytes."""
+    monkeypatch.setattr(dcp_io, "READ_CHUNK_BYTES", 4096)
+    st = open_storage(str(tmp_path))
+    path = str(tmp_path / "m_cp=E0_U1_S8_model.th")
+    state = {f"t{i}": torch.randn(1000 + 37 * i) for i in range(6)}  # ~4-5 KiB each: items span pieces
+    records = dcp_io.save_state(state, path, st)
+    data_file = next(r for r in records if r.name.endswith(".distcp"))
+    assert data_file.size > 6 * 4096
+    counting = _PieceCounting(st)
+    metadata = dcp_io.read_metadata(path, st)
+    target = {k: torch.zeros_like(v) for k, v in state.items()}
+    report = dcp_io.load_checked(target, path, counting, metadata=metadata, files=tuple(records), verify=True,
+                                 whole_max_bytes=1 << 30, collective=False)
+    assert report.problems == [] and report.bytes_read == data_file.size
+    assert all(torch.equal(target[k], state[k]) for k in state)
+    assert max(counting.pieces) == 4096 and sum(counting.pieces) == data_file.size
+    where = tmp_path / "m_cp=E0_U1_S8_model.th" / data_file.name
+    raw = bytearray(where.read_bytes())
+    for offset in range(0, len(raw), 512):  # damage every item's bytes
+        raw[offset] ^= 0xFF
+    where.write_bytes(bytes(raw))
+    report = dcp_io.load_checked({k: torch.zeros_like(v) for k, v in state.items()}, path, st, metadata=metadata,
+                                 files=tuple(records), verify=True, whole_max_bytes=1 << 30, collective=False)
+    assert len(report.problems) == 1 and f"{data_file.name} is corrupt: CRC32" in report.problems[0]

@@ -86,10 +86,10 @@ def test_big_files_go_up_in_parts_with_checksums_and_load_back(s3_bucket, s3_env
 
     import torch
 
-    from noether_dist.io import dcp_io
+    from noether_dist.io import dcp_io, s3store
 
-    monkeypatch.setattr(dcp_io, "MULTIPART_MIN_BYTES", 6 << 20)
-    monkeypatch.setattr(dcp_io, "_PART_BYTES", 5 << 20)  # S3's smallest part
+    monkeypatch.setattr(s3store, "MULTIPART_MIN_BYTES", 6 << 20)
+    monkeypatch.setattr(s3store, "_PART_BYTES", 5 << 20)  # S3's smallest part
     st = open_storage(f"s3://{s3_bucket}")
     torch.manual_seed(0)
     state = {"big": torch.randn(3 << 20), "small": torch.randn(100)}  # 12 MiB and 400 bytes
@@ -138,3 +138,39 @@ def test_save_and_load_with_upload_checksums_off(s3_bucket, s3_env):
     target = {"w": torch.zeros(1000)}
     dcp_io.load_state(target, path, st)
     assert torch.equal(target["w"], state["w"])
+
+
+@pytest.mark.torch_compat
+def test_streamed_write_uploads_parts_while_writing_and_an_aborted_one_leaves_nothing(s3_bucket, s3_env, monkeypatch):
+    import os
+    import zlib
+
+    from noether_dist.io import s3store
+
+    monkeypatch.setattr(s3store, "MULTIPART_MIN_BYTES", 6 << 20)
+    monkeypatch.setattr(s3store, "_PART_BYTES", 5 << 20)  # S3's smallest part
+    st = open_storage(f"s3://{s3_bucket}")
+    data = os.urandom(13 << 20)
+    path = f"s3://{s3_bucket}/x/big"
+
+    def uploads() -> list:
+        return st.fs.call_s3("list_multipart_uploads", Bucket=s3_bucket).get("Uploads", [])
+
+    with st.open_write(path) as stream:
+        for start in range(0, len(data), 1 << 20):
+            stream.write(data[start:start + (1 << 20)])
+        assert len(uploads()) == 1 and not st.exists(path)  # parts went up; the object is not there yet
+    assert uploads() == [] and (stream.size, stream.crc) == (len(data), zlib.crc32(data))
+    assert st.stored_checksum(path) == (len(data), zlib.crc32(data))  # the store kept the whole-object CRC32
+    assert st.fs.info(path)["ETag"].strip('"').endswith("-3")  # 5 + 5 + 3 MiB
+    with st.open_read(path, start=(5 << 20) - 10, end=(5 << 20) + 10) as stream:
+        assert stream.read() == data[(5 << 20) - 10:(5 << 20) + 10]
+    with pytest.raises(RuntimeError, match="boom"):
+        with st.open_write(f"s3://{s3_bucket}/x/aborted") as stream:
+            stream.write(data)
+            raise RuntimeError("boom")
+    assert uploads() == [] and not st.exists(f"s3://{s3_bucket}/x/aborted")
+    with st.open_write(f"s3://{s3_bucket}/x/small") as stream:
+        stream.write(b"small")
+    assert st.read(f"s3://{s3_bucket}/x/small") == b"small"
+    assert st.stored_checksum(f"s3://{s3_bucket}/x/small") == (5, zlib.crc32(b"small"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from noether_dist.format.records import AliasRecord, CommitRecord, CorruptRecordError
@@ -113,3 +115,69 @@ def test_commit_and_alias_records(tmp_path):
     st.replace(layout.commit_path(it1), b"{}")
     with pytest.raises(CorruptRecordError, match="corrupt"):
         read_commit(st, layout, it1)
+
+
+def test_open_write_appears_whole_on_commit_and_leaves_nothing_on_error(tmp_path):
+    import zlib
+
+    st = open_storage(str(tmp_path))
+    path = str(tmp_path / "d" / "f.bin")
+    with st.open_write(path) as stream:
+        stream.write(b"a" * 1000)
+        stream.write(memoryview(bytearray(b"b" * 24)))
+        assert not os.path.exists(path)  # nothing visible before the block ends
+    assert open(path, "rb").read() == b"a" * 1000 + b"b" * 24
+    assert (stream.size, stream.crc) == (1024, zlib.crc32(b"a" * 1000 + b"b" * 24))
+    with pytest.raises(RuntimeError, match="boom"):
+        with st.open_write(path) as stream:
+            stream.write(b"new content")
+            raise RuntimeError("boom")
+    assert open(path, "rb").read() == b"a" * 1000 + b"b" * 24  # the old content, whole
+    assert os.listdir(tmp_path / "d") == ["f.bin"]  # no temporary file left
+
+
+def test_open_read_streams_pieces_and_ranges(tmp_path):
+    st = open_storage(str(tmp_path))
+    data = bytes(range(256)) * 40
+    st.replace(str(tmp_path / "f"), data)
+    with st.open_read(str(tmp_path / "f")) as stream:
+        pieces = list(iter(lambda: stream.read(1000), b""))
+    assert [len(p) for p in pieces] == [1000] * 10 + [240] and b"".join(pieces) == data
+    with st.open_read(str(tmp_path / "f"), start=100, end=300) as stream:
+        assert stream.read() == data[100:300] and stream.read(5) == b""
+    with pytest.raises(FileNotFoundError):
+        with st.open_read(str(tmp_path / "missing")):
+            pass
+
+
+def test_a_read_cut_off_midway_resumes_where_it_stopped(tmp_path):
+    """A connection lost in the middle of a body is picked up at the byte where it stopped
+    (a ranged request), not restarted and not cut short."""
+    from noether_dist.io.streams import ReadStream
+
+    data = os.urandom(10_000)
+    (tmp_path / "f").write_bytes(data)
+    opened = []
+
+    class CutOnce:
+        def __init__(self, offset):
+            self.fh = open(tmp_path / "f", "rb")
+            self.fh.seek(offset)
+            self.cut = not opened  # the first connection breaks after 3000 bytes
+            self.sent = 0
+            opened.append(offset)
+
+        def read(self, n):
+            if self.cut and self.sent >= 3000:
+                raise ConnectionResetError(104, "Connection reset by peer")
+            out = self.fh.read(n if not self.cut else min(n, 3000 - self.sent))
+            self.sent += len(out)
+            return out
+
+        def close(self):
+            self.fh.close()
+
+    stream = ReadStream("f", CutOnce, start=0, end=None, attempts=3, is_transient=is_transient)
+    got = b"".join(iter(lambda: stream.read(1024), b""))
+    stream.close()
+    assert got == data and opened == [0, 3000]
