@@ -436,30 +436,18 @@ class Storage:
         self.retry("write", path, lambda: self.fs.pipe_file(stripped, data))
 
     def _local_write(self, path: str, data: bytes, *, exclusive: bool) -> None:
-        folder = os.path.dirname(path)
-        os.makedirs(folder, exist_ok=True)
-        tmp = os.path.join(folder, f".tmp-{uuid.uuid4().hex}")
         try:
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            if exclusive:
-                os.link(tmp, path)  # fails with FileExistsError: never overwrites a commit
-            else:
-                os.replace(tmp, path)
-            dir_fd = os.open(folder, os.O_RDONLY)
+            sink = LocalSink(path, exclusive=exclusive)
             try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+                sink.write(data)
+            except BaseException:
+                sink.abort()
+                raise
+            sink.commit(0)
         except OSError as exc:
             if isinstance(exc, FileExistsError):
                 raise
             raise StorageError(f"write {path} failed: {exc}") from exc
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
 
     def read(self, path: str) -> bytes:
         """The whole content of ``path``; FileNotFoundError if it does not exist. One GET on
