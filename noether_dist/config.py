@@ -18,7 +18,7 @@ from .stage.retention import RetentionPolicy
 from .io.storage import StorageOptions
 
 __all__ = ["AsyncMode", "CheckpointerConfig", "ResumeConfig", "load_yaml", "check_known_keys", "parse_async_mode",
-           "Replicate", "LocalTier", "DurableTier", "TiersConfig"]
+           "Replicate", "parse_replicate", "LocalTier", "DurableTier", "TiersConfig"]
 
 
 def check_known_keys(data: Mapping[str, Any], allowed: set[str] | list[str], where: str) -> None:
@@ -69,10 +69,22 @@ def parse_async_mode(value: Any) -> AsyncMode:
 
 
 class Replicate(enum.Enum):
-    """Where the local tier keeps a second copy of each node's shards."""
+    """Where else a node-local checkpoint is kept: nowhere, or on the next node's disk."""
 
     NONE = "none"
     PEER = "peer"
+
+
+def parse_replicate(value: Any, where: str = "replicate") -> Replicate:
+    """A Replicate from a config value (``peer``; ``none``, null or false for none)."""
+    if isinstance(value, Replicate):
+        return value
+    if value is None or value is False:
+        return Replicate.NONE
+    try:
+        return Replicate(str(value).lower())
+    except ValueError:
+        raise ConfigError(f"{where} {value!r} is not valid; use none or peer") from None
 
 
 def _positive_int(value: Any, where: str) -> None:
@@ -156,9 +168,6 @@ class TiersConfig:
             raise ConfigError(f"tiers.durable.every_updates ({self.durable.every_updates}) must be a multiple of "
                               f"tiers.local.every_updates ({self.local.every_updates}): only a point saved to the "
                               "local tier can be uploaded")
-        if self.local.replicate is Replicate.PEER:
-            raise ConfigError("tiers.local.replicate: peer is not available in this version of noether_dist; "
-                              "use replicate: none")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TiersConfig:
@@ -180,12 +189,8 @@ class TiersConfig:
                 raise ConfigError(f"tiers.local.{key} is missing")
         if "every_updates" not in durable:
             raise ConfigError("tiers.durable.every_updates is missing")
-        if "replicate" in local and not isinstance(local["replicate"], Replicate):
-            raw = "none" if local["replicate"] in (None, False) else str(local["replicate"]).lower()
-            try:
-                local["replicate"] = Replicate(raw)
-            except ValueError:
-                raise ConfigError(f"tiers.local.replicate {local['replicate']!r} is not valid; use none or peer") from None
+        if "replicate" in local:
+            local["replicate"] = parse_replicate(local["replicate"], "tiers.local.replicate")
         if isinstance(durable.get("retention"), Mapping):
             durable["retention"] = RetentionPolicy.from_dict(dict(durable["retention"]))
         return cls(local=LocalTier(**local), durable=DurableTier(**durable))
@@ -223,6 +228,9 @@ class CheckpointerConfig:
     tiers: TiersConfig | None = None
     """Two tiers (see :class:`TiersConfig`): every save goes to the node-local tier, some are
     uploaded to ``output_dir`` in the background. None: one tier, ``output_dir``."""
+    replicate: Replicate = Replicate.NONE
+    """With ``node_local``: ``peer`` also keeps each node's own files on the next node's
+    disk (see :mod:`noether_dist.stage.peer`), so that losing one node loses nothing."""
 
     def __post_init__(self) -> None:
         from .format.names import validate_model_name
@@ -256,6 +264,16 @@ class CheckpointerConfig:
             if self.retention is not None:
                 raise ConfigError("with tiers, set retention per tier (tiers.local.keep_last, tiers.durable.retention), "
                                   "not the top-level retention")
+        if not isinstance(self.replicate, Replicate):
+            raise ConfigError(f"replicate must be a Replicate (peer or none), got {self.replicate!r}")
+        if self.replicate is Replicate.PEER:
+            if self.tiers is not None:
+                raise ConfigError("with tiers, set tiers.local.replicate: peer (the local tier is the node-local one), "
+                                  "not the top-level replicate")
+            if not self.node_local:
+                raise ConfigError("replicate: peer copies node-local disks; it needs node_local: true")
+            if "://" in self.output_dir and not self.output_dir.startswith("file://"):
+                raise ConfigError(f"replicate: peer needs output_dir on a node-local disk, not {self.output_dir!r}")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, where: str = "checkpointer config") -> CheckpointerConfig:
@@ -272,6 +290,8 @@ class CheckpointerConfig:
             data["async_mode"] = parse_async_mode(data["async_mode"])
         if data.get("tiers") is not None and not isinstance(data["tiers"], TiersConfig):
             data["tiers"] = TiersConfig.from_dict(data["tiers"])
+        if "replicate" in data:
+            data["replicate"] = parse_replicate(data["replicate"])
         return cls(**data)
 
     @classmethod

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,7 +44,9 @@ from torch import nn
 
 from .dist.comm import Comm
 from .format.records import ArtifactRecord, CommitRecord
-from .config import ResumeConfig
+from .config import Replicate, ResumeConfig
+from .dist.topology import NodeTopology
+from .stage import peer
 from .errors import CheckpointNotFoundError, ConfigError
 from .format.layout import StageLayout
 from .format.names import ArtifactKind, TrainingIteration, normalize_model_info
@@ -110,6 +112,7 @@ def resume(
     verify_max_bytes: int | None = None,
     local_dir: str | None = None,
     process_group: Any = None,
+    replicate: Replicate = Replicate.NONE,
 ) -> ResumeResult:
     """Resume model, optimizer, EMA models and trainer state from a previous run (collective).
 
@@ -136,6 +139,11 @@ def resume(
     subgroup (its ranks alone take part, its first rank coordinates; DCP loads on the same
     ranks and reshards as on the default group); ``rank_state`` is then that of the rank
     with the same rank within the group.
+
+    ``replicate=Replicate.PEER`` (node-local disks saved with ``replicate: peer``: the local
+    tier, else ``output_dir``): a node that lacks records or files of a candidate, or holds
+    damaged ones, first fetches them from the nodes that keep copies
+    (:mod:`noether_dist.stage.peer`), before the candidate is staged and agreed on.
     """
     if not isinstance(config, ResumeConfig):
         parsed = ResumeConfig.from_root_config(config)
@@ -153,11 +161,12 @@ def resume(
         tier = "local"
         floor = None if config.explicit else comm.broadcast_from_coordinator(lambda: _newest_point(storage, layout, config))
         local_layout = StageLayout(local_dir, config.resume_run_id, config.resume_stage_name)
+        local_storage = open_storage(local_dir)
         try:
-            # PEER HOOK: a rank whose own disk lacks a file reads its peer's copy here
-            loaded = _select_load_and_agree(comm, open_storage(local_dir), local_layout, config, targets, model_name,
+            loaded = _select_load_and_agree(comm, local_storage, local_layout, config, targets, model_name,
                                             cache, DEFAULT_VERIFY_MAX_BYTES if verify_max_bytes is None
-                                            else verify_max_bytes, floor=floor)
+                                            else verify_max_bytes, floor=floor,
+                                            before_stage=_peer_restorer(comm, replicate, local_storage, local_layout))
             layout = local_layout
         except CheckpointNotFoundError as exc:
             log.warning("the local tier has no point every rank can read%s (%s); resuming from the durable tier",
@@ -166,13 +175,26 @@ def resume(
     if loaded is None:
         if verify_max_bytes is None:
             verify_max_bytes = DEFAULT_VERIFY_MAX_BYTES if storage.is_local else DEFAULT_VERIFY_MAX_BYTES_REMOTE
-        loaded = _select_load_and_agree(comm, storage, layout, config, targets, model_name, cache, verify_max_bytes)
+        before_stage = _peer_restorer(comm, replicate, storage, layout) if local_dir is None else None
+        loaded = _select_load_and_agree(comm, storage, layout, config, targets, model_name, cache, verify_max_bytes,
+                                        before_stage=before_stage)
     record, skipped, staged, trainer = loaded
     trainer_state, rank_state = _apply(comm, targets, staged, trainer)
     log.info("resumed %s/%s at %s%s", config.resume_run_id, config.resume_stage_name or "-", record.iteration,
              f" from the {tier} tier" if tier else "")
     return ResumeResult(record.iteration, record, layout, config.continue_stage_name, trainer_state, rank_state,
                         skipped, tier)
+
+
+def _peer_restorer(comm: Comm, replicate: Replicate, storage: Storage, layout: StageLayout
+                   ) -> Callable[[CommitRecord], None] | None:
+    """With peer copies: restore the records a node lacks now (collective), and return what
+    restores a candidate's files before it is staged; None without."""
+    if replicate is not Replicate.PEER:
+        return None
+    topology = NodeTopology.gather(comm)
+    peer.restore_records(comm, topology, storage, layout)
+    return lambda record: peer.restore(comm, topology, storage, layout, record)
 
 
 def _newest_point(storage: Storage, layout: StageLayout, config: ResumeConfig) -> TrainingIteration | None:
@@ -278,7 +300,8 @@ def _prefetch(storage: Storage, layout: StageLayout, arts: list[ArtifactRecord])
 
 def _select_load_and_agree(comm: Comm, storage: Storage, layout: StageLayout, config: ResumeConfig,
                            targets: _Targets, model_name: str, cache: dict[str, Any], verify_max_bytes: int,
-                           floor: TrainingIteration | None = None
+                           floor: TrainingIteration | None = None,
+                           before_stage: Callable[[CommitRecord], None] | None = None,
                            ) -> tuple[CommitRecord, tuple[str, ...], list[_Staged], _Staged | None]:
     """Select, stage and agree (collective); only points at least as new as ``floor``."""
     index = StageIndex(storage, layout)  # used on the coordinator only
@@ -294,6 +317,8 @@ def _select_load_and_agree(comm: Comm, storage: Storage, layout: StageLayout, co
     skipped: list[str] = []
     while True:
         needed = comm.run_everywhere(lambda: _needed(record, targets, model_name))
+        if before_stage is not None:
+            before_stage(record)
         cache.clear()
         staged, trainer, reason = _stage_all(comm, storage, layout, record, needed, cache, verify_max_bytes)
         verdicts = comm.all_gather_results(lambda: reason)

@@ -17,11 +17,13 @@ from .io import dcp_io
 from .dist.comm import Comm
 from .format.records import AliasRecord, ArtifactRecord, CommitRecord
 from .stage.commit import move_aliases, publish, read_alias, read_commit
-from .config import AsyncMode, CheckpointerConfig
+from .config import AsyncMode, CheckpointerConfig, Replicate
 from .errors import AliasUpdateError, CommitError, ConfigError, NoetherDistError
 from .format.layout import StageLayout
 from .io.mirror import is_node_leader, mirror_from_coordinator
 from .stage.retention import prune
+from .stage import peer
+from .dist.topology import NodeTopology
 from .dist.spawn_check import check_process_mode
 from .tiers import DurableUploader, local_tier_config
 from .format.names import (ArtifactFormat, ArtifactKind, TrainingIteration, format_artifact, normalize_model_info,
@@ -126,6 +128,13 @@ class Checkpointer:
         self._pending: Future[SaveResult] | None = None
         self.last_stall_s: float | None = None
         """Seconds the last asynchronous save blocked the caller (capture + staging copy)."""
+        self.topology: NodeTopology | None = None
+        """With ``replicate: peer``: which ranks share a node and which node keeps whose copies."""
+        if config.replicate is Replicate.PEER:
+            self.topology = NodeTopology.gather(self.comm)
+            if self.topology.peer_node() is None and self.comm.is_coordinator:
+                log.warning("replicate: peer has no effect: the job runs on one node, which has no peer; "
+                            "losing this node's disk loses its local checkpoints")
         if config.async_mode is AsyncMode.PROCESS:
             self.comm.run_everywhere(check_process_mode)
         if config.async_mode is not AsyncMode.OFF:
@@ -364,6 +373,9 @@ class Checkpointer:
             if self.config.node_local:
                 names = [f"{art.name}/{f.name}" for idx, art in enumerate(plan.artifacts) for f in reports[0][idx]]
                 mirror_from_coordinator(comm, self.storage, self.layout.checkpoints_dir, names)
+            if self.topology is not None:
+                peer.replicate(comm, self.topology, self.storage, self.layout,
+                               [(art.name, f) for idx, art in enumerate(plan.artifacts) for f in reports[comm.rank][idx]])
         except NoetherDistError as exc:
             raise CommitError(f"saving {plan.iteration} failed, nothing was committed: {exc}") from exc
 
@@ -398,8 +410,15 @@ class Checkpointer:
             return
         leader = comm.is_coordinator or (self.config.node_local and is_node_leader())
         keep = self.durable.protected() if self.durable is not None else set()  # a point being uploaded
+
+        def prune_here() -> None:
+            if leader:
+                prune(self.storage, self.layout, policy, keep=keep)
+                if self.topology is not None:
+                    peer.prune_peer_copies(self.storage, self.layout)
+
         try:
-            comm.all_gather_results(lambda: prune(self.storage, self.layout, policy, keep=keep) if leader else None)
+            comm.all_gather_results(prune_here)
         except NoetherDistError as exc:
             # The new checkpoint is committed; a failed prune only leaves extra files behind.
             log.error("retention after %s failed (nothing committed was lost): %s", self.layout.checkpoints_dir, exc)

@@ -32,11 +32,13 @@ Design (what runs where, in order):
   rank can read from its local tier, when it is at least as new as the newest durable one,
   else the durable tier, with resume's usual agreement and fallback.
 
-Peer replication (``tiers.local.replicate: peer``) hooks in at two places, both marked
-``PEER HOOK``: :meth:`DurableUploader.after_local_commit` (called on every rank after each
-local commit, in the thread that committed it: copy this node's shards to its peer's disk
-there) and :func:`noether_dist.resume.resume`'s local-tier attempt (read a shard from the
-peer's copy when the own disk lacks it). Until then the config refuses ``replicate: peer``.
+Peer replication (``tiers.local.replicate: peer``, :mod:`noether_dist.stage.peer`): the
+local tier's node_local Checkpointer gets ``replicate`` (:func:`local_tier_config`), so each
+rank's own files are copied to the next node's disk inside the local save, before the local
+commit record (a committed local point always has its copy, or the save failed); and
+:func:`noether_dist.resume.resume`'s local-tier attempt first fetches what a node lacks from
+the copies (``replicate=``). A node and its peer both lost: the local tier cannot serve the
+point, and resume falls to the durable tier.
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ def local_tier_config(config: CheckpointerConfig) -> CheckpointerConfig:
     ``keep_last`` points, no tiers."""
     local = config.tiers.local
     return dataclasses.replace(config, output_dir=local.dir, node_local=True, tiers=None, storage=StorageOptions(),
-                               retention=RetentionPolicy(keep_last=local.keep_last))
+                               retention=RetentionPolicy(keep_last=local.keep_last), replicate=local.replicate)
 
 
 class Pacer:
@@ -131,8 +133,8 @@ class DurableUploader:
             return set(self._uploading)
 
     def after_local_commit(self, comm: Comm, record: CommitRecord) -> None:
-        """Every rank, after each local commit (collective on ``comm``). PEER HOOK: peer
-        replication copies this node's shards of ``record`` to its peer's disk here."""
+        """Every rank, after each local commit (collective on ``comm``). Nothing to do yet:
+        peer copies are made before the local commit (:func:`noether_dist.stage.peer.replicate`)."""
 
     def collect(self, comm: Comm, *, block: bool) -> NoetherDistError | None:
         """Collective on ``comm``: the outcome of the upload in flight, if it ended on every

@@ -56,7 +56,7 @@ def _kill_when(paths: list[str], marker: str) -> None:
 def train(rank: int, world_size: int, cfg: dict, local_dirs: list[str], kill_when: list[str] | None) -> dict:
     """One rank of the trainer; with ``kill_when`` it SIGKILLs itself once all those paths
     exist (a rank that fails first, because its peer died, waits for its own SIGKILL)."""
-    os.environ["LOCAL_RANK"] = "0"  # every rank is alone on its "node"
+    os.environ.update(LOCAL_RANK="0", GROUP_RANK=str(rank))  # every rank is alone on its "node"
     cfg = copy.deepcopy(cfg)
     cfg["checkpointer"]["tiers"]["local"]["dir"] = local_dirs[rank]
     os.environ["ND_TEST_ENDPOINT"] = cfg["checkpointer"]["storage"]["endpoint_url"]
@@ -228,6 +228,24 @@ def test_kill_during_an_upload(setup, s3_server, capsys):
 
 # ------------------------------------------------------------------------------ config
 
+def test_one_node_replaced_resumes_from_its_peer_copy(setup, s3_server):
+    """replicate: peer: node 1's local folder is gone (node replaced); the local tier still
+    serves the newest point (node 0 keeps node 1's copy), newer than the durable one."""
+    s3_bucket, endpoint, local_dirs, reference = setup
+    dirs = local_dirs("peer")
+    cfg = config(s3_bucket, endpoint, "peer")
+    cfg["checkpointer"]["tiers"]["local"]["replicate"] = "peer"
+    first = copy.deepcopy(cfg)
+    first["trainer"]["stop_after_updates"] = 6  # local tier: U2, U4, U6; durable: U4
+    assert run_job(first, dirs)[0]["stopped"]
+    assert os.path.exists(f"{dirs[0]}/{CK}/_peer/node1/mlp_cp=E0_U6_S192_model.th/__1_0.distcp")
+    assert durable_commits(s3_server, s3_bucket, "peer") == ["E0_U4_S128"]
+    shutil.rmtree(dirs[1])
+    out = run_job(cfg, dirs)
+    assert [r["resumed"] for r in out] == [{"checkpoint": "E0_U6_S192", "tier": "local"}] * 2, out
+    assert out[0]["finished"] and out[0]["digest"] == reference
+
+
 def _tiers(**over) -> dict:
     base = {"local": {"dir": "/nvme/ckpt", "every_updates": 50}, "durable": {"every_updates": 500}}
     for key, value in over.items():
@@ -240,7 +258,6 @@ def _tiers(**over) -> dict:
     ({"local__every_updates": 0}, "tiers.local.every_updates must be an int >= 1, got 0"),
     ({"durable__every_updates": 120}, "tiers.durable.every_updates (120) must be a multiple of tiers.local.every_updates (50)"),
     ({"local__dir": "s3://b/x"}, "tiers.local.dir must be a node-local path"),
-    ({"local__replicate": "peer"}, "tiers.local.replicate: peer is not available"),
     ({"local__replicate": "twice"}, "tiers.local.replicate 'twice' is not valid; use none or peer"),
     ({"durable__bandwidth_mb_s": -1}, "tiers.durable.bandwidth_mb_s must be a number > 0 or null"),
     ({"durable__bandwith_mb_s": 5}, "unknown key 'bandwith_mb_s' in tiers.durable; did you mean 'bandwidth_mb_s'?"),
@@ -258,6 +275,10 @@ def test_tiers_config_parses_and_excludes_node_local():
         local__replicate=None, durable__retention={"keep_last": 3}, durable__bandwidth_mb_s=200)})
     assert isinstance(cfg.tiers, TiersConfig) and cfg.tiers.durable.retention.keep_last == 3
     assert cfg.tiers.local.replicate.value == "none" and cfg.tiers.durable.bandwidth_mb_s == 200
+    peer = CheckpointerConfig.from_dict({"output_dir": "s3://b/x", "run_id": "r", "tiers": _tiers(local__replicate="peer")})
+    assert peer.tiers.local.replicate.value == "peer"
+    with pytest.raises(ConfigError, match="set tiers.local.replicate: peer"):
+        CheckpointerConfig.from_dict({"output_dir": "s3://b/x", "run_id": "r", "replicate": "peer", "tiers": _tiers()})
     with pytest.raises(ConfigError, match="node_local and tiers exclude each other"):
         CheckpointerConfig.from_dict({"output_dir": "s3://b/x", "run_id": "r", "node_local": True, "tiers": _tiers()})
     with pytest.raises(ConfigError, match="tiers.durable.every_updates is missing"):

@@ -21,7 +21,7 @@ import datetime as _dt
 import logging
 import os
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -43,6 +43,7 @@ except ImportError:  # pragma: no cover
     _DcpError = Exception  # type: ignore[misc,assignment]
 
 _CONTROL_GROUPS: dict[tuple[int, tuple[int, ...] | None, float], Any] = {}
+_TAG_SIZE, _TAG_DATA = 7301, 7302  # point-to-point tags of Comm.exchange
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,9 @@ class Comm:
       failure travels.
 
     In each, a failure on any rank raises the same error on every rank.
+
+    :meth:`exchange` is the one exception to "every method is a collective": point to point
+    between the ranks it names (bulk bytes, e.g. peer copies), each wait bounded.
     """
 
     def __init__(self, timeout_s: float | None = None, *, process_group: Any = None,
@@ -245,6 +249,37 @@ class Comm:
         outcomes = self.all_gather(_Outcome(local.rank, local.ok, None, local.error, local.error_text))
         _raise_same(outcomes, local)
         return local.value
+
+    def exchange(self, outgoing: Mapping[int, Any], sources: Iterable[int]) -> dict[int, Any]:
+        """Point to point: send ``outgoing[dst]`` (any picklable object) to each rank
+        ``dst`` and receive one object from each rank in ``sources``; return them by
+        source. Only the ranks named take part (not a collective over all ranks): every
+        rank that sends to ``d`` must be in ``d``'s ``sources`` in the same call, and the
+        k-th call between two ranks pairs with the k-th. Sizes travel first, then the
+        bytes, on the control group; every wait is bounded by the timeout (a dead or stuck
+        partner raises DistributedTimeoutError here, on this rank: callers agree after)."""
+        sources = sorted(set(sources))
+        if not self.distributed:
+            if sources or outgoing:
+                raise ValueError("exchange needs a process group: a single process has no one to send to")
+            return {}
+        payloads = {dst: pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL) for dst, obj in outgoing.items()}
+        sizes = {src: torch.zeros(1, dtype=torch.int64) for src in sources}
+
+        def run_round(sends: dict[int, torch.Tensor], recvs: dict[int, torch.Tensor], tag: int) -> None:
+            to, grp = self.group_ranks, self.control_group  # dist takes global ranks
+            works = [dist.isend(t, dst=to[dst], group=grp, tag=tag) for dst, t in sends.items()]
+            works += [dist.irecv(t, src=to[src], group=grp, tag=tag) for src, t in recvs.items()]
+            wait = _dt.timedelta(seconds=self.timeout_s)
+            for work in works:
+                work.wait(wait)
+
+        self._guard("exchange (sizes)", lambda: run_round(
+            {dst: torch.tensor([len(p)], dtype=torch.int64) for dst, p in payloads.items()}, sizes, _TAG_SIZE))
+        buffers = {src: torch.empty(int(n.item()), dtype=torch.uint8) for src, n in sizes.items()}
+        self._guard("exchange (data)", lambda: run_round(
+            {dst: torch.frombuffer(bytearray(p), dtype=torch.uint8) for dst, p in payloads.items()}, buffers, _TAG_DATA))
+        return {src: pickle.loads(buf.numpy().tobytes()) for src, buf in buffers.items()}
 
     def all_true(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is True on every rank (one all_reduce)."""

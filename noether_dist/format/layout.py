@@ -6,6 +6,7 @@
         {model_name}[_{model_info}]_cp={E..._U..._S...}_{model|optim|trainer}.th   DCP directories
         _commits/{E..._U..._S...}.json     commit record: written last, once, never overwritten
         _aliases/{latest|last|best.<metric>}.json   alias: replaced in one write
+        _peer/node<i>/<artifact>/<file>    node-local tiers: copies of node i's files (replicate: peer)
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from .names import CheckpointRef, TrainingIteration, validate_name
 __all__ = [
     "COMMITS_DIR",
     "ALIASES_DIR",
+    "PEER_DIR",
     "CHECKPOINTS_DIR",
     "StageLayout",
     "join_url",
@@ -30,6 +32,7 @@ __all__ = [
 CHECKPOINTS_DIR = "checkpoints"
 COMMITS_DIR = "_commits"
 ALIASES_DIR = "_aliases"
+PEER_DIR = "_peer"
 _RECORD_SUFFIX = ".json"
 
 
@@ -84,6 +87,15 @@ class StageLayout:
     def aliases_dir(self) -> str:
         """Folder of alias records."""
         return join_url(self.checkpoints_dir, ALIASES_DIR)
+
+    @property
+    def peer_root(self) -> str:
+        """Folder of the copies this node keeps of other nodes' files (``replicate: peer``)."""
+        return join_url(self.checkpoints_dir, PEER_DIR)
+
+    def peer_dir(self, node: int) -> str:
+        """Folder of the copies of node ``node``'s files: ``<peer_root>/node<node>``."""
+        return join_url(self.peer_root, f"node{int(node)}")
 
     def artifact_path(self, artifact_name: str) -> str:
         """Path of one artifact (a DCP directory or a consolidated file). The name may come

@@ -24,6 +24,7 @@ from ..format.trainer_keys import CALLBACKS_KEY, DATA_POSITION_KEY, GRAD_SCALER_
 from ..initializers import build_initializers
 from ..io.storage import open_storage
 from ..resume import resume
+from ..stage import peer
 from ..save import Checkpointer
 from ..stage.commit import list_commits
 from ..state import DataPosition, callback_states, capture_rng, load_callback_states, restore_rng
@@ -146,6 +147,9 @@ class TrainLoop:
         if cfg.auto_resume:
             own = StageLayout(cfg.output_dir, self.run_id, self.stage_name)
             storage = open_storage(cfg.output_dir, self.storage_options)
+            topology = self.checkpointer.topology
+            if topology is not None:  # a replaced coordinator node gets its (local) records back first
+                peer.restore_records(self.comm, topology, self.checkpointer.storage, self.checkpointer.layout)
             has_own = self.comm.broadcast_from_coordinator(lambda: bool(list_commits(storage, own)))
             if self.tiers is not None:  # any rank's local tier counts too
                 local = StageLayout(self.tiers.local.dir, self.run_id, self.stage_name)
@@ -161,7 +165,8 @@ class TrainLoop:
     def _restore(self, source: ResumeConfig) -> None:
         result = resume(source, model=self.model, optimizer=self.optimizer, ema=self.emas,
                         model_name=self.config.model.name, timeout_s=self.timeout_s,
-                        local_dir=self.tiers.local.dir if self.tiers is not None else None)
+                        local_dir=self.tiers.local.dir if self.tiers is not None else None,
+                        replicate=self.checkpointer.config.replicate)
         state = result.trainer_state
         self.update, self.sample = result.iteration.update, result.iteration.sample
         self.position = DataPosition.from_dict(state[DATA_POSITION_KEY])

@@ -1,0 +1,160 @@
+"""replicate: peer on real ranks: "nodes" are groups of ranks, each with a folder of its own.
+
+Each rank sets what torchrun sets on a node (GROUP_RANK, LOCAL_RANK) and saves to its
+node's folder (``node_local``); its own files are copied to the next node's folder. Then a
+node's folder is deleted (node replaced) or a file damaged, and every rank resumes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import zlib
+from pathlib import Path
+
+import pytest
+
+from noether_dist import Checkpointer, CheckpointerConfig, TrainingIteration, resume
+from noether_dist.config import Replicate
+from noether_dist.dist.topology import NodeTopology
+from noether_dist.errors import ConfigError
+from noether_dist.stage.retention import RetentionPolicy
+from tests.distributed import run_ranks
+from tests.models import EMA_INFO, assert_states_equal, build, full_state, train_steps
+
+CK = Path("r") / "s" / "checkpoints"
+
+
+def _place(rank: int, per_node: int) -> int:
+    node = rank // per_node
+    os.environ.update(GROUP_RANK=str(node), LOCAL_RANK=str(rank % per_node), LOCAL_WORLD_SIZE=str(per_node))
+    return node
+
+
+def save_points(rank: int, world_size: int, dirs: list, per_node: int, keep_last: int | None) -> dict:
+    node = _place(rank, per_node)
+    model, opt, ema = build()
+    ck = Checkpointer(CheckpointerConfig(
+        output_dir=dirs[node], run_id="r", stage_name="s", model_name="mlp", node_local=True,
+        replicate=Replicate.PEER, retention=RetentionPolicy(keep_last=keep_last) if keep_last else None))
+    for update in (1, 2):
+        train_steps(model, opt, ema, 1, rank, start=update)
+        ck.save(TrainingIteration(0, update, 16 * update), model=model, optimizer=opt, ema={EMA_INFO: ema},
+                trainer_state={"update": update}, rank_state={"rank": rank})
+    return full_state(model, opt, ema)
+
+
+def resume_points(rank: int, world_size: int, dirs: list, per_node: int) -> dict:
+    node = _place(rank, per_node)
+    model, opt, ema = build(seed=5)
+    res = resume({"output_dir": dirs[node], "resume_run_id": "r", "resume_stage_name": "s"}, model=model,
+                 optimizer=opt, ema={EMA_INFO: ema}, model_name="mlp", replicate=Replicate.PEER)
+    return {"cp": res.checkpoint, "state": full_state(model, opt, ema), "trainer": res.trainer_state,
+            "rank_state": res.rank_state, "fell_back": res.fell_back_from}
+
+
+def _crc(path: Path) -> int:
+    return zlib.crc32(path.read_bytes()) & 0xFFFFFFFF
+
+
+def _tree(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): _crc(p) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_ring_of_nodes():
+    topo = NodeTopology(((0, 1), (2, 3), (4,)), (0, 2, 4), rank=3)
+    assert topo.node == 1 and topo.peer_node() == 2 and not topo.is_leader
+    assert [topo.copy_target(r) for r in range(5)] == [2, 3, 4, 4, 0]
+    assert topo.copy_sources(4) == [2, 3] and topo.copy_sources(0) == [4] and topo.copy_sources(1) == []
+    alone = NodeTopology(((0, 1, 2),), (0,), rank=1)
+    assert alone.peer_node() is None and alone.copy_target(1) is None and alone.copy_sources(0) == []
+
+
+def test_replicate_peer_needs_node_local_disks():
+    with pytest.raises(ConfigError, match="needs node_local: true"):
+        CheckpointerConfig(output_dir="/tmp/x", run_id="r", replicate=Replicate.PEER)
+    with pytest.raises(ConfigError, match="node-local disk"):
+        CheckpointerConfig(output_dir="s3://b/p", run_id="r", node_local=True, replicate=Replicate.PEER)
+    with pytest.raises(ConfigError, match="use none or peer"):
+        CheckpointerConfig.from_dict({"output_dir": "/tmp/x", "run_id": "r", "node_local": True, "replicate": "ring"})
+
+
+def test_replaced_node_resumes_from_its_peer_copy(tmp_path):
+    """2 nodes x 2 ranks: node 1's folder is deleted; its ranks fetch their files back."""
+    dirs = [str(tmp_path / "node0"), str(tmp_path / "node1")]
+    saved = run_ranks(save_points, 4, dirs, 2, 1)[0]
+    node0, node1 = tmp_path / "node0" / CK, tmp_path / "node1" / CK
+    model = "mlp_cp=E0_U2_S32_model.th"
+    # node 0 keeps node 1's ranks' files, node 1 keeps node 0's (rank 0's are mirrored anyway)
+    assert sorted(os.listdir(node0 / "_peer" / "node1" / model)) == ["__2_0.distcp", "__3_0.distcp"]
+    assert sorted(os.listdir(node1 / "_peer" / "node0" / model)) == ["__1_0.distcp"]
+    for name in ("__2_0.distcp", "__3_0.distcp"):
+        assert _crc(node0 / "_peer" / "node1" / model / name) == _crc(node1 / model / name)
+    # retention (keep_last=1) pruned the peer copies of U1 with the point itself
+    assert all("E0_U2_S32" in n for n in os.listdir(node0 / "_peer" / "node1"))
+    assert not any("E0_U1_S16" in n for n in os.listdir(node1 / "_peer" / "node0"))
+    before = _tree(node1)
+
+    shutil.rmtree(tmp_path / "node1")  # node 1 replaced: an empty disk
+    results = run_ranks(resume_points, 4, dirs, 2)
+    for rank, r in enumerate(results):
+        assert r["cp"] == "E0_U2_S32" and not r["fell_back"], r["cp"]
+        assert r["trainer"] == {"update": 2} and r["rank_state"] == {"rank": rank}
+        assert_states_equal(saved, r["state"])
+    after = _tree(node1)
+    # the replaced node holds its own files, the mirrored ones and the records again
+    restored = {k: v for k, v in before.items() if not k.startswith("_peer") and "U2" in k}
+    assert restored and {k: after.get(k) for k in restored} == restored
+
+
+def test_three_nodes_damage_lost_coordinator_and_a_node_with_its_peer(tmp_path):
+    dirs = [str(tmp_path / f"node{i}") for i in range(3)]
+    saved = run_ranks(save_points, 3, dirs, 1, None)[0]
+    nodes = [tmp_path / f"node{i}" / CK for i in range(3)]
+    shard = nodes[1] / "mlp_cp=E0_U2_S32_optim.th" / "__1_0.distcp"
+    good = shard.read_bytes()
+
+    # 1. a damaged shard on node 1: fetched again from node 2's copy
+    shard.write_bytes(good[:-8] + bytes(8))
+    for r in run_ranks(resume_points, 3, dirs, 1):
+        assert r["cp"] == "E0_U2_S32" and not r["fell_back"]
+        assert_states_equal(saved, r["state"])
+    assert shard.read_bytes() == good
+
+    # 2. the coordinator's node replaced: records from the others, its files from the mirrors
+    shutil.rmtree(tmp_path / "node0")
+    for r in run_ranks(resume_points, 3, dirs, 1):
+        assert r["cp"] == "E0_U2_S32" and not r["fell_back"]
+        assert_states_equal(saved, r["state"])
+    assert sorted(os.listdir(nodes[0] / "_commits")) == ["E0_U1_S16.json", "E0_U2_S32.json"]
+    assert (nodes[0] / "_aliases" / "latest.json").exists()
+
+    # 3. node 1 and its peer (node 2) both lost: rank 1's files are on no disk; every point
+    #    is unreadable from the local tier and every rank raises the same error
+    shutil.rmtree(tmp_path / "node1")
+    shutil.rmtree(tmp_path / "node2")
+    results = run_ranks(resume_points, 3, dirs, 1, raise_on_error=False)
+    assert all(r[0] == "error" and r[1] == "CheckpointNotFoundError" for r in results), results
+    assert len({r[2] for r in results}) == 1 and "tried E0_U2_S32, E0_U1_S16" in results[0][2], results[0]
+
+
+def save_with_blocked_peer(rank: int, world_size: int, dirs: list) -> str:
+    _place(rank, 1)
+    model, opt, ema = build()
+    ck = Checkpointer(CheckpointerConfig(output_dir=dirs[rank], run_id="r", stage_name="s", model_name="mlp",
+                                         node_local=True, replicate=Replicate.PEER))
+    try:
+        ck.save(TrainingIteration(0, 1, 16), model=model, optimizer=opt)
+    except Exception as exc:  # noqa: BLE001 - the test compares the error on every rank
+        return f"{type(exc).__name__}: {exc}"
+    return "saved"
+
+
+def test_a_failed_peer_copy_commits_nothing(tmp_path):
+    dirs = [str(tmp_path / "node0"), str(tmp_path / "node1")]
+    (tmp_path / "node0" / CK).mkdir(parents=True)
+    (tmp_path / "node0" / CK / "_peer").write_text("not a folder")  # node 0 cannot keep node 1's copy
+    results = run_ranks(save_with_blocked_peer, 2, dirs)
+    assert all(r.startswith("CommitError") and "peer copy failed on rank 0" in r for r in results), results
+    assert not any((tmp_path / f"node{i}" / CK / "_commits").exists() and
+                   os.listdir(tmp_path / f"node{i}" / CK / "_commits") for i in (0, 1))
