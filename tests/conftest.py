@@ -57,9 +57,10 @@ def report(pytestconfig):
     return write
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def cluster():
-    """A one-node SLURM cluster on localhost for a test module (skips where SLURM cannot run)."""
+    """A one-node SLURM cluster on localhost, started once for the session (skips where SLURM
+    cannot run)."""
     from tests.slurm_cluster import LocalSlurmCluster, slurm_available
 
     ok, why = slurm_available()

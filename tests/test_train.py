@@ -35,16 +35,26 @@ def _summary(out: Path, run_id: str) -> dict:
     return json.loads((out / run_id / "train" / "summary.json").read_text())
 
 
-def test_readme_main_job_runs(tmp_path):
-    readme = (REPO / "README.md").read_text()
-    assert "python3 -m noether_dist.trainer --config launch/configs/cpu_tiny.yaml" in readme
-    proc = subprocess.run([sys.executable, "-m", "noether_dist.trainer", "--config", CONFIG, f"output_dir={tmp_path}",
-                           "run_id=readme", "trainer.epochs=1"], cwd=REPO, env=_env(), capture_output=True,
-                          text=True, timeout=120)
+README_COMMAND = "python3 -m noether_dist.trainer --config launch/configs/cpu_tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def one_epoch(tmp_path_factory) -> Path:
+    """README's main job (from the repository root, one epoch) as run id "base": the output
+    dir. The tests below check that run, start a new stage from it and initialise from it
+    (one trainer launch instead of three)."""
+    out = tmp_path_factory.mktemp("one_epoch")
+    proc = subprocess.run([sys.executable, *README_COMMAND.split()[1:], f"output_dir={out}", "run_id=base",
+                           "trainer.epochs=1"], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = _summary(tmp_path, "readme")
+    return out
+
+
+def test_readme_main_job_runs(one_epoch):
+    assert README_COMMAND in (REPO / "README.md").read_text()
+    summary = _summary(one_epoch, "base")
     assert summary["finished"] and summary["checkpoint"] == "E1_U16_S512"
-    aliases = os.listdir(tmp_path / "readme" / "train" / "checkpoints" / "_aliases")
+    aliases = os.listdir(one_epoch / "base" / "train" / "checkpoints" / "_aliases")
     assert sorted(aliases) == ["best.loss.test.json", "last.json", "latest.json"]
 
 
@@ -81,19 +91,16 @@ def test_sigkill_at_a_random_update_then_resume_gives_the_same_digest(tmp_path):
     assert a["callbacks"] == b["callbacks"]
 
 
-def test_new_stage_starts_from_another_stage_and_resume_keys_default(tmp_path):
-    first = subprocess.run([sys.executable, "-m", "noether_dist.trainer", "--config", CONFIG, f"output_dir={tmp_path}",
-                            "run_id=pre", "trainer.epochs=1"], env=_env(), capture_output=True, text=True, timeout=120)
-    assert first.returncode == 0, first.stderr[-2000:]
+def test_new_stage_starts_from_another_stage_and_resume_keys_default(one_epoch):
     # resume the stage under a new stage name: progress continues, files go to the new stage
-    cont = subprocess.run([sys.executable, "-m", "noether_dist.trainer", "--config", CONFIG, f"output_dir={tmp_path}",
-                           "run_id=pre", "resume_run_id=pre", "resume_stage_name=train", "stage_name=finetune",
+    cont = subprocess.run([sys.executable, "-m", "noether_dist.trainer", "--config", CONFIG, f"output_dir={one_epoch}",
+                           "run_id=base", "resume_run_id=base", "resume_stage_name=train", "stage_name=finetune",
                            "resume_checkpoint=last", "trainer.epochs=2"], env=_env(), capture_output=True, text=True,
                           timeout=120)
     assert cont.returncode == 0, cont.stderr[-2000:]
-    summary = json.loads((tmp_path / "pre" / "finetune" / "summary.json").read_text())
+    summary = json.loads((one_epoch / "base" / "finetune" / "summary.json").read_text())
     assert summary["finished"] and summary["checkpoint"] == "E2_U32_S1024"
-    assert "E1_U24_S768.json" in os.listdir(tmp_path / "pre" / "finetune" / "checkpoints" / "_commits")
+    assert "E1_U24_S768.json" in os.listdir(one_epoch / "base" / "finetune" / "checkpoints" / "_commits")
 
 
 def test_unknown_config_keys_suggest_the_closest():
@@ -131,22 +138,19 @@ def test_checkpointer_timeout_follows_noether_dist_timeout_s_as_resume_does(tmp_
     assert got == {"env": [37.0, 37.0, 37.0], "block": [5, 5.0, 5], "resume": 37.0}, got
 
 
-def test_trainer_initializer_from_yaml_starts_fresh_with_previous_weights(tmp_path):
+def test_trainer_initializer_from_yaml_starts_fresh_with_previous_weights(one_epoch, tmp_path):
     import yaml
 
-    base = subprocess.run([sys.executable, "-m", "noether_dist.trainer", "--config", CONFIG, f"output_dir={tmp_path}",
-                           "run_id=base", "trainer.epochs=1"], env=_env(), capture_output=True, text=True, timeout=120)
-    assert base.returncode == 0, base.stderr[-2000:]
     config = yaml.safe_load(open(CONFIG))
     config["model"]["initializers"] = [{"kind": "noether.core.initializers.PreviousRunInitializer", "run_id": "base",
                                         "model_name": "mlp", "stage_name": "train", "checkpoint": "last",
                                         "model_info": "ema_factor=0.99"}]
     path = tmp_path / "init.yaml"
     path.write_text(yaml.safe_dump(config))
-    run = subprocess.run([sys.executable, "-m", "noether_dist.trainer", "--config", str(path), f"output_dir={tmp_path}",
+    run = subprocess.run([sys.executable, "-m", "noether_dist.trainer", "--config", str(path), f"output_dir={one_epoch}",
                           "run_id=fine", "trainer.epochs=1"], env=_env(), capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "initialised mlp from" in run.stderr and "ema_factor=0.99_cp=E1_U16_S512_model.th" in run.stderr
-    summary = _summary(tmp_path, "fine")
+    summary = _summary(one_epoch, "fine")
     assert summary["finished"] and summary["checkpoint"] == "E1_U16_S512"  # progress started at zero
-    assert summary["digest"]["model"] != _summary(tmp_path, "base")["digest"]["model"]
+    assert summary["digest"]["model"] != _summary(one_epoch, "base")["digest"]["model"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -25,8 +26,28 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def _train(args: list[str], *, cwd: Path, env: dict[str, str] | None = None, launcher: list[str] | None = None):
-    cmd = [*(launcher or [sys.executable]), "-m", "noether_dist.trainer", *args]
-    return subprocess.run(cmd, cwd=cwd, env=env or _env(), capture_output=True, text=True, timeout=300)
+    return _train_all([(args, env)], cwd=cwd, launcher=launcher)[0]
+
+
+def _train_all(runs: list[tuple[list[str], dict[str, str] | None]], *, cwd: Path, launcher: list[str] | None = None,
+               timeout_s: float = 300) -> list[subprocess.CompletedProcess]:
+    """Start one trainer per (args, env) at once (each is mostly torch's import: on 2 cores,
+    two at a time take half as long as one after another); wait for all, each bounded."""
+    procs = [subprocess.Popen([*(launcher or [sys.executable]), "-m", "noether_dist.trainer", *args], cwd=cwd,
+                              env=env or _env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for args, env in runs]
+    deadline = time.monotonic() + timeout_s
+    done = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
+    return done
 
 
 def _errors(stderr: str) -> list[str]:
@@ -49,31 +70,29 @@ BAD = [
 
 
 def test_bad_values_end_in_one_clean_line_and_good_ones_are_accepted(tmp_path):
-    for override, words, extra in BAD:
-        proc = _train(["--config", str(CONFIG), f"output_dir={tmp_path / 'runs'}", *TINY, override], cwd=tmp_path,
-                      env=_env(**extra))
+    runs = f"output_dir={tmp_path / 'runs'}"
+    # YAML that reads an unquoted off as False and the run id as a date
+    config = tmp_path / "unquoted.yaml"
+    config.write_text(CONFIG.read_text().replace('async_mode: "off"', "async_mode: off")
+                      + "run_id: 2026-11-28\n")
+    assert "async_mode: off\n" in config.read_text()
+    procs = _train_all([(["--config", str(CONFIG), runs, *TINY, override], _env(**extra)) for override, _, extra in BAD]
+                       # --debug asks for the traceback
+                       + [(["--config", str(CONFIG), "--debug", runs, "resume_run_id=nope"], None),
+                          # What the user means: the mode off, and run ids that YAML reads as an int or a date.
+                          (["--config", str(CONFIG), runs, *TINY, "checkpointer.async_mode=off", "run_id=12345"], None),
+                          (["--config", str(config), runs, *TINY], None)], cwd=tmp_path)
+    for (override, words, _), proc in zip(BAD, procs):
         errors = _errors(proc.stderr)
         assert proc.returncode not in (0, None), (override, proc.stderr[-2000:])
         assert "Traceback" not in proc.stderr, (override, proc.stderr[-3000:])
         assert len(errors) == 1, (override, proc.stderr[-2000:])
         assert all(w in errors[0] for w in words), (override, errors)
-
-    # --debug asks for the traceback
-    proc = _train(["--config", str(CONFIG), "--debug", f"output_dir={tmp_path / 'runs'}", "resume_run_id=nope"],
-                  cwd=tmp_path)
-    assert proc.returncode == 2 and "Traceback" in proc.stderr
-
-    # What the user means: the mode off, and run ids that YAML reads as an int or a date.
-    proc = _train(["--config", str(CONFIG), f"output_dir={tmp_path / 'runs'}", *TINY, "checkpointer.async_mode=off",
-                   "run_id=12345"], cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    debug, as_int, as_date = procs[len(BAD):]
+    assert debug.returncode == 2 and "Traceback" in debug.stderr
+    assert as_int.returncode == 0, as_int.stderr[-3000:]
     assert (tmp_path / "runs" / "12345" / "train" / "checkpoints").is_dir()
-    config = tmp_path / "unquoted.yaml"
-    config.write_text(CONFIG.read_text().replace('async_mode: "off"', "async_mode: off")
-                      + "run_id: 2026-11-28\n")
-    assert "async_mode: off\n" in config.read_text()
-    proc = _train(["--config", str(config), f"output_dir={tmp_path / 'runs'}", *TINY], cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert as_date.returncode == 0, as_date.stderr[-3000:]
     assert (tmp_path / "runs" / "2026-11-28" / "train" / "checkpoints").is_dir()
 
 
