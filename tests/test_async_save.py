@@ -15,7 +15,7 @@ from tests.models import EMA_INFO, assert_states_equal, build, full_state, train
 from tests.storage_faults import FaultyStorage
 from tests.test_resume_dist import resume_state
 
-pytestmark = pytest.mark.torch_compat
+pytestmark = [pytest.mark.torch_compat, pytest.mark.slow]
 
 
 def _slow_first_writes(delay_s: float):

@@ -232,6 +232,7 @@ def test_bad_cli_input_exit_code_and_message(ctx, case, capsys):
     assert not (ctx.tmp / "dst").exists()  # nothing was written for a refused command
 
 
+@pytest.mark.slow
 def test_missing_s3_bucket_is_a_clear_error(s3_server, s3_env, capsys):
     with pytest.raises(StorageError, match="bucket 'no-such-bucket-x' of s3://no-such-bucket-x/o does not exist; "
                                            "create it first"):

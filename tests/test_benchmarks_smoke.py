@@ -12,8 +12,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from benchmarks.gpu_check import FIGURE_KEYS as GPU_FIGURE_KEYS
 from benchmarks.run import FIGURE_KEYS
+
+pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 S3_KEYS = {k for k in FIGURE_KEYS if k.startswith(("s3_", "resume_", "tiers_"))}

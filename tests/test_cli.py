@@ -17,6 +17,8 @@ from noether_dist.io.storage import open_storage
 from tests.distributed import run_ranks
 from tests.models import EMA_INFO, build, train_steps
 
+pytestmark = pytest.mark.slow
+
 RUN, STAGE, MODEL = "run1", "train", "mlp"
 
 

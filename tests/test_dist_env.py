@@ -119,6 +119,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_init_distributed_from_srun_variables(tmp_path):
     """Three processes with only srun's variables (as `srun -n 3` sets them) form one gloo
     group; the master is the first host of the node list, the port comes from MASTER_PORT
@@ -169,6 +170,7 @@ def _signal_one_rank(rank: int, world_size: int, target: int) -> dict:
         watcher.restore()
 
 
+@pytest.mark.slow
 def test_signal_to_one_rank_stops_every_rank_at_the_same_step():
     out = run_ranks(_signal_one_rank, 3, 1, timeout_s=60)
     assert [o["stopped_at"] for o in out] == [[3], [3], [3]]

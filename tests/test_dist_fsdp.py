@@ -10,7 +10,7 @@ from noether_dist import Checkpointer, CheckpointerConfig, TrainingIteration, re
 from tests.distributed import run_ranks
 from tests.models import EMA_INFO, assert_states_equal, build, full_state, train_steps
 
-pytestmark = pytest.mark.torch_compat
+pytestmark = [pytest.mark.torch_compat, pytest.mark.slow]
 
 
 def save_job(rank: int, world_size: int, out: str, steps: int) -> dict:

@@ -27,6 +27,8 @@ from noether_dist.errors import NoetherDistError
 from tests.distributed import run_ranks
 from tests.models import EMA_INFO, assert_states_equal, build, full_state, train_steps
 
+pytestmark = pytest.mark.slow
+
 RUN, STAGE, MODEL = "run1", "train", "mlp"
 U1, U2, U3 = "E0_U1_S16", "E0_U2_S32", "E0_U3_S48"
 CK = Path(RUN) / STAGE / "checkpoints"

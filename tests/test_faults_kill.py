@@ -22,6 +22,8 @@ import signal
 import threading
 import time
 
+import pytest
+
 from noether_dist import Checkpointer, CheckpointerConfig, TrainingIteration, resume
 from noether_dist.stage.commit import list_commits, read_alias
 from noether_dist.errors import DistributedTimeoutError, NoetherDistError
@@ -31,6 +33,8 @@ from noether_dist.stage.verify import verify_stage
 from tests.distributed import run_ranks
 from tests.models import EMA_INFO, assert_states_equal, build, full_state, train_steps
 from tests.storage_faults import FaultyStorage
+
+pytestmark = pytest.mark.slow
 
 RUN, STAGE, MODEL = "run1", "train", "mlp"
 TIMEOUT_S = 6.0

@@ -22,6 +22,8 @@ from tests.distributed import run_ranks
 from tests.fault_proxy import FaultProxy
 from tests.models import EMA_INFO, assert_states_equal, build, full_state, train_steps
 
+pytestmark = pytest.mark.slow
+
 RUN, STAGE, MODEL = "run1", "train", "mlp"
 TIMEOUT_S = 20.0
 

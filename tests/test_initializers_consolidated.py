@@ -16,6 +16,8 @@ from noether_dist.initializers import build_initializers
 from tests.distributed import run_ranks
 from tests.models import EMA_INFO, assert_states_equal, build, full_state, make_mlp, shard, train_steps
 
+pytestmark = pytest.mark.slow
+
 YAML = """
 initializers:
   - kind: {kind}

@@ -27,6 +27,8 @@ import pytest
 from noether_dist.dist.launch_env import first_host
 from tests.slurm_cluster import LocalSlurmCluster
 
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "launch" / "configs" / "cpu_small.yaml"
 TRAIN = REPO / "launch" / "slurm" / "train.sbatch"

@@ -15,6 +15,8 @@ import pytest
 
 from noether_dist.format.layout import StageLayout
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "launch" / "torchrun" / "single_node.sh"
 
@@ -27,7 +29,6 @@ def _has_shutdown_timeout() -> bool:
     return "--shutdown-timeout" in run_py.read_text()
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(not _has_shutdown_timeout(), reason="this torchrun has no shutdown timeout to set (torch 2.11 keeps 30 s)")
 @pytest.mark.parametrize("shutdown_timeout_s, saved", [("2", False), (None, True)])
 def test_sigterm_to_torchrun_leaves_the_workers_time_to_save(tmp_path, shutdown_timeout_s, saved):

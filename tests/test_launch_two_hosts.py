@@ -26,6 +26,8 @@ import pytest
 
 from tests.netns_hosts import TwoHosts, own_disks
 
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "launch" / "configs" / "cpu_small.yaml"
 MULTI_NODE = REPO / "launch" / "torchrun" / "multi_node.sh"

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from noether_dist import Checkpointer, CheckpointerConfig, TrainingIteration, resume
 from tests.distributed import run_ranks
 from tests.models import EMA_INFO, assert_states_equal, build, full_state, train_steps
+
+pytestmark = pytest.mark.slow
 
 
 def save_on_own_disk(rank: int, world_size: int, dirs: list) -> dict:

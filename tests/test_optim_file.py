@@ -68,6 +68,7 @@ def by_name(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, dict[str,
     return {names[id(p)]: {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()}
 
 
+@pytest.mark.slow
 def test_noether_file_loads_by_name_and_groups_by_membership():
     sd, src_model, src_opt = noether_file(lrs={"default": 3e-3, "weight_decay=0": 7e-3})
     model = Net()

@@ -13,6 +13,8 @@ import pytest
 from benchmarks.bench_requests import scale_table
 from benchmarks.s3 import MotoServer, moto_available
 
+pytestmark = pytest.mark.slow
+
 WORLD_SIZES = (2, 4, 8)
 
 

@@ -17,7 +17,7 @@ from tests.distributed import run_ranks
 from tests.models import EMA_INFO, assert_states_equal, build, full_state, train_steps
 from tests.storage_faults import FaultyStorage
 
-pytestmark = pytest.mark.torch_compat
+pytestmark = [pytest.mark.torch_compat, pytest.mark.slow]
 
 RUN = "run1"
 STAGE = "train"

@@ -22,6 +22,7 @@ def _run(out: str, policy: RetentionPolicy | None, updates=range(1, 9), best_at:
     return ck
 
 
+@pytest.mark.slow
 def test_keep_last_every_nth_and_alias_targets(tmp_path):
     ck = _run(str(tmp_path), RetentionPolicy(keep_last=2, keep_every=4))
     kept = [p.update for p in list_commits(ck.storage, ck.layout)]
@@ -42,6 +43,7 @@ def test_prune_removes_leftovers_and_dry_run_deletes_nothing(tmp_path):
     assert [p.update for p in list_commits(ck.storage, ck.layout)] == [3, 4] and not leftover.exists()
 
 
+@pytest.mark.slow
 def test_retention_on_s3(s3_bucket, s3_env):
     ck = _run(f"s3://{s3_bucket}/o", RetentionPolicy(keep_last=1), updates=range(1, 5), best_at=1)
     st = open_storage(f"s3://{s3_bucket}/o")

@@ -13,6 +13,8 @@ from tests.distributed import run_ranks
 from tests.models import EMA_INFO, assert_states_equal, build, train_steps
 from tests.test_dist_fsdp import resume_job, save_job
 
+pytestmark = pytest.mark.slow
+
 
 # Not torch_compat (the slowest test there): resharding runs on torch 2.11 in test_dist_fsdp,
 # DCP on S3 in the one-process tests below.

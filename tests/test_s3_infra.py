@@ -45,7 +45,7 @@ except ImportError:
 logger = logging.getLogger(__name__)
 
 _AVAILABLE, _REASON = s3_server_available()
-pytestmark = pytest.mark.skipif(not _AVAILABLE, reason=_REASON)
+pytestmark = [pytest.mark.skipif(not _AVAILABLE, reason=_REASON), pytest.mark.slow]
 
 if _AVAILABLE:  # imported lazily so that collection works without them
     import botocore.exceptions

@@ -19,6 +19,8 @@ from noether_dist.stage.verify import verify_stage
 from tests.fault_proxy import FaultProxy
 from tests.models import EMA_INFO, build, train_steps
 
+pytestmark = pytest.mark.slow
+
 RUN, STAGE, MODEL = "run1", "train", "mlp"
 MiB = 2**20
 

@@ -50,6 +50,7 @@ def one_epoch(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_readme_main_job_runs(one_epoch):
     assert README_COMMAND in (REPO / "README.md").read_text()
     summary = _summary(one_epoch, "base")
@@ -58,6 +59,7 @@ def test_readme_main_job_runs(one_epoch):
     assert sorted(aliases) == ["best.loss.test.json", "last.json", "latest.json"]
 
 
+@pytest.mark.slow
 def test_sigkill_at_a_random_update_then_resume_gives_the_same_digest(tmp_path):
     full = subprocess.run(_torchrun(2, tmp_path, "run_id=full", *SMALL), env=_env(), capture_output=True,
                           text=True, timeout=180)
@@ -91,6 +93,7 @@ def test_sigkill_at_a_random_update_then_resume_gives_the_same_digest(tmp_path):
     assert a["callbacks"] == b["callbacks"]
 
 
+@pytest.mark.slow
 def test_new_stage_starts_from_another_stage_and_resume_keys_default(one_epoch):
     # resume the stage under a new stage name: progress continues, files go to the new stage
     cont = subprocess.run([sys.executable, "-m", "noether_dist.trainer", "--config", CONFIG, f"output_dir={one_epoch}",
@@ -128,6 +131,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_checkpointer_timeout_follows_noether_dist_timeout_s_as_resume_does(tmp_path):
     """Without ``checkpointer.timeout_s``, the trainer's checkpointer, its collectives and
     resume all wait NOETHER_DIST_TIMEOUT_S; a timeout_s in the block wins."""
@@ -138,6 +142,7 @@ def test_checkpointer_timeout_follows_noether_dist_timeout_s_as_resume_does(tmp_
     assert got == {"env": [37.0, 37.0, 37.0], "block": [5, 5.0, 5], "resume": 37.0}, got
 
 
+@pytest.mark.slow
 def test_trainer_initializer_from_yaml_starts_fresh_with_previous_weights(one_epoch, tmp_path):
     import yaml
 

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "launch" / "configs" / "cpu_tiny.yaml"
 TINY = ["trainer.epochs=1", "trainer.dataset_size=64", "trainer.test_size=32", "trainer.eval_every=2",
@@ -96,7 +98,6 @@ def test_bad_values_end_in_one_clean_line_and_good_ones_are_accepted(tmp_path):
     assert (tmp_path / "runs" / "2026-11-28" / "train" / "checkpoints").is_dir()
 
 
-@pytest.mark.slow
 def test_error_is_said_once_per_node_under_torchrun(tmp_path):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     proc = _train(["--config", str(CONFIG), f"output_dir={tmp_path / 'runs'}", *TINY, "resume_run_id=nope"],
