@@ -39,7 +39,7 @@ FAILURE_GRACE_S = 20.0
 """Once a rank failed, the others (likely waiting in a collective for it) get this long."""
 
 PRELOAD = ["torch", "torch.distributed", "torch.distributed.checkpoint", "torch.distributed.fsdp", "numpy", "pytest",
-           "noether_dist", "noether_dist.save", "noether_dist.resume", "noether_dist.io.dcp_io", "tests.models"]
+           "noether_dist", "noether_dist.save", "noether_dist.resume", "noether_dist.io.dcp_io", "tests.support.models"]
 """Imported once by the forkserver every rank is forked from (one that is missing is skipped):
 what nearly every rank imports, so that no rank pays for it."""
 
