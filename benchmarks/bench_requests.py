@@ -159,7 +159,7 @@ def _equal(a: Any, b: Any) -> bool:
 
 def scale_table(server: Any, world_sizes: list[int], *, timeout_s: float, plain_dcp: bool = True) -> list[dict[str, Any]]:
     """One row per world size: requests of two saves, a resume and plain DCP (parent side)."""
-    from benchmarks.ranks import run_jobs
+    from tests.support.ranks import run_jobs
 
     bucket = "nd-bench-scale"
     server.create_bucket(bucket)

@@ -85,7 +85,7 @@ def _dir_listing_select(storage: Any, layout: Any) -> Any:
 
 def resume_requests(server: MotoServer, *, checkpoints: int) -> dict[str, Any]:
     """Request counts (and wall ms) of each selection method; all must pick the same point."""
-    from tests.fault_proxy import FaultProxy  # the one helper borrowed from the test suite
+    from tests.support.fault_proxy import FaultProxy  # the one helper borrowed from the test suite
 
     from noether_dist.stage.commit import list_commits, read_commit
     from noether_dist.format.layout import StageLayout

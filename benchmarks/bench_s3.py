@@ -106,7 +106,7 @@ def s3_throughput(rank: int, world_size: int, *, endpoint: str, extra: dict[str,
 def request_census(server: Any, *, total_bytes: int, thread_count: int) -> dict[str, Any]:
     """HTTP requests of one sync save and one resume (one process, no process group), counted
     by a proxy: by method, and how many move checkpoint data (``.distcp`` files)."""
-    from tests.fault_proxy import FaultProxy  # the one helper borrowed from the test suite
+    from tests.support.fault_proxy import FaultProxy  # the one helper borrowed from the test suite
 
     from noether_dist import Checkpointer, CheckpointerConfig, StorageOptions, TrainingIteration, resume
     from noether_dist.io.storage import open_storage

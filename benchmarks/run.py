@@ -180,7 +180,7 @@ class Runner:
 
     # -- groups ----------------------------------------------------------------------
     def _local(self, jobs: list[tuple[str, Any, dict[str, Any]]]) -> None:
-        from benchmarks.ranks import run_jobs
+        from tests.support.ranks import run_jobs
 
         names = [n for n, _, _ in jobs]
         started = self.progress(",".join(names), f"{len(jobs)} benchmark(s) on {self.args.world_size} ranks "
@@ -202,7 +202,7 @@ class Runner:
         with MotoServer() as server:
             if "s3" in self.args.only:
                 from benchmarks.bench_s3 import s3_throughput
-                from benchmarks.ranks import run_jobs
+                from tests.support.ranks import run_jobs
 
                 started = self.progress("s3", f"save/load {self.args.s3_size_mib:g} MiB on {self.args.world_size} "
                                               f"ranks against raw s3fs, moto at {server.endpoint_url}")
@@ -254,7 +254,7 @@ class Runner:
 
     def _scaling(self) -> None:
         from benchmarks.bench_scaling import scaling
-        from benchmarks.ranks import run_jobs
+        from tests.support.ranks import run_jobs
 
         started = self.progress("scaling", f"save/load {self.args.scaling_size_mib:g} MiB at world sizes "
                                            f"{self.args.scaling_world_sizes}")

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, in three parts (run `bash scripts/setup.sh` first):
-#   1. main env (torch 2.13):        python3 -m pytest -q tests --ignore=tests/noether
-#   2. Noether env (torch 2.11):     pytest -q -m torch_compat tests --ignore=tests/noether
-#   3. Noether env, real Noether:    pytest -q tests/noether
+#   1. main env (torch 2.13):        python3 -m pytest -q tests --ignore=tests/integration/noether
+#   2. Noether env (torch 2.11):     pytest -q -m torch_compat tests --ignore=tests/integration/noether
+#   3. Noether env, real Noether:    pytest -q tests/integration/noether
 # Every part runs even when an earlier one failed; the exit status is non-zero when any part
 # failed or ran no test (pytest's exit 5 counts as a failure here). Extra arguments go to
 # every pytest call (e.g. -x).
@@ -52,9 +52,9 @@ part() {  # part NAME PYTHON PYTEST-ARGS...
 }
 
 EXTRA=("$@")
-part "1-main-env" python3 -q tests --ignore=tests/noether
-part "2-noether-env-torch_compat" "$NOETHER_PY" -q -m torch_compat tests --ignore=tests/noether
-part "3-noether-env-noether" "$NOETHER_PY" -q tests/noether
+part "1-main-env" python3 -q tests --ignore=tests/integration/noether
+part "2-noether-env-torch_compat" "$NOETHER_PY" -q -m torch_compat tests --ignore=tests/integration/noether
+part "3-noether-env-noether" "$NOETHER_PY" -q tests/integration/noether
 
 echo
 echo "== summary (seconds per part)"

@@ -15,7 +15,7 @@ logging.getLogger("noether_dist").setLevel(logging.INFO)
 @pytest.fixture(scope="session")
 def s3_server():
     """One moto S3 server for the session; tests get their own bucket from ``s3_bucket``."""
-    from tests.s3_server import S3Server, s3_server_available
+    from tests.support.s3_server import S3Server, s3_server_available
 
     ok, why = s3_server_available()
     if not ok:
@@ -57,10 +57,11 @@ def report(pytestconfig):
     return write
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def cluster():
-    """A one-node SLURM cluster on localhost for a test module (skips where SLURM cannot run)."""
-    from tests.slurm_cluster import LocalSlurmCluster, slurm_available
+    """A one-node SLURM cluster on localhost, started once for the session (skips where SLURM
+    cannot run)."""
+    from tests.support.slurm_cluster import LocalSlurmCluster, slurm_available
 
     ok, why = slurm_available()
     if not ok:
@@ -72,7 +73,7 @@ def cluster():
 @pytest.fixture
 def two_hosts():
     """Two network-namespace hosts joined by a veth pair (skips where ip netns cannot run)."""
-    from tests.netns_hosts import TwoHosts, netns_available
+    from tests.support.netns_hosts import TwoHosts, netns_available
 
     ok, why = netns_available()
     if not ok:

@@ -1,0 +1,167 @@
+"""Asynchronous saves: values of the moment of the call, failures surface on every rank."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+
+from noether_dist import AsyncMode, Checkpointer, CheckpointerConfig, CommitError, TrainingIteration
+from noether_dist.io.storage import open_storage
+from tests.support.ranks import run_ranks
+from tests.support.models import EMA_INFO, assert_states_equal, build, full_state, train_steps
+from tests.support.storage_faults import FaultyStorage
+from tests.dist.test_resume_dist import resume_state
+
+pytestmark = [pytest.mark.torch_compat, pytest.mark.slow]
+
+
+def _slow_first_writes(delay_s: float):
+    """A stream-write hook that makes the first write of every file slow, so that training
+    overlaps the background write."""
+    def slow(write, stream, data):
+        if stream.size == 0:
+            time.sleep(delay_s)
+        return write(data)
+
+    return slow
+
+
+def async_save_while_training(rank: int, world_size: int, out: str) -> dict:
+    model, opt, ema = build()
+    storage = FaultyStorage(open_storage(out))
+    ck = Checkpointer(CheckpointerConfig(output_dir=out, run_id="run1", stage_name="train", model_name="mlp",
+                                         async_mode=AsyncMode.THREAD, timeout_s=60), storage=storage)
+    train_steps(model, opt, ema, 2, rank)
+    storage.stream_write = _slow_first_writes(0.3)
+    future = ck.save(TrainingIteration(0, 2, 32), model=model, optimizer=opt, ema={EMA_INFO: ema},
+                     trainer_state={"at": 2})
+    at_call = full_state(model, opt, ema)
+    train_steps(model, opt, ema, 3, rank, start=2)  # the optimizer steps while the write runs
+    running = not future.done()
+    result = ck.wait()
+    ck.close()
+    return {"at_call": at_call, "overlapped": running, "committed": str(result.iteration), "stall": ck.last_stall_s}
+
+
+def test_async_save_writes_the_values_of_the_moment_of_the_call(tmp_path):
+    out = str(tmp_path)
+    results = run_ranks(async_save_while_training, 2, out)
+    assert all(r["overlapped"] for r in results), "the write finished before training went on: no overlap tested"
+    assert {r["committed"] for r in results} == {"E0_U2_S32"}
+    for r in run_ranks(resume_state, 2, out):
+        assert r["cp"] == "E0_U2_S32"
+        assert_states_equal(results[0]["at_call"], r["state"])
+
+
+def async_failure(rank: int, world_size: int, out: str) -> dict:
+    model, opt, ema = build()
+    storage = FaultyStorage(open_storage(out))
+    ck = Checkpointer(CheckpointerConfig(output_dir=out, run_id="run1", stage_name="train", model_name="mlp",
+                                         async_mode=AsyncMode.THREAD, timeout_s=30), storage=storage)
+    train_steps(model, opt, ema, 1, rank)
+    ck.save(TrainingIteration(0, 1, 16), model=model, optimizer=opt)
+    ck.wait()
+    if rank == 1:
+        def broken(write, stream, data):
+            raise OSError(28, "No space left on device (injected)")
+
+        storage.stream_write = broken
+    train_steps(model, opt, ema, 1, rank, start=1)
+    ck.save(TrainingIteration(0, 2, 32), model=model, optimizer=opt)  # returns: the failure is in the background
+    train_steps(model, opt, ema, 1, rank, start=2)
+    try:
+        ck.save(TrainingIteration(0, 3, 48), model=model, optimizer=opt)
+    except CommitError as exc:
+        return {"error": str(exc)}
+    finally:
+        try:
+            ck.close()
+        except CommitError:
+            pass
+    return {"error": None}
+
+
+def test_background_failure_raises_on_every_rank_and_commits_nothing(tmp_path):
+    results = run_ranks(async_failure, 2, str(tmp_path), timeout_s=90)
+    for r in results:
+        assert r["error"] and "E0_U2_S32" in r["error"] and "No space left on device (injected)" in r["error"]
+    ckdir = tmp_path / "run1" / "train" / "checkpoints"
+    assert os.listdir(ckdir / "_commits") == ["E0_U1_S16.json"]
+    assert json.loads((ckdir / "_aliases" / "latest.json").read_text())["checkpoint"] == "E0_U1_S16"
+
+
+def async_process_mode(rank: int, world_size: int, out: str) -> dict:
+    model, opt, ema = build()
+    ck = Checkpointer(CheckpointerConfig(output_dir=out, run_id="run1", stage_name="train", model_name="mlp",
+                                         async_mode=AsyncMode.PROCESS, timeout_s=60))
+    states = []
+    for update in (1, 2):
+        train_steps(model, opt, ema, 1, rank, start=update)
+        ck.save(TrainingIteration(0, update, 16 * update), model=model, optimizer=opt, ema={EMA_INFO: ema})
+        states.append(full_state(model, opt, ema))
+        train_steps(model, opt, ema, 1, rank, start=10 + update)  # changes after the call are not saved
+    result = ck.wait()
+    ck.close()
+    files = sorted(f.name for a in result.record.artifacts for f in a.files)
+    return {"states": states, "files": files}
+
+
+def test_async_process_mode_commits_exact_state_with_checksums(tmp_path):
+    out = str(tmp_path)
+    results = run_ranks(async_process_mode, 2, out, timeout_s=150)
+    assert ".metadata" in results[0]["files"] and "__1_0.distcp" in results[0]["files"]
+    ckdir = tmp_path / "run1" / "train" / "checkpoints"
+    assert not list(ckdir.glob("*/.noether-files-*"))  # sidecars were collected
+    for r in run_ranks(resume_state, 2, out):
+        assert r["cp"] == "E0_U2_S32"
+        assert_states_equal(results[0]["states"][1], r["state"])
+
+
+def consecutive_async_saves(rank: int, world_size: int, out: str, mode: str) -> dict:
+    model, opt, ema = build()
+    ck = Checkpointer(CheckpointerConfig(output_dir=out, run_id="run1", stage_name="train", model_name="mlp",
+                                         async_mode=AsyncMode(mode), timeout_s=90))
+    ck.prepare(model=model, optimizer=opt, ema={EMA_INFO: ema})  # before the first step
+    prepared = ck._background.staging.storage_ptrs()
+    # prepare initialised the optimizer to learn its shapes: training must not notice
+    ref_model, ref_opt, ref_ema = build()
+    train_steps(ref_model, ref_opt, ref_ema, 1, rank, start=1)
+    states, buffers = [], []
+    for update in (1, 2, 3, 4):
+        train_steps(model, opt, ema, 1, rank, start=update)
+        if update == 1:
+            untouched = full_state(model, opt, ema)
+        ck.save(TrainingIteration(0, update, 16 * update), model=model, optimizer=opt, ema={EMA_INFO: ema},
+                trainer_state={"update": update})
+        states.append(full_state(model, opt, ema))
+        buffers.append(ck._background.staging.storage_ptrs())
+        train_steps(model, opt, ema, 1, rank, start=10 + update)  # changes after the call are not saved
+    ck.wait()
+    ck.close()
+    return {"states": states, "buffers": buffers, "prepared": prepared, "untouched": untouched,
+            "reference": full_state(ref_model, ref_opt, ref_ema)}
+
+
+def resume_each(rank: int, world_size: int, out: str, checkpoints: list[str]) -> list[dict]:
+    return [resume_state(rank, world_size, out, resume_checkpoint=cp) for cp in checkpoints]
+
+
+@pytest.mark.parametrize("mode", ["thread", "process"])
+def test_consecutive_async_saves_reuse_staging_and_resume_exactly(tmp_path, mode):
+    out = str(tmp_path)
+    results = run_ranks(consecutive_async_saves, 2, out, mode, timeout_s=240)
+    for r in results:
+        assert_states_equal(r["reference"], r["untouched"])  # prepare left training as it was
+        assert r["prepared"], "prepare allocated no staging buffers"
+        # every save copied into the buffers prepare allocated (process mode stages the small
+        # trainer state too, from the first save on): none reallocated, none added
+        assert r["prepared"] <= r["buffers"][0], (r["prepared"], r["buffers"][0])
+        assert all(ptrs == r["buffers"][0] for ptrs in r["buffers"]), r["buffers"]
+    checkpoints = [f"U{u}" for u in (1, 2, 3, 4)]
+    for r in run_ranks(resume_each, 2, out, checkpoints, timeout_s=240):
+        for i, resumed in enumerate(r):
+            assert resumed["cp"] == f"E0_U{i + 1}_S{16 * (i + 1)}"
+            assert_states_equal(results[0]["states"][i], resumed["state"])

@@ -1,0 +1,371 @@
+"""Two tiers: the reference trainer on 2 real ranks, each rank its own "node" with its own
+local-tier folder, the durable tier on the S3 test server (optionally behind the fault proxy).
+
+Every case kills or breaks something and then runs the job to its end; the final digest of
+model, optimizer and EMA state is compared with an uninterrupted run of the same config.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+
+import pytest
+
+from noether_dist.config import CheckpointerConfig, TiersConfig
+from noether_dist.errors import ConfigError
+from tests.support.ranks import run_ranks
+
+RUN, STAGE = "tiers", "train"
+CK = f"{RUN}/{STAGE}/checkpoints"
+
+
+def config(bucket: str, endpoint: str, prefix: str, **durable) -> dict:
+    """16 updates; local tier every 2 updates, durable every 4."""
+    return {
+        "output_dir": f"s3://{bucket}/{prefix}", "run_id": RUN, "stage_name": STAGE, "auto_resume": True,
+        "model": {"name": "mlp", "dim_in": 16, "hidden": 32, "dim_out": 4},
+        "trainer": {"epochs": 2, "batch_size": 32, "dataset_size": 256, "test_size": 64, "eval_every": 4,
+                    "log_every": 100, "warmup_updates": 3, "step_delay_s": 0.05},
+        "checkpointer": {"timeout_s": 60, "storage": {"endpoint_url": endpoint},
+                         "tiers": {"local": {"dir": "set per rank", "every_updates": 2, "keep_last": 3},
+                                   "durable": {"every_updates": 4, "timeout_s": 60, **durable}}},
+    }
+
+
+def _exists(url: str) -> bool:
+    from noether_dist.io.storage import StorageOptions, open_storage
+
+    options = StorageOptions(endpoint_url=os.environ.get("ND_TEST_ENDPOINT")) if url.startswith("s3://") else None
+    return open_storage(url, options).exists(url)
+
+
+def _kill_when(paths: list[str], marker: str) -> None:
+    while not all(_exists(p) for p in paths):
+        time.sleep(0.02)
+    with open(marker, "w"):
+        pass  # tells the test that this kill came from here (and not from a timeout)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def train(rank: int, world_size: int, cfg: dict, local_dirs: list[str], kill_when: list[str] | None) -> dict:
+    """One rank of the trainer; with ``kill_when`` it SIGKILLs itself once all those paths
+    exist (a rank that fails first, because its peer died, waits for its own SIGKILL)."""
+    os.environ.update(LOCAL_RANK="0", GROUP_RANK=str(rank))  # every rank is alone on its "node"
+    cfg = copy.deepcopy(cfg)
+    cfg["checkpointer"]["tiers"]["local"]["dir"] = local_dirs[rank]
+    os.environ["ND_TEST_ENDPOINT"] = cfg["checkpointer"]["storage"]["endpoint_url"]
+    if kill_when:
+        threading.Thread(target=_kill_when, args=(kill_when, f"{local_dirs[rank]}.killed"), daemon=True).start()
+    from noether_dist.trainer.run import TrainConfig, run
+
+    try:
+        return run(TrainConfig.from_dict(cfg))
+    except BaseException:
+        if kill_when:
+            time.sleep(60)
+        raise
+
+
+def run_job(cfg: dict, local_dirs: list[str], kill_when: list[str] | None = None) -> list:
+    if kill_when:
+        out = run_ranks(train, 2, cfg, local_dirs, kill_when, expect_dead={0, 1}, raise_on_error=False,
+                        timeout_s=300)
+        assert out == [None, None], f"every rank must die by SIGKILL: {out}"
+        for d in local_dirs:
+            assert os.path.exists(f"{d}.killed"), "a rank hung and was killed by the timeout, not by the test"
+            os.remove(f"{d}.killed")
+        return out
+    return run_ranks(train, 2, cfg, local_dirs, None, timeout_s=300)
+
+
+def durable_commits(s3_server, bucket: str, prefix: str) -> list[str]:
+    client = s3_server.client()
+    res = client.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/{CK}/_commits/")
+    return sorted(o["Key"].rsplit("/", 1)[-1][: -len(".json")] for o in res.get("Contents", []))
+
+
+def durable_keys(s3_server, bucket: str, prefix: str, contains: str) -> list[str]:
+    client = s3_server.client()
+    res = client.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/{CK}/")
+    return [o["Key"] for o in res.get("Contents", []) if contains in o["Key"]]
+
+
+@pytest.fixture(scope="module")
+def reference(s3_server, tmp_path_factory):
+    """(bucket, endpoint, digest of the uninterrupted run); every test uses its own prefix."""
+    import uuid
+
+    bucket = f"nd-tiers-{uuid.uuid4().hex[:8]}"
+    s3_server.create_bucket(bucket)
+    tmp = tmp_path_factory.mktemp("tiers-reference")
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in s3_server.env.items():
+            mp.setenv(key, value)
+        ref = run_job(config(bucket, s3_server.endpoint_url, "reference"), [str(tmp / f"node{r}") for r in (0, 1)])
+    assert ref[0]["finished"] and ref[0]["digest"] == ref[1]["digest"]
+    assert durable_commits(s3_server, bucket, "reference") == [
+        "E0_U4_S128", "E1_U12_S384", "E1_U8_S256", "E2_U16_S512"]
+    return bucket, s3_server.endpoint_url, ref[0]["digest"]
+
+
+@pytest.fixture
+def setup(reference, s3_env, tmp_path):
+    """(bucket, endpoint, local dirs per tag, reference digest)."""
+    bucket, endpoint, digest = reference
+
+    def local_dirs(tag: str) -> list[str]:
+        return [str(tmp_path / tag / f"node{r}") for r in (0, 1)]
+
+    return bucket, endpoint, local_dirs, digest
+
+
+def local_commit(local_dir: str, point: str) -> str:
+    return f"{local_dir}/{CK}/_commits/{point}.json"
+
+
+@pytest.mark.slow
+def test_kill_all_ranks_resumes_from_local_tier_then_both_local_copies_gone_resumes_from_durable(
+        setup, s3_server):
+    s3_bucket, endpoint, local_dirs, reference = setup
+    dirs = local_dirs("job")
+    cfg = config(s3_bucket, endpoint, "job")
+    durable_u4 = f"s3://{s3_bucket}/job/{CK}/_commits/E0_U4_S128.json"
+    # 1. SIGKILL of every rank once both local disks hold U6 (and the durable tier U4)
+    run_job(cfg, dirs, kill_when=[local_commit(d, "E0_U6_S192") for d in dirs] + [durable_u4])
+    # 2. the job again: resumes from the local tier, runs to U10 and every rank is killed
+    #    again once U10 is local and U8 durable
+    durable_u8 = f"s3://{s3_bucket}/job/{CK}/_commits/E1_U8_S256.json"
+    run_job(cfg, dirs, kill_when=[local_commit(d, "E1_U10_S320") for d in dirs] + [durable_u8])
+    assert "E1_U10_S320" not in durable_commits(s3_server, s3_bucket, "job")
+    # 3. both nodes replaced: the local folders are gone; the job resumes from the durable tier
+    for d in dirs:
+        shutil.rmtree(d)
+    out = run_job(cfg, dirs)
+    for summary in out:
+        assert summary["finished"] and summary["digest"] == reference, summary
+        assert summary["resumed"]["tier"] == "durable" and summary["resumed"]["checkpoint"] in (
+            "E1_U8_S256", "E1_U12_S384"), summary["resumed"]
+        assert summary["upload_errors"] == []
+
+
+@pytest.mark.slow
+def test_kill_all_ranks_resumes_from_local_tier(setup, s3_server):
+    s3_bucket, endpoint, local_dirs, reference = setup
+    dirs = local_dirs("local")
+    cfg = config(s3_bucket, endpoint, "local")
+    durable_u4 = f"s3://{s3_bucket}/local/{CK}/_commits/E0_U4_S128.json"
+    run_job(cfg, dirs, kill_when=[local_commit(d, "E0_U6_S192") for d in dirs] + [durable_u4])
+    out = run_job(cfg, dirs)
+    for summary in out:
+        assert summary["finished"] and summary["digest"] == reference, summary
+        # U6 (or U8, when the kill came late) exists only on the local tier: it was newer
+        assert summary["resumed"]["tier"] == "local" and summary["resumed"]["checkpoint"] in (
+            "E0_U6_S192", "E1_U8_S256"), summary["resumed"]
+    assert durable_commits(s3_server, s3_bucket, "local") == durable_commits(s3_server, s3_bucket, "reference")
+
+
+@pytest.mark.slow
+def test_store_failing_during_an_upload(setup, s3_server):
+    from tests.support.fault_proxy import FaultProxy
+
+    s3_bucket, endpoint, local_dirs, reference = setup
+    dirs = local_dirs("faulty")
+    with FaultProxy(endpoint, seed=0) as proxy:
+        # every PUT of point U4's files is refused (403: permanent, nobody retries it)
+        proxy.set_faults(kinds=("forbidden",), methods=("PUT",), path_contains="_U4_S", permanent=True)
+        cfg = config(s3_bucket, proxy.endpoint_url, "faulty")
+        cfg["checkpointer"]["tiers"]["local"]["keep_last"] = 20
+        out = run_job(cfg, dirs)
+        assert proxy.stats["faults"] >= 1
+    for summary in out:  # raised on every rank, at the next save; training went on
+        assert summary["finished"] and summary["digest"] == reference, summary
+        assert len(summary["upload_errors"]) == 1 and "E0_U4_S128" in summary["upload_errors"][0], summary
+    assert durable_commits(s3_server, s3_bucket, "faulty") == ["E1_U12_S384", "E1_U8_S256", "E2_U16_S512"]
+    # the local tier stayed valid: U4 is committed on both local disks, and the two disks
+    # together hold every file of it intact (each node has its own shards and rank 0's)
+    from noether_dist.tools.cli import main as cli
+
+    merged = os.path.join(os.path.dirname(dirs[0]), "merged")
+    for d in dirs:
+        assert os.path.exists(local_commit(d, "E0_U4_S128"))
+        shutil.copytree(d, merged, dirs_exist_ok=True)
+    assert cli(["verify", f"{merged}/{RUN}/{STAGE}", "--checkpoint", "E0_U4_S128", "--no-progress"]) == 0
+
+
+@pytest.mark.slow
+def test_kill_during_an_upload(setup, s3_server, capsys):
+    s3_bucket, endpoint, local_dirs, reference = setup
+    dirs = local_dirs("killed")
+    # slow uploads (20 kB/s per rank): U8's upload takes a second or two; the ranks die once
+    # its first file is in the store
+    cfg = config(s3_bucket, endpoint, "killed", bandwidth_mb_s=0.02, retention={"keep_last": 10})
+    first_file = f"s3://{s3_bucket}/killed/{CK}/mlp_cp=E1_U8_S256_model.th/.metadata"
+    run_job(cfg, dirs, kill_when=[first_file])
+    assert "E1_U8_S256" not in durable_commits(s3_server, s3_bucket, "killed")
+    assert durable_keys(s3_server, s3_bucket, "killed", "E1_U8_S256")  # a partial upload is left
+    out = run_job(cfg, dirs)
+    for summary in out:
+        assert summary["finished"] and summary["digest"] == reference, summary
+        assert summary["resumed"]["tier"] == "local", summary["resumed"]
+    # the next durable saves uploaded in full; the killed upload's leftovers went with retention
+    assert durable_commits(s3_server, s3_bucket, "killed") == ["E0_U4_S128", "E1_U12_S384", "E2_U16_S512"]
+    assert not durable_keys(s3_server, s3_bucket, "killed", "E1_U8_S256")
+    from noether_dist.tools.cli import main as cli
+
+    durable = f"s3://{s3_bucket}/killed/{RUN}/{STAGE}"
+    for d in dirs:  # both tiers, as each node sees them
+        assert cli(["verify", durable, "--endpoint-url", endpoint, "--local-dir", f"{d}/{RUN}/{STAGE}",
+                    "--no-progress"]) == 0
+    capsys.readouterr()
+    assert cli(["list", durable, "--endpoint-url", endpoint, "--local-dir", f"{dirs[1]}/{RUN}/{STAGE}"]) == 0
+    shown = capsys.readouterr().out
+    durable_part, local_part = shown.split("== local tier")
+    assert "== durable tier" in durable_part and "E1_U8_S256" not in durable_part and "E1_U14_S448" not in durable_part
+    assert "E1_U14_S448" in local_part and "E2_U16_S512" in local_part, shown
+
+
+# ------------------------------------------------------------------------------ config
+
+def test_one_node_replaced_resumes_from_its_peer_copy(setup, s3_server):
+    """replicate: peer: node 1's local folder is gone (node replaced); the local tier still
+    serves the newest point (node 0 keeps node 1's copy), newer than the durable one."""
+    s3_bucket, endpoint, local_dirs, reference = setup
+    dirs = local_dirs("peer")
+    cfg = config(s3_bucket, endpoint, "peer")
+    cfg["checkpointer"]["tiers"]["local"]["replicate"] = "peer"
+    first = copy.deepcopy(cfg)
+    first["trainer"]["stop_after_updates"] = 6  # local tier: U2, U4, U6; durable: U4
+    assert run_job(first, dirs)[0]["stopped"]
+    assert os.path.exists(f"{dirs[0]}/{CK}/_peer/node1/mlp_cp=E0_U6_S192_model.th/__1_0.distcp")
+    assert durable_commits(s3_server, s3_bucket, "peer") == ["E0_U4_S128"]
+    shutil.rmtree(dirs[1])
+    out = run_job(cfg, dirs)
+    assert [r["resumed"] for r in out] == [{"checkpoint": "E0_U6_S192", "tier": "local"}] * 2, out
+    assert out[0]["finished"] and out[0]["digest"] == reference
+
+
+def _tiers(**over) -> dict:
+    base = {"local": {"dir": "/nvme/ckpt", "every_updates": 50}, "durable": {"every_updates": 500}}
+    for key, value in over.items():
+        tier, field = key.split("__")
+        base[tier][field] = value
+    return base
+
+
+@pytest.mark.parametrize("over, message", [
+    ({"local__every_updates": 0}, "tiers.local.every_updates must be an int >= 1, got 0"),
+    ({"durable__every_updates": 120}, "tiers.durable.every_updates (120) must be a multiple of tiers.local.every_updates (50)"),
+    ({"local__dir": "s3://b/x"}, "tiers.local.dir must be a node-local path"),
+    ({"local__replicate": "twice"}, "tiers.local.replicate 'twice' is not valid; use none or peer"),
+    ({"durable__bandwidth_mb_s": -1}, "tiers.durable.bandwidth_mb_s must be a number > 0 or null"),
+    ({"durable__bandwith_mb_s": 5}, "unknown key 'bandwith_mb_s' in tiers.durable; did you mean 'bandwidth_mb_s'?"),
+    ({"durable__output_dir": "s3://other/x"}, "tiers.durable.output_dir 's3://other/x' differs from output_dir"),
+    ({"durable__retention": {"keep_lats": 2}}, "unknown retention key(s)"),
+])
+def test_bad_tier_values_are_one_clear_line(over, message):
+    with pytest.raises(ConfigError) as err:
+        CheckpointerConfig.from_dict({"output_dir": "s3://b/x", "run_id": "r", "tiers": _tiers(**over)})
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_tiers_config_parses_and_excludes_node_local():
+    cfg = CheckpointerConfig.from_dict({"output_dir": "s3://b/x", "run_id": "r", "tiers": _tiers(
+        local__replicate=None, durable__retention={"keep_last": 3}, durable__bandwidth_mb_s=200)})
+    assert isinstance(cfg.tiers, TiersConfig) and cfg.tiers.durable.retention.keep_last == 3
+    assert cfg.tiers.local.replicate.value == "none" and cfg.tiers.durable.bandwidth_mb_s == 200
+    peer = CheckpointerConfig.from_dict({"output_dir": "s3://b/x", "run_id": "r", "tiers": _tiers(local__replicate="peer")})
+    assert peer.tiers.local.replicate.value == "peer"
+    with pytest.raises(ConfigError, match="set tiers.local.replicate: peer"):
+        CheckpointerConfig.from_dict({"output_dir": "s3://b/x", "run_id": "r", "replicate": "peer", "tiers": _tiers()})
+    with pytest.raises(ConfigError, match="node_local and tiers exclude each other"):
+        CheckpointerConfig.from_dict({"output_dir": "s3://b/x", "run_id": "r", "node_local": True, "tiers": _tiers()})
+    with pytest.raises(ConfigError, match="tiers.durable.every_updates is missing"):
+        TiersConfig.from_dict({"local": {"dir": "/x", "every_updates": 2}, "durable": {}})
+    assert json.dumps(_tiers())  # the block is plain YAML/JSON data
+
+
+# ------------------------------------------------------------------ two network-namespace hosts
+
+@pytest.mark.slow
+def test_two_hosts_sigkill_resumes_from_local_disks(two_hosts, s3_server, s3_env, tmp_path):
+    """torchrun across two namespace "hosts", each with its own local disk (a private bind
+    mount at the same path), the durable tier on S3: SIGKILL of every process on both hosts
+    once U12 is on both local disks, then the job again resumes from the local tier and ends
+    with the digest of an uninterrupted run."""
+    import uuid
+    from pathlib import Path
+
+    from tests.integration.test_launch_slurm import uninterrupted_digest
+    from tests.support.netns_hosts import own_disks
+    from tests.integration.test_launch_two_hosts import launch, wait_all, wait_until
+
+    (tmp_path / "reference").mkdir()
+    reference = uninterrupted_digest(tmp_path / "reference")
+    bucket = f"nd-tiers2h-{uuid.uuid4().hex[:8]}"
+    s3_server.create_bucket(bucket)
+    endpoint = f"http://{two_hosts.server_ip}:{two_hosts.forward(s3_server.port)}"
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ENDPOINT_URL_S3": endpoint}
+    disk, backing, wraps = own_disks(tmp_path)
+    backing = [Path(b) for b in backing]
+
+    tiers = "{local: {dir: %s, every_updates: 4, keep_last: 2}, durable: {every_updates: 8}}" % disk
+    overrides = [f"checkpointer.storage.endpoint_url={endpoint}", f"checkpointer.tiers={tiers}"]
+    ck = Path("torchrun-tiers2h") / "train" / "checkpoints"
+    client = s3_server.client()
+
+    def durable(point: str) -> bool:
+        res = client.list_objects_v2(Bucket=bucket, Prefix=f"exp/{ck}/_commits/{point}.json")
+        return bool(res.get("Contents"))
+
+    logs = [tmp_path / "host0.log", tmp_path / "host1.log"]
+    procs = [launch(two_hosts, i, nnodes=2, port=29400, rdzv_id="tiers2h", output_dir=f"s3://{bucket}/exp",
+                    log=logs[i], overrides=[*overrides, "trainer.step_delay_s=0.15"], env=env, wrap=wraps[i])
+             for i in (0, 1)]
+    wait_until(lambda: all((b / ck / "_commits" / "E1_U12_S384.json").exists() for b in backing)
+               and durable("E1_U8_S256"), 180, "U12 on both local disks and U8 on S3", procs, logs)
+    for idx in (0, 1):  # every process of both hosts, at once
+        two_hosts._kill_ns_processes(two_hosts.ns_name(idx))
+    for p in procs:
+        p.wait(timeout=30)
+    logs = [tmp_path / "host0_resume.log", tmp_path / "host1_resume.log"]
+    procs = [launch(two_hosts, i, nnodes=2, port=29401, rdzv_id="tiers2h", output_dir=f"s3://{bucket}/exp",
+                    log=logs[i], overrides=overrides, env=env, wrap=wraps[i]) for i in (0, 1)]
+    wait_all(procs, logs, timeout=240)
+    for log in logs:
+        assert "(local tier)" in log.read_text(), log.read_text()[-3000:]
+    summary = json.loads(client.get_object(Bucket=bucket, Key=f"exp/{ck.parent}/summary.json")["Body"].read())
+    assert summary["finished"] and summary["world_size"] == 2, summary
+    from noether_dist.format.names import TrainingIteration
+
+    assert summary["resumed"]["tier"] == "local", summary
+    assert TrainingIteration.parse(summary["resumed"]["checkpoint"]).update >= 12, summary
+    assert summary["digest"] == reference
+
+
+def test_local_retention_keeps_a_point_while_it_uploads(tmp_path):
+    """One process: local tier keeps 1 point, the durable tier is a folder, uploads paced to
+    5 kB/s. While U2 uploads, U3's retention must keep U2; once uploaded it may go."""
+    from noether_dist import Checkpointer, TrainingIteration
+    from tests.support.models import build
+
+    model, _, _ = build(sharded=False)
+    cfg = CheckpointerConfig.from_dict({
+        "output_dir": str(tmp_path / "durable"), "run_id": "r", "model_name": "mlp",
+        "tiers": {"local": {"dir": str(tmp_path / "local"), "every_updates": 1, "keep_last": 1},
+                  "durable": {"every_updates": 2, "bandwidth_mb_s": 0.005}}})
+    commits = tmp_path / "local" / "r" / "checkpoints" / "_commits"
+    with Checkpointer(cfg) as ck:
+        ck.save(TrainingIteration(0, 2, 2), model=model)  # local, then the (slow) upload starts
+        ck.save(TrainingIteration(0, 3, 3), model=model)  # local only; retention would drop U2
+        assert ck.durable.busy, "the upload should still be running (5 kB/s)"
+        assert sorted(os.listdir(commits)) == ["E0_U2_S2.json", "E0_U3_S3.json"]
+        ck.wait()
+        assert os.path.exists(tmp_path / "durable" / "r" / "checkpoints" / "_commits" / "E0_U2_S2.json")
+        ck.save(TrainingIteration(0, 5, 5), model=model)  # not due: the upload is over, U2 and U3 may go
+        assert sorted(os.listdir(commits)) == ["E0_U5_S5.json"]
