@@ -19,8 +19,10 @@ from noether_dist.config import Replicate
 from noether_dist.dist.topology import NodeTopology
 from noether_dist.errors import ConfigError
 from noether_dist.stage.retention import RetentionPolicy
-from tests.distributed import run_ranks
-from tests.models import EMA_INFO, assert_states_equal, build, full_state, train_steps
+from tests.support.ranks import run_ranks
+from tests.support.models import EMA_INFO, assert_states_equal, build, full_state, train_steps
+
+pytestmark = pytest.mark.slow
 
 CK = Path("r") / "s" / "checkpoints"
 

@@ -1,4 +1,4 @@
-"""replicate: peer across two "hosts" (network namespaces, see tests/netns_hosts.py): each host
+"""replicate: peer across two "hosts" (network namespaces, see tests/support/netns_hosts.py): each host
 writes to its own local disk (a private mount namespace per host where the same path is a
 different directory) and keeps a copy of the other host's files. One host's disk is then
 emptied (the node was replaced); the run resumes on both hosts from the peer copy and ends
@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_launch_two_hosts import TOTAL_UPDATES, launch, tails, wait_all
+from tests.integration.test_launch_two_hosts import TOTAL_UPDATES, launch, tails, wait_all
+
+pytestmark = pytest.mark.slow
 
 CKPT = Path("noether_runs") / "torchrun-peerpair" / "train" / "checkpoints"
 STOP = "E1_U8_S256"
@@ -25,7 +27,7 @@ STOP = "E1_U8_S256"
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> dict:
     """The digest of an uninterrupted run on 2 ranks (shared with test_launch_slurm.py)."""
-    from tests.test_launch_slurm import uninterrupted_digest
+    from tests.integration.test_launch_slurm import uninterrupted_digest
 
     return uninterrupted_digest(tmp_path_factory.mktemp("reference"))
 
