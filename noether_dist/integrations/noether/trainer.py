@@ -35,6 +35,7 @@ from noether.core.schemas import BaseTrainerConfig
 from noether.core.schemas.initializers import ResumeInitializerConfig
 from torch.nn.parallel import DistributedDataParallel
 
+from ...dist.comm import Comm
 from ...errors import StateMismatchError
 from ...format.trainer_keys import DATA_POSITION_KEY, RNG_KEY
 from .block import checkpointer_config
@@ -112,6 +113,7 @@ class NoetherDistTrainer:
         # builds them, so replacing it here reaches every one of them.
         self.checkpoint_writer = GatheringCheckpointWriter(trainer=self, block=block, output_dir=output_dir)
         self._nd_open_point = False
+        self.log_writer.__class__ = _waiting_for_every_rank(type(self.log_writer), self._nd_timeout_s)
 
     # -- model ----------------------------------------------------------------------------
     def _prepare_model(self, model: Any) -> Any:
@@ -199,3 +201,21 @@ class NoetherDistTrainer:
         self._nd_open_point = False
         self.checkpoint_writer.flush()
         self.checkpoint_writer.close()
+
+
+def _waiting_for_every_rank(log_writer_class: type, timeout_s: float) -> type:
+    """``log_writer_class`` (Noether's LogWriter) whose ``with`` block, left without an error,
+    ends only once every rank has left it (a barrier with ``timeout_s``).
+
+    Noether 2026.4.0 writes the tracker's log entries file on rank 0 as ``train()`` leaves
+    that block, and every rank reads the file right after (``summarize_logvalues``): another
+    rank could read it half-written and fail with UnpicklingError (7 of 37 adapter tests in
+    one CI run here). After the wait, rank 0 has written it whole."""
+
+    class LogWriterWaitingForEveryRank(log_writer_class):  # type: ignore[misc, valid-type]
+        def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+            super().__exit__(exc_type, exc, tb)
+            if exc_type is None:
+                Comm(timeout_s).barrier()
+
+    return LogWriterWaitingForEveryRank
