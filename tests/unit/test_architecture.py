@@ -1,5 +1,5 @@
 """The package's import graph: no import circle, no library module importing the reference
-trainer, and layers that import downward only.
+trainer, layers that import downward only, and torch.distributed used by dist/comm.py alone.
 
 The graph is read from the source (the AST of every module, imports at module level and
 inside functions alike), so nothing is imported and an import that only runs on some path
@@ -219,3 +219,32 @@ def test_format_is_pure():
                 assert top == "__future__" or top in sys.stdlib_module_names, f"{name} imports {full}"
         internal = {t for t in graph[name] if _layer(t) != "format"}
         assert internal <= {"noether_dist.errors"}, f"{name} imports {sorted(internal)}"
+
+
+def test_only_comm_talks_to_torch_distributed():
+    """No library module but dist/comm.py imports torch.distributed itself or calls one of its
+    functions (its subpackages: DCP, DTensor, FSDP, are fine)."""
+    import ast
+    import pathlib
+
+    import noether_dist
+
+    root = pathlib.Path(noether_dist.__file__).parent
+    offenders = []
+    for path in sorted(root.rglob("*.py")):
+        if path == root / "dist" / "comm.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import) and any(a.name == "torch.distributed" for a in node.names):
+                offenders.append(f"{path.relative_to(root)}:{node.lineno} import torch.distributed")
+            elif isinstance(node, ast.ImportFrom) and (
+                    (node.module == "torch" and any(a.name == "distributed" for a in node.names))
+                    or (node.module == "torch.distributed" and any(a.name[:1].islower() and a.name not in (
+                        "checkpoint", "tensor", "fsdp", "device_mesh") for a in node.names))):
+                offenders.append(f"{path.relative_to(root)}:{node.lineno} from {node.module} import ...")
+            elif (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute)
+                  and isinstance(node.value.value, ast.Name) and node.value.value.id == "torch"
+                  and node.value.attr == "distributed" and not node.attr.startswith("_")
+                  and node.attr not in ("checkpoint", "tensor", "fsdp", "device_mesh")):
+                offenders.append(f"{path.relative_to(root)}:{node.lineno} torch.distributed.{node.attr}")
+    assert not offenders, offenders
