@@ -16,8 +16,6 @@ import pytest
 
 from noether_dist import Checkpointer, CheckpointerConfig, TrainingIteration, resume
 from noether_dist.config import Replicate
-from noether_dist.dist.topology import NodeTopology
-from noether_dist.errors import ConfigError
 from noether_dist.stage.retention import RetentionPolicy
 from tests.support.ranks import run_ranks
 from tests.support.models import EMA_INFO, assert_states_equal, build, full_state, train_steps
@@ -61,24 +59,6 @@ def _crc(path: Path) -> int:
 
 def _tree(root: Path) -> dict[str, int]:
     return {str(p.relative_to(root)): _crc(p) for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def test_ring_of_nodes():
-    topo = NodeTopology(((0, 1), (2, 3), (4,)), (0, 2, 4), rank=3)
-    assert topo.node == 1 and topo.peer_node() == 2 and not topo.is_leader
-    assert [topo.copy_target(r) for r in range(5)] == [2, 3, 4, 4, 0]
-    assert topo.copy_sources(4) == [2, 3] and topo.copy_sources(0) == [4] and topo.copy_sources(1) == []
-    alone = NodeTopology(((0, 1, 2),), (0,), rank=1)
-    assert alone.peer_node() is None and alone.copy_target(1) is None and alone.copy_sources(0) == []
-
-
-def test_replicate_peer_needs_node_local_disks():
-    with pytest.raises(ConfigError, match="needs node_local: true"):
-        CheckpointerConfig(output_dir="/tmp/x", run_id="r", replicate=Replicate.PEER)
-    with pytest.raises(ConfigError, match="node-local disk"):
-        CheckpointerConfig(output_dir="s3://b/p", run_id="r", node_local=True, replicate=Replicate.PEER)
-    with pytest.raises(ConfigError, match="use none or peer"):
-        CheckpointerConfig.from_dict({"output_dir": "/tmp/x", "run_id": "r", "node_local": True, "replicate": "ring"})
 
 
 def test_replaced_node_resumes_from_its_peer_copy(tmp_path):
