@@ -1,7 +1,8 @@
 """S3 operations against a real endpoint (moto on 127.0.0.1, through tests/support/fault_proxy.py
 where a fault is needed): one retry layer, a private filesystem instance, refusal of a store
 that ignores If-None-Match, CRC32 checksums kept by the store, and verify through the
-store's checksum (fast path) and by reading the bytes (slow path)."""
+store's checksum (fast path) and by reading the bytes (slow path); the stage index's
+requests on S3 (the same on a local disk: tests/unit/test_select.py)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,12 @@ import pytest
 from noether_dist import Checkpointer, CheckpointerConfig, StorageError, StorageOptions, TrainingIteration
 from noether_dist.tools.cli import main as cli_main
 from noether_dist.format.layout import StageLayout
+from noether_dist.format.names import CheckpointRef
 from noether_dist.io.storage import RetryPolicy, open_storage
+from noether_dist.stage.index import StageIndex
 from noether_dist.stage.verify import verify_stage
 from tests.support.fault_proxy import FaultProxy
+from tests.support.stages import CountingStorage, mixed_stage, point
 from tests.support.models import EMA_INFO, build, train_steps
 
 pytestmark = pytest.mark.slow
@@ -147,3 +151,21 @@ def test_verify_on_s3_fast_path_and_slow_path(s3_server, s3_bucket, capsys):
     found = json.loads(capsys.readouterr().out)
     assert code == 1 and found["stages"][0]["checkpoints"][0]["store_checked"] == 0
     assert [d["kind"] for d in found["damages"]] == ["crc"]
+
+
+@pytest.mark.torch_compat  # as in tests/unit/test_select.py, where it came from
+def test_index_on_s3_reads_the_alias_and_record_and_lists_only_for_a_fallback(s3_server, s3_bucket):
+    root = f"s3://{s3_bucket}/o"
+    st = CountingStorage(open_storage(root, StorageOptions(endpoint_url=s3_server.endpoint_url)))
+    layout = mixed_stage(st, root)
+    st.reads = st.lists = 0
+    index = StageIndex(st, layout)
+    assert index.resolve(CheckpointRef.latest()).iteration == point(2)
+    assert (st.reads, st.lists) == (2, 0)
+    st.replace(layout.alias_path("latest"), b"not json")
+    st.reads = st.lists = 0
+    index = StageIndex(st, layout)
+    assert index.resolve(CheckpointRef.latest()).iteration == point(2)  # U4's record is corrupt: skipped
+    assert st.lists == 1 and st.reads == 3  # alias, U4 (corrupt), U2
+    assert [c.name for c in index.find_all()] == ["E0_U1_S8", "E0_U2_S16", "E0_U3_S24", "E0_U4_S32"]
+    assert st.lists == 2

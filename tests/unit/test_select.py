@@ -1,15 +1,15 @@
 """The stage index: selection costs O(1) store requests through aliases, listings only as a
-fallback, and every question about a stage lists each of its folders at most once."""
+fallback, and every question about a stage lists each of its folders at most once (the same
+on S3: tests/integration/test_s3_ops.py)."""
 
 from __future__ import annotations
 
-import zlib
 from collections import Counter
 
 import pytest
 
 from noether_dist.errors import AmbiguousCheckpointError, CheckpointNotFoundError
-from noether_dist.format.records import AliasRecord, ArtifactRecord, CommitRecord, CorruptRecordError, FileRecord
+from noether_dist.format.records import AliasRecord, CommitRecord, CorruptRecordError
 from noether_dist.stage.catalog import summarize_stage
 from noether_dist.stage.commit import write_alias, write_commit
 from noether_dist.format.layout import StageLayout
@@ -17,27 +17,10 @@ from noether_dist.format.names import CheckpointRef, TrainingIteration, parse_re
 from noether_dist.stage.index import StageIndex
 from noether_dist.stage.retention import RetentionPolicy, prune
 from noether_dist.stage.verify import verify_stage
-from noether_dist.io.storage import Storage, StorageOptions, open_storage
+from noether_dist.io.storage import open_storage
+from tests.support.stages import CountingStorage, mixed_stage, point
 
 pytestmark = pytest.mark.torch_compat
-
-
-class CountingStorage(Storage):
-    """A real Storage that counts reads and listings (and remembers what it listed)."""
-
-    def __init__(self, base: Storage) -> None:
-        super().__init__(base.fs, base.options, base.protocol)
-        self.reads = self.lists = 0
-        self.listed: list[str] = []
-
-    def read(self, path: str) -> bytes:
-        self.reads += 1
-        return super().read(path)
-
-    def list(self, path: str):
-        self.lists += 1
-        self.listed.append(path)
-        return super().list(path)
 
 
 def _stage(tmp_path, n: int) -> tuple[CountingStorage, StageLayout]:
@@ -70,54 +53,26 @@ def test_partial_spec_lists_once(tmp_path):
     assert (st.reads, st.lists) == (1, 1)
 
 
-def _it(u: int) -> TrainingIteration:
-    return TrainingIteration(0, u, 8 * u)
-
-
-def _save(st: Storage, layout: StageLayout, u: int, *, commit: bool = True) -> None:
-    """A checkpoint of model ``m`` at U``u``: one file in a model folder, then its record."""
-    name = f"m_cp={_it(u)}_model.th"
-    data = b"x" * u
-    st.replace(f"{layout.artifact_path(name)}/.metadata", data)
-    if commit:
-        art = ArtifactRecord(name, "model", None, "dcp", (FileRecord(".metadata", u, zlib.crc32(data)),))
-        write_commit(st, layout, CommitRecord(_it(u), layout.run_id, layout.stage_name, "m", 1, (art,)))
-
-
-def _mixed_stage(st: Storage, root: str) -> StageLayout:
-    """U1, U2, U4 committed (U4's record is garbage), U3 a save that died; latest -> U2,
-    best.loss -> U1."""
-    layout = StageLayout(root, "r", "s")
-    for u in (1, 2, 4):
-        _save(st, layout, u)
-    _save(st, layout, 3, commit=False)
-    st.remove(layout.commit_path(_it(4)))
-    st.replace(layout.commit_path(_it(4)), b'{"artifacts": [tru')
-    write_alias(st, layout, AliasRecord("latest", _it(2)))
-    write_alias(st, layout, AliasRecord("best.loss", _it(1), 0.5, "min"))
-    return layout
-
-
 def test_find_all_lists_each_folder_once_and_parses_what_it_finds(tmp_path):
     st = CountingStorage(open_storage(str(tmp_path)))
-    layout = _mixed_stage(st, str(tmp_path))
+    layout = mixed_stage(st, str(tmp_path))
     st.reads = st.lists = 0
     index = StageIndex(st, layout)
     found = index.find_all()
     assert [(c.name, c.committed, [a.name for a in c.artifacts]) for c in found] == [
         ("E0_U1_S8", True, ["m_cp=E0_U1_S8_model.th"]), ("E0_U2_S16", True, ["m_cp=E0_U2_S16_model.th"]),
         ("E0_U3_S24", False, ["m_cp=E0_U3_S24_model.th"]), ("E0_U4_S32", True, ["m_cp=E0_U4_S32_model.th"])]
-    assert [c.iteration for c in found] == [_it(1), _it(2), _it(3), _it(4)]
+    assert [c.iteration for c in found] == [point(1), point(2), point(3), point(4)]
     assert found[2].artifacts[0].parsed.model_name == "m"
     assert sorted(st.listed) == sorted([layout.checkpoints_dir, layout.commits_dir]) and st.reads == 0
     # every further question is answered from the same listings
     assert index.find("E0_U3_S24").committed is False and index.find("E9_U9_S9") is None
-    assert index.committed() == [_it(1), _it(2), _it(4)]
-    assert index.match(parse_resume_checkpoint("U2").partial) == _it(2)
-    assert index.newest().iteration == _it(2)  # U4's record is corrupt: skipped
-    assert index.newest(before=_it(2)).iteration == _it(1)
+    assert index.committed() == [point(1), point(2), point(4)]
+    assert index.match(parse_resume_checkpoint("U2").partial) == point(2)
+    assert index.newest().iteration == point(2)  # U4's record is corrupt: skipped
+    assert index.newest(before=point(2)).iteration == point(1)
     with pytest.raises(CorruptRecordError, match="E0_U4_S32.json is corrupt"):
-        index.record(_it(4))
+        index.record(point(4))
     assert {k: str(v.iteration) for k, v in index.aliases().items()} == {"best.loss": "E0_U1_S8", "latest": "E0_U2_S16"}
     assert Counter(st.listed) == Counter({layout.checkpoints_dir: 1, layout.commits_dir: 1, layout.aliases_dir: 1})
     assert st.reads == 5  # U4, U2, U1 records (each once: U4 raised twice from one read), two aliases
@@ -125,7 +80,7 @@ def test_find_all_lists_each_folder_once_and_parses_what_it_finds(tmp_path):
 
 def test_resolve_names_what_exists_when_it_cannot_pick(tmp_path):
     st = CountingStorage(open_storage(str(tmp_path)))
-    layout = _mixed_stage(st, str(tmp_path))
+    layout = mixed_stage(st, str(tmp_path))
     st.reads = st.lists = 0
     index = StageIndex(st, layout)
     with pytest.raises(AmbiguousCheckpointError, match="resume_checkpoint E0 matches 3 committed checkpoints: "
@@ -136,13 +91,13 @@ def test_resolve_names_what_exists_when_it_cannot_pick(tmp_path):
         index.resolve(parse_resume_checkpoint("U3"))
     with pytest.raises(CheckpointNotFoundError, match="alias last does not exist"):
         index.resolve(CheckpointRef.last())
-    assert index.resolve(CheckpointRef.best("loss")).iteration == _it(1)
+    assert index.resolve(CheckpointRef.best("loss")).iteration == point(1)
     assert st.lists == 1  # the three errors share one listing of _commits/
 
 
 def test_catalog_verify_and_prune_list_each_folder_once(tmp_path):
     st = CountingStorage(open_storage(str(tmp_path)))
-    layout = _mixed_stage(st, str(tmp_path))
+    layout = mixed_stage(st, str(tmp_path))
     once = Counter({layout.checkpoints_dir: 1, layout.commits_dir: 1, layout.aliases_dir: 1})
     st.listed.clear()
     summary = summarize_stage(st, layout)
@@ -159,26 +114,11 @@ def test_catalog_verify_and_prune_list_each_folder_once(tmp_path):
     st.listed.clear()
     assert [c.checkpoint for c in verify_stage(st, layout, checkpoint="latest").checkpoints] == ["E0_U2_S16"]
     assert max(Counter(st.listed).values()) == 1
-    write_alias(st, layout, AliasRecord("latest", _it(4)))
+    write_alias(st, layout, AliasRecord("latest", point(4)))
     st.listed.clear()
     plan = prune(st, layout, RetentionPolicy(keep_last=1))
-    assert plan.delete == (_it(2),) and plan.keep == (_it(1), _it(4)) and plan.uncommitted == ("m_cp=E0_U3_S24_model.th",)
+    assert plan.delete == (point(2),) and plan.keep == (point(1), point(4)) and plan.uncommitted == ("m_cp=E0_U3_S24_model.th",)
     assert Counter(st.listed) == once  # the plan's listing also names the files to delete
     assert [c.name for c in StageIndex(st, layout).find_all()] == ["E0_U1_S8", "E0_U4_S32"]
 
 
-def test_index_on_s3_reads_the_alias_and_record_and_lists_only_for_a_fallback(s3_server, s3_bucket):
-    root = f"s3://{s3_bucket}/o"
-    st = CountingStorage(open_storage(root, StorageOptions(endpoint_url=s3_server.endpoint_url)))
-    layout = _mixed_stage(st, root)
-    st.reads = st.lists = 0
-    index = StageIndex(st, layout)
-    assert index.resolve(CheckpointRef.latest()).iteration == _it(2)
-    assert (st.reads, st.lists) == (2, 0)
-    st.replace(layout.alias_path("latest"), b"not json")
-    st.reads = st.lists = 0
-    index = StageIndex(st, layout)
-    assert index.resolve(CheckpointRef.latest()).iteration == _it(2)  # U4's record is corrupt: skipped
-    assert st.lists == 1 and st.reads == 3  # alias, U4 (corrupt), U2
-    assert [c.name for c in index.find_all()] == ["E0_U1_S8", "E0_U2_S16", "E0_U3_S24", "E0_U4_S32"]
-    assert st.lists == 2
