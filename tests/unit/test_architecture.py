@@ -1,5 +1,6 @@
 """The package's import graph: no import circle, no library module importing the reference
-trainer, layers that import downward only, and torch.distributed used by dist/comm.py alone.
+trainer, layers that import downward only, and torch.distributed used by dist/comm.py alone;
+and the unit test tier: one process, no process group.
 
 The graph is read from the source (the AST of every module, imports at module level and
 inside functions alike), so nothing is imported and an import that only runs on some path
@@ -248,3 +249,88 @@ def test_only_comm_talks_to_torch_distributed():
                   and node.attr not in ("checkpoint", "tensor", "fsdp", "device_mesh")):
                 offenders.append(f"{path.relative_to(root)}:{node.lineno} torch.distributed.{node.attr}")
     assert not offenders, offenders
+
+
+# ------------------------------------------------------------------ the one-process test tier
+
+UNIT_TESTS = Path(__file__).resolve().parent
+TESTS = UNIT_TESTS.parent
+
+STARTS_PROCESSES = {"subprocess", "multiprocessing", "concurrent.futures.process", "tests.support.ranks",
+                    "tests.support.s3_server", "tests.support.slurm_cluster", "tests.support.netns_hosts"}
+"""Modules that start processes (or are only there to): no unit test reaches one of them."""
+
+PROCESS_CALLS = {"init_process_group", "init_distributed", "new_group", "run_ranks", "run_jobs", "fork", "forkpty",
+                 "Popen", "system", "spawnv", "spawnl", "execv", "execvp", "posix_spawn"}
+"""Functions that start a process or a process group, by the name they are called with."""
+
+PROCESS_FIXTURES = {"s3_server", "s3_env", "s3_bucket", "cluster", "two_hosts"}
+"""tests/conftest.py's fixtures that start a server, a cluster or network namespaces."""
+
+
+def _test_imports(path: Path) -> set[str]:
+    """Every module ``path`` imports, anywhere in it (``from a import b``: ``a`` and ``a.b``)."""
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            out |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return out
+
+
+def _support_closure(modules: set[str]) -> set[str]:
+    """``modules`` and every module the tests/support modules among them import, transitively."""
+    seen: set[str] = set()
+    todo = list(modules)
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        path = TESTS.parent / (name.replace(".", "/") + ".py")
+        if name.startswith("tests.support.") and path.is_file():
+            todo.extend(_test_imports(path) - seen)
+    return seen
+
+
+def _process_offenders(path: Path) -> list[str]:
+    """What in the test file ``path`` starts a process, a process group or a server."""
+    offenders = []
+    for name in sorted(_support_closure(_test_imports(path))):
+        if any(name == m or name.startswith(m + ".") for m in STARTS_PROCESSES):
+            offenders.append(f"{path.name} reaches {name}")
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.Call):
+            called = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            if called in PROCESS_CALLS:
+                offenders.append(f"{path.name}:{node.lineno} calls {called}")
+        elif isinstance(node, ast.FunctionDef) and (node.name.startswith("test_") or any(
+                "fixture" in ast.unparse(d) for d in node.decorator_list)):
+            for arg in sorted({a.arg for a in node.args.args} & PROCESS_FIXTURES):
+                offenders.append(f"{path.name}:{node.lineno} {node.name} takes the fixture {arg}")
+    return offenders
+
+
+def test_unit_tests_start_no_process_and_no_process_group():
+    """tests/unit is one process: no unit test (nor a helper it imports from tests/support)
+    imports a module that starts processes, calls what starts a process or a process group,
+    or takes a fixture that starts a server; tests/unit/conftest.py checks at run time that
+    no test leaves a process group or a child process behind."""
+    files = sorted(UNIT_TESTS.glob("*.py"))
+    assert len(files) > 10 and UNIT_TESTS / "test_comm.py" in files  # the walk finds the tier
+    offenders = [line for path in files for line in _process_offenders(path)]
+    assert not offenders, "tests/unit must stay one process (move these to tests/dist or tests/integration):\n" + \
+        "\n".join(offenders)
+
+
+def test_the_process_check_sees_what_it_forbids(tmp_path):
+    bad = tmp_path / "test_bad.py"
+    bad.write_text("from tests.support.models import build\nfrom tests.support.ranks import run_ranks\n"
+                   "import subprocess\n\n\ndef test_x(tmp_path, s3_bucket):\n    run_ranks(f, 2)\n"
+                   "    torch.distributed.init_process_group('gloo')\n")
+    found = sorted(_process_offenders(bad))
+    assert found == sorted(["test_bad.py reaches multiprocessing", "test_bad.py reaches multiprocessing.connection",
+                     "test_bad.py reaches subprocess", "test_bad.py reaches tests.support.ranks",
+                     "test_bad.py reaches tests.support.ranks.run_ranks", "test_bad.py:7 calls run_ranks",
+                     "test_bad.py:8 calls init_process_group", "test_bad.py:6 test_x takes the fixture s3_bucket"]), found
