@@ -19,6 +19,8 @@ from noether_dist.io.mirror import mirror_from_coordinator
 from noether_dist.io.storage import open_storage
 from tests.support.local_comm import LocalComm, LocalGroup, run_on_threads
 
+pytestmark = pytest.mark.torch_compat
+
 COMPOSITES = ("broadcast_from_coordinator", "all_gather_results", "run_everywhere")
 """Comm's agreement steps: LocalComm must inherit them, so that tests run the real ones."""
 

@@ -20,6 +20,8 @@ from noether_dist.stage import peer
 from noether_dist.stage.commit import write_alias, write_commit
 from tests.support.local_comm import LocalComm, run_on_threads
 
+pytestmark = pytest.mark.torch_compat
+
 NODES = ((0, 1), (2, 3))
 POINT = TrainingIteration(0, 2, 32)
 ART = f"mlp_cp={POINT}_model.th"
