@@ -1,4 +1,5 @@
-"""PreviousRunInitializer from YAML; consolidated files: conversion round trip and Noether's own files."""
+"""PreviousRunInitializer from YAML; consolidated files: conversion round trip and Noether's own files.
+The initializer's errors, in one process: tests/unit/test_initializer_errors.py."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ from torch import nn
 
 from noether_dist import Checkpointer, CheckpointerConfig, TrainingIteration, resume
 from noether_dist.tools.cli import main as cli_main
-from noether_dist.errors import CheckpointNotFoundError, ConfigError, StateMismatchError
 from noether_dist.initializers import build_initializers
 from tests.support.ranks import run_ranks
 from tests.support.models import EMA_INFO, assert_states_equal, build, full_state, make_mlp, shard, train_steps
@@ -82,30 +82,6 @@ def test_previous_run_initializer_from_yaml_into_other_sharding(tmp_path):
                 assert torch.equal(value, r["before"][key])  # dropped: keeps its own init
             else:
                 assert torch.equal(value, saved["model"][key[len("body."):]])
-
-
-def test_initializer_errors(tmp_path):
-    out = str(tmp_path)
-    run_ranks(save_source, 1, out)
-    with pytest.raises(ConfigError, match="does not import"):
-        build_initializers([{"kind": "noether_dist.nothing.Here", "run_id": "src", "model_name": "mlp"}])
-    with pytest.raises(ConfigError, match="did you mean 'model_info'"):
-        build_initializers([{"kind": "noether_dist.initializers.PreviousRunInitializer", "run_id": "src",
-                             "model_name": "mlp", "modelinfo": "x"}])
-
-    def apply(**kw):
-        spec = {"kind": "noether_dist.initializers.PreviousRunInitializer", "run_id": "src", "model_name": "mlp",
-                "stage_name": "train", **kw}
-        build_initializers([spec])[0].apply(make_mlp(), output_dir=out)
-
-    with pytest.raises(CheckpointNotFoundError, match="no model file with model_info 'ema_factor=0.5'"):
-        apply(model_info="ema_factor=0.5")
-    with pytest.raises(ConfigError, match="drop_keys pattern 'head.*' matches no key"):
-        apply(drop_keys=["head.*"])
-    with pytest.raises(StateMismatchError, match="checkpoint keys the model has no place for"):
-        build_initializers([{"kind": "noether_dist.initializers.PreviousRunInitializer", "run_id": "src",
-                             "model_name": "mlp", "stage_name": "train"}])[0].apply(
-            nn.Sequential(nn.Linear(16, 30)), output_dir=out)
 
 
 def resume_full(rank: int, world_size: int, out: str, run_id: str, model_name: str, checkpoint: str | None) -> dict:
