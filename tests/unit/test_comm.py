@@ -205,7 +205,7 @@ def test_a_rank_that_never_arrives_times_the_others_out():
             return "skipped the collective"
         return comm.all_gather_results(lambda: comm.rank)
 
-    out = run_on_threads(3, body, timeout_s=0.5)
+    out = run_on_threads(3, body, timeout_s=0.2)
     assert out[2] == (True, "skipped the collective")
     for ok, exc in out[:2]:
         assert not ok and isinstance(exc, DistributedTimeoutError), exc
@@ -216,7 +216,7 @@ def test_an_unpicklable_value_fails_on_its_rank_as_with_gloo():
     def body(comm: LocalComm):
         return comm.all_gather((lambda: 0) if comm.rank == 0 else comm.rank)
 
-    out = run_on_threads(2, body, timeout_s=0.5)
+    out = run_on_threads(2, body, timeout_s=0.2)
     assert not out[0][0] and isinstance(out[0][1], (pickle.PicklingError, AttributeError, TypeError)), out[0]
     assert not out[1][0] and isinstance(out[1][1], DistributedTimeoutError), out[1]
 
@@ -228,7 +228,7 @@ def test_exchange_sends_point_to_point_in_a_ring():
 
     out = _values(run_on_threads(4, body, timeout_s=10))
     assert out == [{3: b"from 3"}, {0: b"from 0"}, {1: b"from 1"}, {2: b"from 2"}]
-    lonely = run_on_threads(2, lambda comm: comm.exchange({}, [1 - comm.rank]), timeout_s=0.3)
+    lonely = run_on_threads(2, lambda comm: comm.exchange({}, [1 - comm.rank]), timeout_s=0.2)
     assert all(not ok and isinstance(exc, DistributedTimeoutError) for ok, exc in lonely), lonely
 
 
