@@ -19,9 +19,9 @@ process group, so saves and resumes on more than one rank belong in tests/dist.
 
 The library builds its own Comm inside ``Checkpointer`` and ``resume``; in one process
 that is the real Comm of a plain process (world size 1, no process group), which is what
-the unit tests of saving and resuming run on. LocalComm serves the code that takes a
-Comm (mirroring, peer copies, topology, ``load_checkpoint``) and tests of the agreement
-rules on several ranks without starting a process.
+the unit tests of saving and resuming run on. LocalComm serves the code that takes a Comm
+as an argument (the node-local mirror, the peer-copy protocol) and tests of the agreement
+rules on several ranks, without starting a process.
 """
 
 from __future__ import annotations
