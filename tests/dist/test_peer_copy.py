@@ -160,3 +160,74 @@ def test_a_failed_peer_copy_commits_nothing(tmp_path):
     assert all(r.startswith("CommitError") and "peer copy failed on rank 0" in r for r in results), results
     assert not any((tmp_path / f"node{i}" / CK / "_commits").exists() and
                    os.listdir(tmp_path / f"node{i}" / CK / "_commits") for i in (0, 1))
+
+
+# ------------------------------------------------------------------- asynchronous saves
+
+def save_async(rank: int, world_size: int, dirs: list, per_node: int, mode: str, block: bool) -> dict:
+    """Two asynchronous saves with peer copies; the state trained on after each save (the
+    saves must hold the state of their moment). ``block``: node 0's ``_peer`` is a file, so
+    node 0 cannot keep node 1's copies and the first save fails in the background."""
+    from noether_dist.config import AsyncMode
+
+    node = _place(rank, per_node)
+    model, opt, ema = build()
+    ck = Checkpointer(CheckpointerConfig(
+        output_dir=dirs[node], run_id="r", stage_name="s", model_name="mlp", node_local=True, timeout_s=60,
+        replicate=Replicate.PEER, async_mode=AsyncMode(mode)))
+    out: dict = {}
+    try:
+        for update in (1, 2):
+            train_steps(model, opt, ema, 1, rank, start=update)
+            ck.save(TrainingIteration(0, update, 16 * update), model=model, optimizer=opt, ema={EMA_INFO: ema},
+                    trainer_state={"update": update}, rank_state={"rank": rank})
+            out[update] = full_state(model, opt, ema)
+            train_steps(model, opt, ema, 1, rank, start=10 + update)  # after the capture: never saved
+        ck.wait()
+    except Exception as exc:  # noqa: BLE001 - the test compares the error on every rank
+        out["error"] = f"{type(exc).__name__}: {exc}"
+    try:
+        ck.close()
+    except Exception as exc:  # noqa: BLE001
+        out.setdefault("error", f"{type(exc).__name__}: {exc}")
+    return out
+
+
+@pytest.mark.parametrize("mode", ["thread", "process"])
+def test_async_saves_keep_peer_copies_and_a_replaced_node_resumes(tmp_path, mode):
+    """2 nodes x 2 ranks, asynchronous saves: every committed point has its peer copies,
+    complete and equal to the originals; node 1's folder deleted, every rank resumes the
+    newest point exactly."""
+    dirs = [str(tmp_path / "node0"), str(tmp_path / "node1")]
+    saved = run_ranks(save_async, 4, dirs, 2, mode, False, timeout_s=240)
+    assert all("error" not in s for s in saved), [s.get("error") for s in saved]
+    node0, node1 = tmp_path / "node0" / CK, tmp_path / "node1" / CK
+    for point in ("E0_U1_S16", "E0_U2_S32"):
+        assert (node0 / "_commits" / f"{point}.json").exists() and (node1 / "_commits" / f"{point}.json").exists()
+        for art in ("model", "optim"):
+            name = f"mlp_cp={point}_{art}.th"
+            copies = {p.name: _crc(p) for p in (node0 / "_peer" / "node1" / name).iterdir()}
+            assert copies == {n: _crc(node1 / name / n) for n in ("__2_0.distcp", "__3_0.distcp")}
+            assert {p.name: _crc(p) for p in (node1 / "_peer" / "node0" / name).iterdir()} == {
+                "__1_0.distcp": _crc(node0 / name / "__1_0.distcp")}
+    assert not list(tmp_path.rglob(".peer-tmp-*"))
+
+    shutil.rmtree(tmp_path / "node1")
+    for rank, r in enumerate(run_ranks(resume_points, 4, dirs, 2)):
+        assert r["cp"] == "E0_U2_S32" and not r["fell_back"], r["cp"]
+        assert r["trainer"] == {"update": 2} and r["rank_state"] == {"rank": rank}
+        assert_states_equal(saved[rank][2], r["state"])
+
+
+@pytest.mark.parametrize("mode", ["thread", "process"])
+def test_a_failed_peer_copy_of_an_async_save_is_raised_on_every_rank(tmp_path, mode):
+    dirs = [str(tmp_path / "node0"), str(tmp_path / "node1")]
+    (tmp_path / "node0" / CK).mkdir(parents=True)
+    (tmp_path / "node0" / CK / "_peer").write_text("not a folder")  # node 0 cannot keep node 1's copies
+    results = run_ranks(save_async, 2, dirs, 1, mode, True, timeout_s=240)
+    errors = [r.get("error") for r in results]
+    assert all(e and e.startswith("CommitError") and "peer copy failed on rank 0" in e for e in errors), errors
+    assert 2 not in results[0] and 2 not in results[1]  # raised at the next save, which did not run
+    for i in (0, 1):
+        commits = tmp_path / f"node{i}" / CK / "_commits"
+        assert not commits.exists() or not os.listdir(commits)
