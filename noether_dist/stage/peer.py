@@ -307,18 +307,24 @@ def restore_records(comm: Comm, topology: NodeTopology, storage: Storage, layout
     return comm.run_everywhere(run)
 
 
+def _all_files(record: CommitRecord) -> list[tuple[str, FileRecord]]:
+    """Every file of the DCP artifacts of ``record``: (artifact name, FileRecord)."""
+    return [(art.name, rec) for art in record.artifacts if art.format is ArtifactFormat.DCP for rec in art.files]
+
+
 def _needed(record: CommitRecord, rank: int, leader: bool) -> list[tuple[str, FileRecord]]:
     """The files of ``record`` that this rank's node must hold for this rank: the ones this
     rank number wrote, and on a node's leader also DCP's coordinator's (mirrored) files."""
-    out = []
-    for art in record.artifacts:
-        if art.format is not ArtifactFormat.DCP:
-            continue
-        for rec in art.files:
-            writer = writer_rank(rec.name, record.world_size)
-            if writer == rank or (leader and writer == DCP_COORDINATOR):
-                out.append((art.name, rec))
-    return out
+    return [(art, rec) for art, rec in _all_files(record)
+            if (writer := writer_rank(rec.name, record.world_size)) == rank or (leader and writer == DCP_COORDINATOR)]
+
+
+def _present(storage: Storage, path: str, rec: FileRecord) -> bool:
+    """True when ``path`` exists with the record's size (one stat; no bytes read)."""
+    try:
+        return storage.stored_checksum(path)[0] == rec.size
+    except FileNotFoundError:
+        return False
 
 
 def _bad(storage: Storage, path: str, rec: FileRecord) -> str | None:
@@ -338,7 +344,7 @@ def _copy_from_own_disk(storage: Storage, layout: StageLayout, key: str, rec: Fi
     for entry in storage.list(layout.peer_root):
         path = join_url(entry.path, key)
         try:
-            if not entry.is_dir or storage.stored_checksum(path)[0] != rec.size:
+            if not entry.is_dir or not _present(storage, path, rec):
                 continue
             sink = _Sink(storage._strip(join_url(layout.checkpoints_dir, key)), rec)
             try:
@@ -370,7 +376,8 @@ def restore(comm: Comm, topology: NodeTopology, storage: Storage, layout: StageL
     rank only when the transport fails."""
     def check() -> list[tuple[str, dict]]:
         bad, why, local = [], [], 0
-        for art, rec in _needed(record, comm.rank, topology.is_leader):
+        needed = _needed(record, comm.rank, topology.is_leader)
+        for art, rec in needed:
             key = f"{art}/{rec.name}"
             problem = _bad(storage, join_url(layout.artifact_path(art), rec.name), rec)
             if problem and _copy_from_own_disk(storage, layout, key, rec) is not None:
@@ -378,6 +385,14 @@ def restore(comm: Comm, topology: NodeTopology, storage: Storage, layout: StageL
             elif problem:
                 bad.append((key, rec.to_dict()))
                 why.append(f"{key} is {problem}")
+        if record.world_size != comm.world_size and topology.is_leader:
+            # Resharding reads parts of other ranks' files: put every file this disk keeps a
+            # copy of into place (a local copy; the load checks each file it reads).
+            for art, rec in _all_files(record):
+                if (art, rec) not in needed and not _present(storage, join_url(layout.artifact_path(art), rec.name),
+                                                             rec) and _copy_from_own_disk(
+                        storage, layout, f"{art}/{rec.name}", rec) is not None:
+                    local += 1
         if local:
             log.warning("took %d file(s) of %s for rank %d from the peer copies on this node's disk",
                         local, record.iteration, comm.rank)
@@ -405,12 +420,9 @@ def restore(comm: Comm, topology: NodeTopology, storage: Storage, layout: StageL
         for key, rec in keys.items():
             for base in places:
                 path = join_url(base, key)
-                try:
-                    if storage.stored_checksum(path)[0] == rec.size:
-                        found[key] = path
-                        break
-                except FileNotFoundError:
-                    continue
+                if _present(storage, path, rec):
+                    found[key] = path
+                    break
         return found
 
     offered = comm.all_gather_results(offers)

@@ -124,3 +124,61 @@ def test_two_nodes_become_one_whose_disk_holds_every_shard(tmp_path):
         assert r["trainer"] == {"update": 2} and r["rank_state"] == {"rank": rank}
         assert_states_equal(saved, r["state"])
     assert not (tmp_path / "node1").exists()
+
+
+def save_two_tiers(rank: int, world_size: int, shared: str, dirs: list, per_node: int) -> dict:
+    """Local tier every update (with peer copies), durable tier (a shared folder) every 2nd."""
+    from noether_dist.config import TiersConfig
+    from tests.dist.test_peer_copy import _place
+    from tests.support.models import build
+
+    node = _place(rank, per_node)
+    model, opt, ema = build()
+    tiers = TiersConfig.from_dict({"local": {"dir": dirs[node], "every_updates": 1, "replicate": "peer"},
+                                   "durable": {"every_updates": 2, "timeout_s": 60}})
+    saved = {}
+    with Checkpointer(CheckpointerConfig(output_dir=shared, run_id="r", stage_name="s", model_name="mlp",
+                                         timeout_s=60, tiers=tiers)) as ck:
+        for update in (1, 2, 3):
+            train_steps(model, opt, ema, 1, rank, start=update)
+            ck.save(TrainingIteration(0, update, 16 * update), model=model, optimizer=opt, ema={EMA_INFO: ema},
+                    trainer_state={"update": update})
+            saved[update] = full_state(model, opt, ema)
+    return saved
+
+
+def resume_two_tiers(rank: int, world_size: int, shared: str, dirs: list, per_node: int) -> dict:
+    from tests.dist.test_peer_copy import _place
+    from tests.support.models import build
+
+    node = _place(rank, per_node)
+    model, opt, ema = build(seed=5)
+    res = resume({"output_dir": shared, "resume_run_id": "r", "resume_stage_name": "s"}, model=model,
+                 optimizer=opt, ema={EMA_INFO: ema}, model_name="mlp", timeout_s=60, local_dir=dirs[node],
+                 replicate=Replicate.PEER)
+    return {"cp": res.checkpoint, "tier": res.tier, "state": full_state(model, opt, ema)}
+
+
+def test_another_world_size_on_two_nodes_resumes_from_the_local_tier(tmp_path):
+    """Saved on 4 ranks (2 nodes x 2), resumed on 2 ranks (one per node, the other way round):
+    with two nodes each disk keeps every file (its own, the other node's peer copies, the
+    mirrored ones), which each node's leader puts into place, so the local tier's newest
+    point (U3, newer than the durable tier's U2) loads, resharded, exactly."""
+    shared, dirs = str(tmp_path / "shared"), [str(tmp_path / "node0"), str(tmp_path / "node1")]
+    saved = run_ranks(save_two_tiers, 4, shared, dirs, 2, timeout_s=240)[0]
+    for r in run_ranks(resume_two_tiers, 2, shared, dirs[::-1], 1, timeout_s=240):
+        assert (r["cp"], r["tier"]) == ("E0_U3_S48", "local"), (r["cp"], r["tier"])
+        assert_states_equal(saved[3], r["state"])
+
+
+def test_another_world_size_needing_a_third_nodes_file_resumes_from_the_durable_tier(tmp_path):
+    """Saved on 3 ranks (3 nodes), resumed on 2 ranks on nodes 0 and 1: rank 0's half of each
+    tensor lies partly in rank 1's file, which node 0's disk does not keep (node 1's copies
+    are on node 2); files are fetched over the network only for the same rank number, so
+    the ranks agree that the local tier cannot serve the point and resume the durable
+    tier's newest (U2), resharded, exactly."""
+    shared, dirs = str(tmp_path / "shared"), [str(tmp_path / f"node{i}") for i in range(3)]
+    saved = run_ranks(save_two_tiers, 3, shared, dirs, 1, timeout_s=240)[0]
+    for r in run_ranks(resume_two_tiers, 2, shared, dirs, 1, timeout_s=240):
+        assert (r["cp"], r["tier"]) == ("E0_U2_S32", "durable"), (r["cp"], r["tier"])
+        assert_states_equal(saved[2], r["state"])
