@@ -21,15 +21,23 @@ What survives:
   rest missing, the ranks' agreement finds the point unreadable, and resume falls back (to
   an older local point, which lacks the same files, and then to the durable tier where one
   is configured; without one it raises CheckpointNotFoundError on every rank);
-- a single-node job has no peer: nothing is copied (a warning says so at start-up).
+- a single-node job has no peer: nothing is copied (a warning says so at start-up);
+- the nodes changed between runs: a file is looked for wherever it is, not where the
+  numbering puts it (first the copies on the rank's own disk, then every other node's), so
+  another node order or fewer nodes at the same world size resume from local disks when
+  they still hold every rank's files. With another world size a rank fetches only what its
+  rank number wrote, and each node's leader puts every copy its disk keeps into place; the
+  resharded load succeeds when that covers what each rank reads, else resume falls back.
 
 Ranks are the Comm's group ranks throughout: on a subgroup (``process_group``) only its
 ranks take part, its nodes are those its ranks run on, and their leaders are the group's
 ranks with the lowest local rank there; the Comm's coordinator may be any of its ranks.
 
-Protocol of a save (every rank, in this order, inside the save's collective):
-:func:`replicate` after every rank wrote its shards and the mirror ran, before the commit
-record; a copy that fails on any rank fails the save on every rank (nothing committed).
+Protocol of a save (every rank, in this order, inside the save's collective, which runs on
+the background writer's own Comm for asynchronous saves): :func:`replicate` after every
+rank wrote its shards and the mirror ran, before the commit record; a copy that fails on
+any rank fails the save on every rank (nothing committed; an asynchronous save raises it at
+the next ``save``, ``wait`` or ``close``).
 Protocol of a resume: :func:`restore_records` once before selection, then :func:`restore`
 for every candidate point before it is staged.
 """
