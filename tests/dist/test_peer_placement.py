@@ -182,3 +182,23 @@ def test_another_world_size_needing_a_third_nodes_file_resumes_from_the_durable_
     for r in run_ranks(resume_two_tiers, 2, shared, dirs, 1, timeout_s=240):
         assert (r["cp"], r["tier"]) == ("E0_U2_S32", "durable"), (r["cp"], r["tier"])
         assert_states_equal(saved[2], r["state"])
+
+
+def topology_of(rank: int, world_size: int, local_ranks: list) -> str:
+    from noether_dist.dist.comm import Comm
+    from noether_dist.dist.topology import NodeTopology
+    from noether_dist.errors import ConfigError
+
+    os.environ.update(GROUP_RANK="0", LOCAL_RANK=str(local_ranks[rank]))
+    try:
+        topo = NodeTopology.gather(Comm(30))
+    except ConfigError as exc:
+        return f"ConfigError: {exc}"
+    return f"leaders {topo.leaders}"
+
+
+def test_one_node_with_two_ranks_of_the_same_local_rank_is_refused_on_every_rank():
+    assert run_ranks(topology_of, 3, [2, 1, 5]) == ["leaders (1,)"] * 3  # the lowest local rank leads
+    out = run_ranks(topology_of, 2, [0, 0])
+    assert out[0] == out[1] and out[0].startswith("ConfigError: node GROUP_RANK=0 has several ranks with the same "
+                                                  "local rank ([0, 0], ranks [0, 1])"), out
