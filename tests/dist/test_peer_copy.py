@@ -9,55 +9,19 @@ from __future__ import annotations
 
 import os
 import shutil
-import zlib
 from pathlib import Path
 
 import pytest
 
-from noether_dist import Checkpointer, CheckpointerConfig, TrainingIteration, resume
+from noether_dist import Checkpointer, CheckpointerConfig, TrainingIteration
 from noether_dist.config import Replicate
 from noether_dist.dist.topology import NodeTopology
 from noether_dist.errors import ConfigError
-from noether_dist.stage.retention import RetentionPolicy
-from tests.support.ranks import run_ranks
 from tests.support.models import EMA_INFO, assert_states_equal, build, full_state, train_steps
+from tests.support.nodes import CK, crc as _crc, place as _place, resume_points, save_points
+from tests.support.ranks import run_ranks
 
 pytestmark = pytest.mark.slow
-
-CK = Path("r") / "s" / "checkpoints"
-
-
-def _place(rank: int, per_node: int) -> int:
-    node = rank // per_node
-    os.environ.update(GROUP_RANK=str(node), LOCAL_RANK=str(rank % per_node), LOCAL_WORLD_SIZE=str(per_node))
-    return node
-
-
-def save_points(rank: int, world_size: int, dirs: list, per_node: int, keep_last: int | None) -> dict:
-    node = _place(rank, per_node)
-    model, opt, ema = build()
-    ck = Checkpointer(CheckpointerConfig(
-        output_dir=dirs[node], run_id="r", stage_name="s", model_name="mlp", node_local=True,
-        replicate=Replicate.PEER, retention=RetentionPolicy(keep_last=keep_last) if keep_last else None))
-    for update in (1, 2):
-        train_steps(model, opt, ema, 1, rank, start=update)
-        ck.save(TrainingIteration(0, update, 16 * update), model=model, optimizer=opt, ema={EMA_INFO: ema},
-                trainer_state={"update": update}, rank_state={"rank": rank})
-    return full_state(model, opt, ema)
-
-
-def resume_points(rank: int, world_size: int, dirs: list, per_node: int) -> dict:
-    node = _place(rank, per_node)
-    model, opt, ema = build(seed=5)
-    res = resume({"output_dir": dirs[node], "resume_run_id": "r", "resume_stage_name": "s"}, model=model,
-                 optimizer=opt, ema={EMA_INFO: ema}, model_name="mlp", replicate=Replicate.PEER)
-    return {"cp": res.checkpoint, "state": full_state(model, opt, ema), "trainer": res.trainer_state,
-            "rank_state": res.rank_state, "fell_back": res.fell_back_from}
-
-
-def _crc(path: Path) -> int:
-    return zlib.crc32(path.read_bytes()) & 0xFFFFFFFF
-
 
 def _tree(root: Path) -> dict[str, int]:
     return {str(p.relative_to(root)): _crc(p) for p in sorted(root.rglob("*")) if p.is_file()}

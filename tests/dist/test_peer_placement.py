@@ -1,5 +1,5 @@
 """Peer copies beyond the plain case, on real ranks ("nodes" are groups of ranks, each with a
-folder of its own, as in test_peer_copy.py): a coordinator that is not the group's rank 0,
+folder of its own: tests/support/nodes.py): a coordinator that is not the group's rank 0,
 on subgroups whose ranks include no local rank 0; and resumes where the nodes changed
 (another node order, fewer nodes) while every shard is still on a surviving disk.
 """
@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from noether_dist import AsyncMode, Checkpointer, CheckpointerConfig, TrainingIteration, resume
-from noether_dist.config import Replicate
-from tests.dist.test_peer_copy import CK, resume_points, save_points
-from tests.support.models import EMA_INFO, assert_states_equal, build_on, full_state, train_steps
+from noether_dist.config import Replicate, TiersConfig
+from tests.support.models import EMA_INFO, assert_states_equal, build, build_on, full_state, train_steps
+from tests.support.nodes import CK, place, resume_points, save_points
 from tests.support.ranks import run_ranks
 
 pytestmark = pytest.mark.slow
@@ -29,18 +29,12 @@ def _groups():
     return [dist.new_group([0, 2]), dist.new_group([1, 3])]
 
 
-def _on_node(rank: int) -> int:
-    """2 nodes x 2 ranks: ranks 0, 1 on node 0, ranks 2, 3 on node 1."""
-    os.environ.update(GROUP_RANK=str(rank // 2), LOCAL_RANK=str(rank % 2), LOCAL_WORLD_SIZE="2")
-    return rank // 2
-
-
 COORDINATOR = {0: 2, 1: 3}
 """Each group's coordinator: its second rank (on node 1), not its rank 0."""
 
 
 def save_on_subgroups(rank: int, world_size: int, dirs: list) -> dict:
-    node, mine = _on_node(rank), rank % 2
+    node, mine = place(rank, 2), rank % 2
     group = _groups()[mine]
     model, opt, ema = build_on(group, seed=mine)
     ck = Checkpointer(CheckpointerConfig(
@@ -58,7 +52,7 @@ def save_on_subgroups(rank: int, world_size: int, dirs: list) -> dict:
 
 
 def resume_on_subgroups(rank: int, world_size: int, dirs: list) -> dict:
-    node, mine = _on_node(rank), rank % 2
+    node, mine = place(rank, 2), rank % 2
     group = _groups()[mine]
     model, opt, ema = build_on(group, seed=9)
     res = resume({"output_dir": dirs[node], "resume_run_id": "r", "resume_stage_name": f"g{mine}"}, model=model,
@@ -128,11 +122,7 @@ def test_two_nodes_become_one_whose_disk_holds_every_shard(tmp_path):
 
 def save_two_tiers(rank: int, world_size: int, shared: str, dirs: list, per_node: int) -> dict:
     """Local tier every update (with peer copies), durable tier (a shared folder) every 2nd."""
-    from noether_dist.config import TiersConfig
-    from tests.dist.test_peer_copy import _place
-    from tests.support.models import build
-
-    node = _place(rank, per_node)
+    node = place(rank, per_node)
     model, opt, ema = build()
     tiers = TiersConfig.from_dict({"local": {"dir": dirs[node], "every_updates": 1, "replicate": "peer"},
                                    "durable": {"every_updates": 2, "timeout_s": 60}})
@@ -148,10 +138,7 @@ def save_two_tiers(rank: int, world_size: int, shared: str, dirs: list, per_node
 
 
 def resume_two_tiers(rank: int, world_size: int, shared: str, dirs: list, per_node: int) -> dict:
-    from tests.dist.test_peer_copy import _place
-    from tests.support.models import build
-
-    node = _place(rank, per_node)
+    node = place(rank, per_node)
     model, opt, ema = build(seed=5)
     res = resume({"output_dir": shared, "resume_run_id": "r", "resume_stage_name": "s"}, model=model,
                  optimizer=opt, ema={EMA_INFO: ema}, model_name="mlp", timeout_s=60, local_dir=dirs[node],
