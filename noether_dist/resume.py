@@ -2,7 +2,7 @@
 
 Protocol, in order (every step is a collective over the control group):
 
-1. **select** - the coordinator (rank 0) resolves ``resume_checkpoint`` with O(1) reads
+1. **select** - the coordinator (rank 0, or ``coordinator_rank``) resolves ``resume_checkpoint`` with O(1) reads
    (alias, then commit record); a listing of ``_commits/`` only when the alias is missing
    or broken, or for a partial spec (E10, U100, S200). Only committed points are ever
    candidates. The choice is broadcast.
@@ -113,6 +113,7 @@ def resume(
     local_dir: str | None = None,
     process_group: Any = None,
     replicate: Replicate = Replicate.NONE,
+    coordinator_rank: int | None = None,
 ) -> ResumeResult:
     """Resume model, optimizer, EMA models and trainer state from a previous run (collective).
 
@@ -138,7 +139,8 @@ def resume(
     ``process_group``: resume on a
     subgroup (its ranks alone take part, its first rank coordinates; DCP loads on the same
     ranks and reshards as on the default group); ``rank_state`` is then that of the rank
-    with the same rank within the group.
+    with the same rank within the group. ``coordinator_rank`` (a global rank of the group)
+    names another coordinator (the rank that selects and reads the shared metadata).
 
     ``replicate=Replicate.PEER`` (node-local disks saved with ``replicate: peer``: the local
     tier, else ``output_dir``): a node that lacks records or files of a candidate, or holds
@@ -150,7 +152,7 @@ def resume(
         if parsed is None:
             raise ConfigError("resume needs resume_run_id in the config")
         config = parsed
-    comm = Comm(timeout_s, process_group=process_group)
+    comm = Comm(timeout_s, process_group=process_group, coordinator_rank=coordinator_rank)
     storage = storage or open_storage(config.output_dir, config.storage)
     layout = StageLayout(config.output_dir, config.resume_run_id, config.resume_stage_name)
     targets = comm.run_everywhere(lambda: _targets(model, optimizer, ema))

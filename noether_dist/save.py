@@ -20,7 +20,8 @@ from .stage.commit import move_aliases, publish, read_alias, read_commit
 from .config import AsyncMode, CheckpointerConfig, Replicate
 from .errors import AliasUpdateError, CommitError, ConfigError, NoetherDistError
 from .format.layout import StageLayout
-from .io.mirror import is_node_leader, mirror_from_coordinator
+from .io.dcp_io import DCP_COORDINATOR
+from .io.mirror import mirror_from
 from .stage.retention import prune
 from .stage import peer
 from .dist.topology import NodeTopology
@@ -77,8 +78,8 @@ class Checkpointer:
     The protocol, in order:
 
     1. every rank captures its state dicts; the ranks agree that all succeeded;
-    2. the coordinator (rank 0) checks that the point has not committed yet and removes
-       what an earlier, uncommitted save of the same point left behind;
+    2. the coordinator (rank 0, or ``coordinator_rank``) checks that the point has not
+       committed yet and removes what an earlier, uncommitted save of the same point left;
     3. every rank writes its shards of each artifact with DCP (a DCP directory per Noether
        name; replicated tensors once), recording size and CRC32 of each file it writes;
     4. the ranks exchange their reports; if any rank failed, every rank raises
@@ -96,25 +97,25 @@ class Checkpointer:
     instead of the default group; then "every rank" above means every rank of that group,
     the coordinator is its first rank, DCP writes on the same ranks, and the record's world
     size is the group's. Ranks outside it take no part: two subgroups can save to their own
-    stages at the same time. Node-local storage and the process async mode need the default
-    group.
+    stages at the same time. ``coordinator_rank`` (a global rank of the group) names another
+    coordinator. Two tiers and the process async mode need the default group.
     """
 
     def __init__(self, config: CheckpointerConfig, *, storage: Storage | None = None,
-                 process_group: Any = None) -> None:
+                 process_group: Any = None, coordinator_rank: int | None = None) -> None:
         tiered = config if config.tiers is not None else None
         if tiered is not None:  # saves go to the local tier; DurableUploader uploads to output_dir
             config = local_tier_config(tiered)
         self.config = config
         self.layout = StageLayout(config.output_dir, config.run_id, config.stage_name)
         self.storage = open_storage(config.output_dir, config.storage) if tiered or storage is None else storage
-        self.comm = Comm(config.timeout_s, process_group=process_group)
+        self.comm = Comm(config.timeout_s, process_group=process_group, coordinator_rank=coordinator_rank)
         if not self.comm.is_default_group:
-            # Node leaders (LOCAL_RANK 0) mirror node-local files, and DCP's checkpoint process
-            # forms its own group over the whole job: neither follows a subgroup.
-            if config.node_local:
-                raise ConfigError("node_local (and tiers, whose local tier is node-local) needs the default "
-                                  "process group; a Checkpointer on a process_group subgroup saves to shared storage")
+            # DCP's checkpoint process and the durable tier's uploads form their groups over
+            # the whole job: neither follows a subgroup.
+            if tiered is not None:
+                raise ConfigError("tiers need the default process group; a Checkpointer on a process_group "
+                                  "subgroup saves to one tier (node_local with replicate: peer, or shared storage)")
             if config.async_mode is AsyncMode.PROCESS:
                 raise ConfigError("async_mode 'process' needs the default process group; use 'thread' "
                                   "with a process_group subgroup")
@@ -129,16 +130,18 @@ class Checkpointer:
         self.last_stall_s: float | None = None
         """Seconds the last asynchronous save blocked the caller (capture + staging copy)."""
         self.topology: NodeTopology | None = None
-        """With ``replicate: peer``: which ranks share a node and which node keeps whose copies."""
-        if config.replicate is Replicate.PEER:
+        """With ``node_local``: which ranks share a node (their leader writes the mirrored
+        files) and, with ``replicate: peer``, which node keeps whose copies."""
+        if config.node_local:
             self.topology = NodeTopology.gather(self.comm)
+        if config.replicate is Replicate.PEER:
             if self.topology.peer_node() is None and self.comm.is_coordinator:
                 log.warning("replicate: peer has no effect: the job runs on one node, which has no peer; "
                             "losing this node's disk loses its local checkpoints")
         if config.async_mode is AsyncMode.PROCESS:
             self.comm.run_everywhere(check_process_mode)
         if config.async_mode is not AsyncMode.OFF:
-            self._background = _Background(config, process_group)
+            self._background = _Background(config, process_group, coordinator_rank)
 
     # -- public --------------------------------------------------------------------
     def save(
@@ -164,8 +167,8 @@ class Checkpointer:
         is raised on every rank at the next ``save``, ``wait`` or ``close``.
 
         ``ema`` maps model_info (e.g. ``ema_factor=0.9999``) to an EMA model;
-        ``trainer_state`` is the same on every rank (rank 0's is kept); ``rank_state`` is
-        this rank's own (RNG, data position); ``metrics`` (rank 0's) decide the
+        ``trainer_state`` is the same on every rank (the coordinator's is kept);
+        ``rank_state`` is this rank's own (RNG, data position); ``metrics`` (the coordinator's) decide the
         ``best.<metric>`` aliases configured in ``best_metrics``; ``last=True`` also moves
         the ``last`` alias (end of training). ``aliases`` names further aliases (``last``,
         ``best.<metric>``) to point at this checkpoint unconditionally: the caller has already
@@ -371,9 +374,11 @@ class Checkpointer:
         try:
             reports = comm.all_gather_results(write_all)
             if self.config.node_local:
-                names = [f"{art.name}/{f.name}" for idx, art in enumerate(plan.artifacts) for f in reports[0][idx]]
-                mirror_from_coordinator(comm, self.storage, self.layout.checkpoints_dir, names)
-            if self.topology is not None:
+                names = [f"{art.name}/{f.name}" for idx, art in enumerate(plan.artifacts)
+                         for f in reports[DCP_COORDINATOR][idx]]
+                mirror_from(comm, self.topology, self.storage, self.layout.checkpoints_dir, names,
+                            source=DCP_COORDINATOR)
+            if self.config.replicate is Replicate.PEER:
                 peer.replicate(comm, self.topology, self.storage, self.layout,
                                [(art.name, f) for idx, art in enumerate(plan.artifacts) for f in reports[comm.rank][idx]])
         except NoetherDistError as exc:
@@ -408,13 +413,13 @@ class Checkpointer:
         policy = self.config.retention
         if policy is None or policy.keeps_everything:
             return
-        leader = comm.is_coordinator or (self.config.node_local and is_node_leader())
+        leader = comm.is_coordinator or (self.topology is not None and self.topology.is_leader)
         keep = self.durable.protected() if self.durable is not None else set()  # a point being uploaded
 
         def prune_here() -> None:
             if leader:
                 prune(self.storage, self.layout, policy, keep=keep)
-                if self.topology is not None:
+                if self.config.replicate is Replicate.PEER:
                     peer.prune_peer_copies(self.storage, self.layout)
 
         try:
@@ -427,7 +432,7 @@ class Checkpointer:
         base = self.layout.checkpoints_dir
         commit = self.layout.commit_path(iteration)[len(base) + 1:]
         names = [commit] + [self.layout.alias_path(a)[len(base) + 1:] for a in aliases]
-        mirror_from_coordinator(comm, self.storage, base, names, once={commit})
+        mirror_from(comm, self.topology, self.storage, base, names, source=comm.coordinator_group_rank, once={commit})
 
     def _existing(self, plan: _Plan) -> CommitRecord:
         record = read_commit(self.storage, self.layout, plan.iteration)
@@ -466,8 +471,10 @@ class _Background:
     process mode the thread hands each artifact to DCP's checkpoint process (staging in
     shared memory) and runs the commit protocol when it reports back."""
 
-    def __init__(self, config: CheckpointerConfig, process_group: Any = None) -> None:
-        self.comm = Comm(config.timeout_s, process_group=process_group, private=True)
+    def __init__(self, config: CheckpointerConfig, process_group: Any = None, coordinator_rank: int | None = None
+                 ) -> None:
+        self.comm = Comm(config.timeout_s, process_group=process_group, coordinator_rank=coordinator_rank,
+                         private=True)
         self.process_mode = config.async_mode is AsyncMode.PROCESS
         self.staging = SaveStaging(shared=self.process_mode)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="noether-ckpt-writer")

@@ -109,7 +109,7 @@ class DurableUploader:
         self.storage = storage or open_storage(config.output_dir, config.storage)
         self.layout = StageLayout(config.output_dir, config.run_id, config.stage_name)
         comm.broadcast_from_coordinator(lambda: self.storage.check_root(config.output_dir))
-        self.comm = Comm(self.tier.timeout_s, private=True)
+        self.comm = Comm(self.tier.timeout_s, coordinator_rank=comm.coordinator_rank, private=True)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="noether-ckpt-upload")
         self._pending: Future[CommitRecord | None] | None = None
         self._uploading: set[TrainingIteration] = set()

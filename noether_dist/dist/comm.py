@@ -181,6 +181,11 @@ class Comm:
         return self.group_ranks[self.rank] if self.distributed else 0
 
     @property
+    def coordinator_group_rank(self) -> int:
+        """The coordinator's rank within the group (``coordinator_rank`` is its global rank)."""
+        return self.group_ranks.index(self.coordinator_rank) if self.distributed else 0
+
+    @property
     def is_coordinator(self) -> bool:
         """True on the coordinator (``coordinator_rank``), which selects, commits and writes
         aliases."""
@@ -226,9 +231,17 @@ class Comm:
     def broadcast_from_coordinator(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on the coordinator only; every rank returns its value or raises its
         error."""
-        outcome = _capture(self.global_rank, fn) if self.is_coordinator else None
-        outcome = self.broadcast(outcome)
-        _raise_same([outcome], outcome if self.is_coordinator else None)
+        return self.broadcast_from(self.coordinator_group_rank, fn)
+
+    def broadcast_from(self, rank: int, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the rank ``rank`` of the group only (e.g. the one that holds some
+        files); every rank returns its value or raises its error."""
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank {rank} is not a rank of this group of {self.world_size}")
+        mine = rank == self.rank
+        outcome = _capture(self.global_rank, fn) if mine else None
+        outcome = self.broadcast(outcome, src=self.group_ranks[rank] if self.distributed else None)
+        _raise_same([outcome], outcome if mine else None)
         return outcome.value
 
     def all_gather_results(self, fn: Callable[[], T]) -> list[T]:

@@ -3,7 +3,8 @@
 A node is the set of ranks that share one local disk. Each rank names its node from the
 launcher's environment: torchrun's ``GROUP_RANK`` (the node rank of the rendezvous), else
 SLURM's ``SLURM_NODEID`` under ``srun``, else the host name. The names are gathered once
-(one all_gather) and numbered in sorted order, so every rank sees the same layout.
+(one all_gather over the Comm's group: a subgroup sees its own ranks only) and numbered in
+sorted order, so every rank of the group sees the same layout. Ranks are group ranks.
 
 Peers: node ``i`` keeps its copies on node ``(i + 1) mod N`` (a ring), so each node holds
 the copy of exactly one other node and losing any one node leaves every file on some disk.
@@ -46,27 +47,29 @@ class NodeTopology:
 
     nodes: tuple[tuple[int, ...], ...]
     leaders: tuple[int, ...]
-    """The rank with local rank 0 on each node, in node order: it writes what the node
-    shares (as :func:`noether_dist.io.mirror.is_node_leader`)."""
+    """The group's rank with the lowest local rank on each node (local rank 0 on the whole
+    job), in node order: it writes what the node shares (:mod:`noether_dist.io.mirror`)."""
     rank: int
     """This process's rank."""
 
     @classmethod
     def gather(cls, comm: Comm) -> NodeTopology:
-        """Collective: every rank reports its node name and local rank; the same layout is
-        returned on every rank. ConfigError on every rank when a node has no rank with
-        local rank 0 or several (the launcher's variables disagree)."""
+        """Collective on ``comm``'s group: every rank reports its node name and local rank;
+        the same layout is returned on every rank. ConfigError on every rank when two ranks
+        of one node report the same local rank (the launcher's variables disagree, or two
+        hosts share a name and no GROUP_RANK / SLURM_NODEID tells them apart)."""
         mine = (node_name_from_env(), DistEnv.from_env().local_rank)
         reports = comm.all_gather(mine)
         names = sorted({name for name, _ in reports}, key=_sort_key)
         nodes = tuple(tuple(r for r, (name, _) in enumerate(reports) if name == n) for n in names)
         leaders = []
         for n, ranks in zip(names, nodes):
-            firsts = [r for r in ranks if reports[r][1] == 0]
-            if len(firsts) != 1:
-                raise ConfigError(f"node {n} has {len(firsts)} ranks with local rank 0 (ranks {list(ranks)}); "
-                                  "each node needs exactly one: check LOCAL_RANK / SLURM_LOCALID")
-            leaders.append(firsts[0])
+            local = [reports[r][1] for r in ranks]
+            if len(set(local)) != len(local):
+                raise ConfigError(f"node {n} has several ranks with the same local rank ({local}, ranks "
+                                  f"{[comm.group_ranks[r] for r in ranks]}); check LOCAL_RANK / SLURM_LOCALID, "
+                                  "and set GROUP_RANK or SLURM_NODEID where hosts share a name")
+            leaders.append(min(ranks, key=lambda r: reports[r][1]))
         return cls(nodes, tuple(leaders), comm.rank)
 
     @property

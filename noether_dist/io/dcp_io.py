@@ -44,9 +44,13 @@ from ..format.records import FileRecord
 from ..errors import StateMismatchError, StorageError
 from .storage import Storage
 
-__all__ = ["FileRecord", "save_state", "load_state", "load_checked", "LoadReport", "Staging", "staging", "is_sharded", "reader_of", "placeholder", "metadata_for", "paused_gc", "load_full", "StorageFileSystem", "save_state_in_process", "collect_sidecar", "shutdown_checkpoint_process", "read_metadata", "check_keys", "cpu_buffers_like", "METADATA_FILE", "writer_rank", "upload_object"]
+__all__ = ["FileRecord", "save_state", "load_state", "load_checked", "LoadReport", "Staging", "staging", "is_sharded", "reader_of", "placeholder", "metadata_for", "paused_gc", "load_full", "StorageFileSystem", "save_state_in_process", "collect_sidecar", "shutdown_checkpoint_process", "read_metadata", "check_keys", "cpu_buffers_like", "METADATA_FILE", "DCP_COORDINATOR", "writer_rank", "upload_object"]
 
 METADATA_FILE = ".metadata"
+DCP_COORDINATOR = 0
+"""The group rank that plans a DCP save and writes ``.metadata`` (and, deduplicated to the
+lowest rank, the replicated tensors): DCP's coordinator is always the group's rank 0
+(``dcp.save`` takes no coordinator), whatever the Comm's coordinator is."""
 
 
 class StorageFileSystem(FileSystemBase):
@@ -585,7 +589,7 @@ def writer_rank(name: str, world_size: int) -> int:
     match = re.match(r"__(\d+)_", name)
     if match:
         return int(match.group(1)) % world_size
-    return 0 if name == METADATA_FILE else zlib.crc32(name.encode()) % world_size
+    return DCP_COORDINATOR if name == METADATA_FILE else zlib.crc32(name.encode()) % world_size
 
 
 def upload_object(storage: Storage, path: str, data: bytes | bytearray, crc: int) -> None:

@@ -1,7 +1,8 @@
 """Peer copies of node-local checkpoints (``replicate: peer``): one lost node loses nothing.
 
-With node-local disks every node keeps its own ranks' shards, and rank 0's files, the DCP
-metadata and the records are mirrored to every node (:mod:`noether_dist.io.mirror`). With
+With node-local disks every node keeps its own ranks' shards, and the files of DCP's
+coordinator (the group's rank 0: the DCP metadata, replicated tensors) and the records (the
+Comm's coordinator's) are mirrored to every node (:mod:`noether_dist.io.mirror`). With
 peer copies, each rank's own files are also sent, before the point commits, to one rank of
 the next node in the ring (:class:`noether_dist.dist.topology.NodeTopology`: node ``i`` ->
 node ``(i + 1) mod N``), which keeps them in ``checkpoints/_peer/node<i>/``. All traffic is
@@ -11,8 +12,8 @@ in chunks of at most :data:`CHUNK_BYTES`; every copy is written to a temporary n
 
 What survives:
 
-- one node lost or its disk replaced: its ranks' files are on its peer's disk, rank 0's
-  files, the metadata and the records on every other node. On resume the replaced node
+- one node lost or its disk replaced: its ranks' files are on its peer's disk, group rank
+  0's files, the metadata and the records on every other node. On resume the replaced node
   fetches them back (:func:`restore_records`, then :func:`restore` per candidate) before
   the ranks agree, and every rank reads from its own disk again;
 - a node and its peer (the next node in the ring) both lost: the files of the first one's
@@ -20,11 +21,23 @@ What survives:
   rest missing, the ranks' agreement finds the point unreadable, and resume falls back (to
   an older local point, which lacks the same files, and then to the durable tier where one
   is configured; without one it raises CheckpointNotFoundError on every rank);
-- a single-node job has no peer: nothing is copied (a warning says so at start-up).
+- a single-node job has no peer: nothing is copied (a warning says so at start-up);
+- the nodes changed between runs: a file is looked for wherever it is, not where the
+  numbering puts it (first the copies on the rank's own disk, then every other node's), so
+  another node order or fewer nodes at the same world size resume from local disks when
+  they still hold every rank's files. With another world size a rank fetches only what its
+  rank number wrote, and each node's leader puts every copy its disk keeps into place; the
+  resharded load succeeds when that covers what each rank reads, else resume falls back.
 
-Protocol of a save (every rank, in this order, inside the save's collective):
-:func:`replicate` after every rank wrote its shards and the mirror ran, before the commit
-record; a copy that fails on any rank fails the save on every rank (nothing committed).
+Ranks are the Comm's group ranks throughout: on a subgroup (``process_group``) only its
+ranks take part, its nodes are those its ranks run on, and their leaders are the group's
+ranks with the lowest local rank there; the Comm's coordinator may be any of its ranks.
+
+Protocol of a save (every rank, in this order, inside the save's collective, which runs on
+the background writer's own Comm for asynchronous saves): :func:`replicate` after every
+rank wrote its shards and the mirror ran, before the commit record; a copy that fails on
+any rank fails the save on every rank (nothing committed; an asynchronous save raises it at
+the next ``save``, ``wait`` or ``close``).
 Protocol of a resume: :func:`restore_records` once before selection, then :func:`restore`
 for every candidate point before it is staged.
 """
@@ -43,7 +56,7 @@ from ..dist.topology import NodeTopology
 from ..errors import CommitError
 from ..format.layout import COMMITS_DIR, ALIASES_DIR, StageLayout, join_url
 from ..format.names import ArtifactFormat, parse_artifact
-from ..io.dcp_io import writer_rank
+from ..io.dcp_io import DCP_COORDINATOR, writer_rank
 from ..io.storage import Storage
 from ..format.records import CommitRecord, CorruptRecordError, FileRecord
 from .commit import alias_files, commit_files, list_commits
@@ -202,14 +215,15 @@ def replicate(comm: Comm, topology: NodeTopology, storage: Storage, layout: Stag
               own_files: list[tuple[str, FileRecord]]) -> int:
     """Collective, inside a save before its commit: send this rank's files of one point
     (``(artifact name, FileRecord)`` as its write reported them) to its target on the peer
-    node, and keep the copies sent to this rank under ``_peer/node<source node>/``. The
-    coordinator sends nothing: its files and the metadata are mirrored to every node. A
+    node, and keep the copies sent to this rank under ``_peer/node<source node>/``. DCP's
+    coordinator (group rank 0) sends nothing: its files and the metadata are mirrored to
+    every node. A
     copy that is missing or damaged on any rank raises CommitError on every rank. Returns
     how many files this rank received."""
     target = topology.copy_target(comm.rank)
     if target is None:
         return 0
-    items = [] if comm.is_coordinator else [
+    items = [] if comm.rank == DCP_COORDINATOR else [
         _Item(f"{art}/{rec.name}", join_url(layout.artifact_path(art), rec.name), rec) for art, rec in own_files]
 
     def run() -> int:
@@ -301,18 +315,24 @@ def restore_records(comm: Comm, topology: NodeTopology, storage: Storage, layout
     return comm.run_everywhere(run)
 
 
+def _all_files(record: CommitRecord) -> list[tuple[str, FileRecord]]:
+    """Every file of the DCP artifacts of ``record``: (artifact name, FileRecord)."""
+    return [(art.name, rec) for art in record.artifacts if art.format is ArtifactFormat.DCP for rec in art.files]
+
+
 def _needed(record: CommitRecord, rank: int, leader: bool) -> list[tuple[str, FileRecord]]:
     """The files of ``record`` that this rank's node must hold for this rank: the ones this
-    rank number wrote, and on a node's leader also the coordinator's (mirrored) files."""
-    out = []
-    for art in record.artifacts:
-        if art.format is not ArtifactFormat.DCP:
-            continue
-        for rec in art.files:
-            writer = writer_rank(rec.name, record.world_size)
-            if writer == rank or (leader and writer == 0):
-                out.append((art.name, rec))
-    return out
+    rank number wrote, and on a node's leader also DCP's coordinator's (mirrored) files."""
+    return [(art, rec) for art, rec in _all_files(record)
+            if (writer := writer_rank(rec.name, record.world_size)) == rank or (leader and writer == DCP_COORDINATOR)]
+
+
+def _present(storage: Storage, path: str, rec: FileRecord) -> bool:
+    """True when ``path`` exists with the record's size (one stat; no bytes read)."""
+    try:
+        return storage.stored_checksum(path)[0] == rec.size
+    except FileNotFoundError:
+        return False
 
 
 def _bad(storage: Storage, path: str, rec: FileRecord) -> str | None:
@@ -325,20 +345,65 @@ def _bad(storage: Storage, path: str, rec: FileRecord) -> str | None:
     return None
 
 
+def _copy_from_own_disk(storage: Storage, layout: StageLayout, key: str, rec: FileRecord) -> str | None:
+    """Put a good copy of ``key`` that this node's disk keeps for another node (under
+    ``_peer/``, e.g. after the node order changed or nodes were merged) into place, checked
+    by size and CRC32 on the way; the path it came from, or None when there is none."""
+    for entry in storage.list(layout.peer_root):
+        path = join_url(entry.path, key)
+        try:
+            if not entry.is_dir or not _present(storage, path, rec):
+                continue
+            sink = _Sink(storage._strip(join_url(layout.checkpoints_dir, key)), rec)
+            try:
+                offset = 0
+                while not sink.complete:
+                    data = storage.read_range(path, offset, offset + CHUNK_BYTES)
+                    if not data:
+                        break
+                    sink.write(offset, data)
+                    offset += len(data)
+            except BaseException:
+                sink.abort()
+                raise
+            sink.finish()
+            return path
+        except (OSError, ValueError) as exc:  # a damaged copy: try the next one
+            log.warning("not using %s: %s", path, exc)
+    return None
+
+
 def restore(comm: Comm, topology: NodeTopology, storage: Storage, layout: StageLayout, record: CommitRecord) -> int:
     """Collective, before a resume stages ``record``: every rank checks the files its node
-    must hold for it (size and CRC32); those missing or damaged are fetched from another
-    node that holds a good copy (a peer copy, or the mirror of the coordinator's files) and
-    written into this node's local tier. What no node holds stays missing: the staging that
-    follows reports it and the ranks agree on a fallback. Returns how many files this rank
-    fetched; raises on every rank only when the transport fails."""
+    must hold for it (size and CRC32); those missing or damaged are taken from a copy its
+    own disk keeps for another node (``_peer/``: the node order changed, or fewer nodes
+    now), else fetched from another node that holds a good copy (a peer copy, or the mirror
+    of DCP's coordinator's files) and written into this node's local tier. What no node
+    holds stays missing: the staging that follows reports it and the ranks agree on a
+    fallback. Returns how many files this rank fetched from other nodes; raises on every
+    rank only when the transport fails."""
     def check() -> list[tuple[str, dict]]:
-        bad, why = [], []
-        for art, rec in _needed(record, comm.rank, topology.is_leader):
+        bad, why, local = [], [], 0
+        needed = _needed(record, comm.rank, topology.is_leader)
+        for art, rec in needed:
+            key = f"{art}/{rec.name}"
             problem = _bad(storage, join_url(layout.artifact_path(art), rec.name), rec)
-            if problem:
-                bad.append((f"{art}/{rec.name}", rec.to_dict()))
-                why.append(f"{art}/{rec.name} is {problem}")
+            if problem and _copy_from_own_disk(storage, layout, key, rec) is not None:
+                local += 1
+            elif problem:
+                bad.append((key, rec.to_dict()))
+                why.append(f"{key} is {problem}")
+        if record.world_size != comm.world_size and topology.is_leader:
+            # Resharding reads parts of other ranks' files: put every file this disk keeps a
+            # copy of into place (a local copy; the load checks each file it reads).
+            for art, rec in _all_files(record):
+                if (art, rec) not in needed and not _present(storage, join_url(layout.artifact_path(art), rec.name),
+                                                             rec) and _copy_from_own_disk(
+                        storage, layout, f"{art}/{rec.name}", rec) is not None:
+                    local += 1
+        if local:
+            log.warning("took %d file(s) of %s for rank %d from the peer copies on this node's disk",
+                        local, record.iteration, comm.rank)
         if bad:
             log.warning("this node's copy of %s lacks %d good file(s) of rank %d (%s%s): looking for copies on "
                         "other nodes", record.iteration, len(bad), comm.rank, "; ".join(why[:3]),
@@ -363,12 +428,9 @@ def restore(comm: Comm, topology: NodeTopology, storage: Storage, layout: StageL
         for key, rec in keys.items():
             for base in places:
                 path = join_url(base, key)
-                try:
-                    if storage.stored_checksum(path)[0] == rec.size:
-                        found[key] = path
-                        break
-                except FileNotFoundError:
-                    continue
+                if _present(storage, path, rec):
+                    found[key] = path
+                    break
         return found
 
     offered = comm.all_gather_results(offers)

@@ -4,16 +4,13 @@ stage at the same time, and a checkpoint saved on the whole job resumes on each 
 
 from __future__ import annotations
 
-import copy
 import os
 
 import pytest
-import torch
-from torch import nn
 
 from noether_dist import AsyncMode, Checkpointer, CheckpointerConfig, ConfigError, TrainingIteration, resume
 from tests.support.ranks import run_ranks
-from tests.support.models import EMA_INFO, assert_states_equal, build, full_state, make_mlp, train_steps
+from tests.support.models import EMA_INFO, assert_states_equal, build, build_on, full_state, train_steps
 
 RUN = "run1"
 
@@ -23,24 +20,6 @@ def _subgroups():
     import torch.distributed as dist
 
     return [dist.new_group([0, 1]), dist.new_group([2, 3])]
-
-
-def _build_on(group, seed: int) -> tuple[nn.Module, torch.optim.Optimizer, nn.Module]:
-    """Model, AdamW and EMA copy, FSDP2-sharded over ``group`` only."""
-    from torch.distributed.device_mesh import DeviceMesh
-    from torch.distributed.fsdp import fully_shard
-
-    mesh = DeviceMesh.from_group(group, "cpu")
-    model = make_mlp(seed)
-    ema = copy.deepcopy(model)
-    for m in (model, ema):
-        for layer in m:
-            if isinstance(layer, nn.Linear):
-                fully_shard(layer, mesh=mesh)
-        fully_shard(m, mesh=mesh)
-    for p in ema.parameters():
-        p.requires_grad_(False)
-    return model, torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01), ema
 
 
 def _it(update: int) -> TrainingIteration:
@@ -73,7 +52,7 @@ def subgroups_save_and_resume(rank: int, world_size: int, out: str) -> dict:
     mine = rank // 2
     group = groups[mine]
     result = {"comm": _comm_checks(rank, groups)}
-    model, opt, ema = _build_on(group, seed=mine)
+    model, opt, ema = build_on(group, seed=mine)
     # group 1 saves in the background: its writer thread's own gloo group spans group 1 alone
     ck = Checkpointer(CheckpointerConfig(output_dir=out, run_id=RUN, stage_name=f"stage{mine}", model_name="mlp",
                                          timeout_s=30, async_mode=AsyncMode.THREAD if mine else AsyncMode.OFF),
@@ -98,7 +77,7 @@ def subgroups_save_and_resume(rank: int, world_size: int, out: str) -> dict:
         except Exception as exc:  # noqa: BLE001 - reported to the test
             result["failure"] = f"{type(exc).__name__}: {exc}"
     ck.close()
-    fresh, fresh_opt, fresh_ema = _build_on(group, seed=99)
+    fresh, fresh_opt, fresh_ema = build_on(group, seed=99)
     res = resume({"output_dir": out, "resume_run_id": RUN, "resume_stage_name": f"stage{mine}"},
                  model=fresh, optimizer=fresh_opt, ema={EMA_INFO: fresh_ema}, model_name="mlp", timeout_s=30,
                  process_group=group)
@@ -144,7 +123,7 @@ def world_save_then_subgroup_resume(rank: int, world_size: int, out: str) -> dic
         ck.save(_it(2), model=model, optimizer=opt, ema={EMA_INFO: ema}, rank_state={"rank": rank})
     saved = full_state(model, opt, ema)
     group = groups[rank // 2]
-    fresh, fresh_opt, fresh_ema = _build_on(group, seed=99)
+    fresh, fresh_opt, fresh_ema = build_on(group, seed=99)
     res = resume({"output_dir": out, "resume_run_id": RUN, "resume_stage_name": "world"}, model=fresh,
                  optimizer=fresh_opt, ema={EMA_INFO: fresh_ema}, model_name="mlp", timeout_s=30, process_group=group)
     return {"saved": saved, "state": full_state(fresh, fresh_opt, fresh_ema), "cp": res.checkpoint,

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 
 def save_on_own_disk(rank: int, world_size: int, dirs: list) -> dict:
-    os.environ["LOCAL_RANK"] = "0"  # every rank is alone on its "node"
+    os.environ.update(LOCAL_RANK="0", GROUP_RANK=str(rank))  # every rank is alone on its "node"
     model, opt, ema = build()
     ck = Checkpointer(CheckpointerConfig(output_dir=dirs[rank], run_id="r", stage_name="s", model_name="mlp",
                                          node_local=True))

@@ -9,53 +9,17 @@ from __future__ import annotations
 
 import os
 import shutil
-import zlib
 from pathlib import Path
 
 import pytest
 
-from noether_dist import Checkpointer, CheckpointerConfig, TrainingIteration, resume
+from noether_dist import Checkpointer, CheckpointerConfig, TrainingIteration
 from noether_dist.config import Replicate
-from noether_dist.stage.retention import RetentionPolicy
-from tests.support.ranks import run_ranks
 from tests.support.models import EMA_INFO, assert_states_equal, build, full_state, train_steps
+from tests.support.nodes import CK, crc as _crc, place as _place, resume_points, save_points
+from tests.support.ranks import run_ranks
 
 pytestmark = pytest.mark.slow
-
-CK = Path("r") / "s" / "checkpoints"
-
-
-def _place(rank: int, per_node: int) -> int:
-    node = rank // per_node
-    os.environ.update(GROUP_RANK=str(node), LOCAL_RANK=str(rank % per_node), LOCAL_WORLD_SIZE=str(per_node))
-    return node
-
-
-def save_points(rank: int, world_size: int, dirs: list, per_node: int, keep_last: int | None) -> dict:
-    node = _place(rank, per_node)
-    model, opt, ema = build()
-    ck = Checkpointer(CheckpointerConfig(
-        output_dir=dirs[node], run_id="r", stage_name="s", model_name="mlp", node_local=True,
-        replicate=Replicate.PEER, retention=RetentionPolicy(keep_last=keep_last) if keep_last else None))
-    for update in (1, 2):
-        train_steps(model, opt, ema, 1, rank, start=update)
-        ck.save(TrainingIteration(0, update, 16 * update), model=model, optimizer=opt, ema={EMA_INFO: ema},
-                trainer_state={"update": update}, rank_state={"rank": rank})
-    return full_state(model, opt, ema)
-
-
-def resume_points(rank: int, world_size: int, dirs: list, per_node: int) -> dict:
-    node = _place(rank, per_node)
-    model, opt, ema = build(seed=5)
-    res = resume({"output_dir": dirs[node], "resume_run_id": "r", "resume_stage_name": "s"}, model=model,
-                 optimizer=opt, ema={EMA_INFO: ema}, model_name="mlp", replicate=Replicate.PEER)
-    return {"cp": res.checkpoint, "state": full_state(model, opt, ema), "trainer": res.trainer_state,
-            "rank_state": res.rank_state, "fell_back": res.fell_back_from}
-
-
-def _crc(path: Path) -> int:
-    return zlib.crc32(path.read_bytes()) & 0xFFFFFFFF
-
 
 def _tree(root: Path) -> dict[str, int]:
     return {str(p.relative_to(root)): _crc(p) for p in sorted(root.rglob("*")) if p.is_file()}
@@ -140,3 +104,74 @@ def test_a_failed_peer_copy_commits_nothing(tmp_path):
     assert all(r.startswith("CommitError") and "peer copy failed on rank 0" in r for r in results), results
     assert not any((tmp_path / f"node{i}" / CK / "_commits").exists() and
                    os.listdir(tmp_path / f"node{i}" / CK / "_commits") for i in (0, 1))
+
+
+# ------------------------------------------------------------------- asynchronous saves
+
+def save_async(rank: int, world_size: int, dirs: list, per_node: int, mode: str, block: bool) -> dict:
+    """Two asynchronous saves with peer copies; the state trained on after each save (the
+    saves must hold the state of their moment). ``block``: node 0's ``_peer`` is a file, so
+    node 0 cannot keep node 1's copies and the first save fails in the background."""
+    from noether_dist.config import AsyncMode
+
+    node = _place(rank, per_node)
+    model, opt, ema = build()
+    ck = Checkpointer(CheckpointerConfig(
+        output_dir=dirs[node], run_id="r", stage_name="s", model_name="mlp", node_local=True, timeout_s=60,
+        replicate=Replicate.PEER, async_mode=AsyncMode(mode)))
+    out: dict = {}
+    try:
+        for update in (1, 2):
+            train_steps(model, opt, ema, 1, rank, start=update)
+            ck.save(TrainingIteration(0, update, 16 * update), model=model, optimizer=opt, ema={EMA_INFO: ema},
+                    trainer_state={"update": update}, rank_state={"rank": rank})
+            out[update] = full_state(model, opt, ema)
+            train_steps(model, opt, ema, 1, rank, start=10 + update)  # after the capture: never saved
+        ck.wait()
+    except Exception as exc:  # noqa: BLE001 - the test compares the error on every rank
+        out["error"] = f"{type(exc).__name__}: {exc}"
+    try:
+        ck.close()
+    except Exception as exc:  # noqa: BLE001
+        out.setdefault("error", f"{type(exc).__name__}: {exc}")
+    return out
+
+
+@pytest.mark.parametrize("mode", ["thread", "process"])
+def test_async_saves_keep_peer_copies_and_a_replaced_node_resumes(tmp_path, mode):
+    """2 nodes x 2 ranks, asynchronous saves: every committed point has its peer copies,
+    complete and equal to the originals; node 1's folder deleted, every rank resumes the
+    newest point exactly."""
+    dirs = [str(tmp_path / "node0"), str(tmp_path / "node1")]
+    saved = run_ranks(save_async, 4, dirs, 2, mode, False, timeout_s=240)
+    assert all("error" not in s for s in saved), [s.get("error") for s in saved]
+    node0, node1 = tmp_path / "node0" / CK, tmp_path / "node1" / CK
+    for point in ("E0_U1_S16", "E0_U2_S32"):
+        assert (node0 / "_commits" / f"{point}.json").exists() and (node1 / "_commits" / f"{point}.json").exists()
+        for art in ("model", "optim"):
+            name = f"mlp_cp={point}_{art}.th"
+            copies = {p.name: _crc(p) for p in (node0 / "_peer" / "node1" / name).iterdir()}
+            assert copies == {n: _crc(node1 / name / n) for n in ("__2_0.distcp", "__3_0.distcp")}
+            assert {p.name: _crc(p) for p in (node1 / "_peer" / "node0" / name).iterdir()} == {
+                "__1_0.distcp": _crc(node0 / name / "__1_0.distcp")}
+    assert not list(tmp_path.rglob(".peer-tmp-*"))
+
+    shutil.rmtree(tmp_path / "node1")
+    for rank, r in enumerate(run_ranks(resume_points, 4, dirs, 2)):
+        assert r["cp"] == "E0_U2_S32" and not r["fell_back"], r["cp"]
+        assert r["trainer"] == {"update": 2} and r["rank_state"] == {"rank": rank}
+        assert_states_equal(saved[rank][2], r["state"])
+
+
+@pytest.mark.parametrize("mode", ["thread", "process"])
+def test_a_failed_peer_copy_of_an_async_save_is_raised_on_every_rank(tmp_path, mode):
+    dirs = [str(tmp_path / "node0"), str(tmp_path / "node1")]
+    (tmp_path / "node0" / CK).mkdir(parents=True)
+    (tmp_path / "node0" / CK / "_peer").write_text("not a folder")  # node 0 cannot keep node 1's copies
+    results = run_ranks(save_async, 2, dirs, 1, mode, True, timeout_s=240)
+    errors = [r.get("error") for r in results]
+    assert all(e and e.startswith("CommitError") and "peer copy failed on rank 0" in e for e in errors), errors
+    assert 2 not in results[0] and 2 not in results[1]  # raised at the next save, which did not run
+    for i in (0, 1):
+        commits = tmp_path / f"node{i}" / CK / "_commits"
+        assert not commits.exists() or not os.listdir(commits)

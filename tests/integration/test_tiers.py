@@ -231,18 +231,21 @@ def test_kill_during_an_upload(setup, s3_server, capsys):
 # --------------------------------------------------------------------------- peer copy
 
 @pytest.mark.slow
-def test_one_node_replaced_resumes_from_its_peer_copy(setup, s3_server):
+@pytest.mark.parametrize("mode", ["off", "thread", "process"])
+def test_one_node_replaced_resumes_from_its_peer_copy(setup, s3_server, mode):
     """replicate: peer: node 1's local folder is gone (node replaced); the local tier still
-    serves the newest point (node 0 keeps node 1's copy), newer than the durable one."""
+    serves the newest point (node 0 keeps node 1's copy), newer than the durable one. With
+    asynchronous saves too: the copy is made in the background before the local commit."""
     s3_bucket, endpoint, local_dirs, reference = setup
-    dirs = local_dirs("peer")
-    cfg = config(s3_bucket, endpoint, "peer")
+    dirs = local_dirs(f"peer-{mode}")
+    cfg = config(s3_bucket, endpoint, f"peer-{mode}")
     cfg["checkpointer"]["tiers"]["local"]["replicate"] = "peer"
+    cfg["checkpointer"]["async_mode"] = mode
     first = copy.deepcopy(cfg)
     first["trainer"]["stop_after_updates"] = 6  # local tier: U2, U4, U6; durable: U4
     assert run_job(first, dirs)[0]["stopped"]
     assert os.path.exists(f"{dirs[0]}/{CK}/_peer/node1/mlp_cp=E0_U6_S192_model.th/__1_0.distcp")
-    assert durable_commits(s3_server, s3_bucket, "peer") == ["E0_U4_S128"]
+    assert durable_commits(s3_server, s3_bucket, f"peer-{mode}") == ["E0_U4_S128"]
     shutil.rmtree(dirs[1])
     out = run_job(cfg, dirs)
     assert [r["resumed"] for r in out] == [{"checkpoint": "E0_U6_S192", "tier": "local"}] * 2, out

@@ -39,6 +39,24 @@ def build(sharded: bool = True, seed: int = 0) -> tuple[nn.Module, torch.optim.O
     return model, opt, ema
 
 
+def build_on(group: Any, seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer, nn.Module]:
+    """Model, AdamW and EMA copy, FSDP2-sharded over the subgroup ``group`` only."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = DeviceMesh.from_group(group, "cpu")
+    model = make_mlp(seed)
+    ema = copy.deepcopy(model)
+    for m in (model, ema):
+        for layer in m:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(m, mesh=mesh)
+    for p in ema.parameters():
+        p.requires_grad_(False)
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01), ema
+
+
 @torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, factor: float = 0.9) -> None:
     """ema = factor * ema + (1 - factor) * model, shard by shard."""
