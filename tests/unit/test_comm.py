@@ -15,7 +15,8 @@ import pytest
 import noether_dist.dist.comm as comm_module
 from noether_dist.dist.comm import Comm
 from noether_dist.errors import ConfigError, DistributedTimeoutError, RemoteRankError
-from noether_dist.io.mirror import mirror_from_coordinator
+from noether_dist.dist.topology import NodeTopology
+from noether_dist.io.mirror import mirror_from
 from noether_dist.io.storage import open_storage
 from tests.support.local_comm import LocalComm, LocalGroup, run_on_threads
 
@@ -243,11 +244,10 @@ def test_a_bad_rank_or_coordinator_is_refused():
 
 # ------------------------------------------------------- library code that takes a Comm
 
-def test_mirror_from_coordinator_copies_rank_0_files_to_the_other_node_once(tmp_path, monkeypatch):
-    """Two ranks, each the first rank of its own "node" with its own folder (the threads
-    share LOCAL_RANK=0): rank 1's folder gets rank 0's files; names in ``once`` are written
-    once and never replaced; a second mirror writes only what changed."""
-    monkeypatch.setenv("LOCAL_RANK", "0")
+def test_mirror_from_the_coordinator_copies_its_files_to_the_other_node_once(tmp_path):
+    """Two ranks, each the leader of its own "node" with its own folder: rank 1's folder
+    gets rank 0's files; names in ``once`` are written once and never replaced; a second
+    mirror writes only what changed."""
     folders = [tmp_path / "node0", tmp_path / "node1"]
     storage = open_storage(str(tmp_path))
     storage.replace(f"{folders[0]}/_commits/E0_U1_S1.json", b"record")
@@ -257,12 +257,16 @@ def test_mirror_from_coordinator_copies_rank_0_files_to_the_other_node_once(tmp_
 
     def mirror(comm: LocalComm) -> list[int]:
         base = str(folders[comm.rank])
-        first = mirror_from_coordinator(comm, storage, base, names, once={names[0]})
+        nodes = NodeTopology(nodes=((0,), (1,)), leaders=(0, 1), rank=comm.rank)
+
+        def mirror_once() -> int:
+            return mirror_from(comm, nodes, storage, base, names, source=comm.coordinator_group_rank, once={names[0]})
+
+        first = mirror_once()
         if comm.is_coordinator:
             storage.replace(f"{base}/_aliases/latest.json", b"U2")
         comm.barrier()
-        return [first, mirror_from_coordinator(comm, storage, base, names, once={names[0]}),
-                mirror_from_coordinator(comm, storage, base, names, once={names[0]})]
+        return [first, mirror_once(), mirror_once()]
 
     assert _values(run_on_threads(2, mirror, timeout_s=10)) == [[0, 0, 0], [1, 1, 0]]
     assert (folders[1] / "_aliases" / "latest.json").read_bytes() == b"U2"
