@@ -18,6 +18,7 @@ import asyncio
 import base64
 import concurrent.futures
 import http.client
+import io
 import re
 import zlib
 from typing import Any
@@ -133,31 +134,59 @@ class S3Sink:
     ``crc32`` (the store's uploads carry CRC32) every request carries the CRC32 of what it
     sends and the completion the CRC32 of the whole object (the stream's), which the store
     checks; botocore then computes none of its own.
+
+    Each byte is copied once, into the buffer of the part (or object) it belongs to; that
+    buffer is the request's body as it is (an ``io.BytesIO``, which botocore and aiohttp
+    read in pieces): no further copy of the whole object on its way to the socket.
     """
 
     def __init__(self, fs: Any, path: str, *, crc32: bool) -> None:
         self.fs = fs
         self.bucket, self.key, _ = fs.split_path(path)
         self.crc32 = crc32
-        self.buffer = bytearray()
+        self.buffer = io.BytesIO()
         self.upload_id: str | None = None
         self.parts: list[concurrent.futures.Future] = []
 
     def write(self, data: memoryview | bytes) -> None:
         """Gather ``data``; send full parts once the object is big enough for a multipart upload."""
-        self.buffer += data
-        if self.upload_id is None and len(self.buffer) >= MULTIPART_MIN_BYTES:
-            self.upload_id = self.fs.call_s3("create_multipart_upload", Bucket=self.bucket, Key=self.key)["UploadId"]
-        while self.upload_id is not None and len(self.buffer) >= self._part_size():
-            self._send_part(self._part_size())
+        view = memoryview(data)
+        while view.nbytes:
+            if self.upload_id is None:
+                self.buffer.write(view)
+                if self.buffer.tell() >= MULTIPART_MIN_BYTES:
+                    self.upload_id = self.fs.call_s3("create_multipart_upload", Bucket=self.bucket,
+                                                     Key=self.key)["UploadId"]
+                    self._split_buffer()
+                return
+            room = self._part_size() - self.buffer.tell()
+            self.buffer.write(view[:room])
+            view = view[room:]
+            if self.buffer.tell() >= self._part_size():
+                self._send_part()
+
+    def _split_buffer(self) -> None:
+        """Once the multipart upload starts: what was gathered goes up as whole parts."""
+        whole = self.buffer.getbuffer()
+        self.buffer = io.BytesIO()
+        try:
+            start = 0
+            while whole.nbytes - start >= self._part_size():
+                size = self._part_size()
+                self.buffer.write(whole[start:start + size])
+                start += size
+                self._send_part()
+            self.buffer.write(whole[start:])
+        finally:
+            whole.release()
 
     def _part_size(self) -> int:
         return _PART_BYTES << (len(self.parts) // _PARTS_PER_SIZE)
 
-    def _send_part(self, size: int) -> None:
-        body = bytes(self.buffer[:size])  # botocore takes bytes, not views
-        del self.buffer[:size]
-        extra = {"ChecksumCRC32": _crc_header(zlib.crc32(body))} if self.crc32 else {}
+    def _send_part(self) -> None:
+        body, self.buffer = self.buffer, io.BytesIO()
+        extra = {"ChecksumCRC32": _crc_header(_crc_of(body))} if self.crc32 else {}
+        body.seek(0)
         in_flight = [f for f in self.parts if not f.done()]
         if len(in_flight) >= _PARTS_IN_FLIGHT:
             concurrent.futures.wait(in_flight, return_when=concurrent.futures.FIRST_COMPLETED)
@@ -166,7 +195,7 @@ class S3Sink:
         number = len(self.parts) + 1
         self.parts.append(asyncio.run_coroutine_threadsafe(self._upload_part(number, body, extra), self.fs.loop))
 
-    async def _upload_part(self, number: int, body: bytes, extra: dict[str, str]) -> dict[str, Any]:
+    async def _upload_part(self, number: int, body: io.BytesIO, extra: dict[str, str]) -> dict[str, Any]:
         out = await self.fs._call_s3("upload_part", Bucket=self.bucket, Key=self.key, UploadId=self.upload_id,
                                      PartNumber=number, Body=body, **extra)
         return {"PartNumber": number, "ETag": out["ETag"], **extra}
@@ -174,13 +203,14 @@ class S3Sink:
     def commit(self, crc: int) -> None:
         """Send what is left: one PUT, or the last part and the completion of the upload."""
         if self.upload_id is None:
-            data, self.buffer = self.buffer, bytearray()
+            body, self.buffer = self.buffer, io.BytesIO()
+            body.seek(0)
             checksum = {"ChecksumCRC32": _crc_header(crc)} if self.crc32 else {}
-            self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key, Body=data, **checksum)
+            self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key, Body=body, **checksum)
             return
         try:
-            if self.buffer:
-                self._send_part(len(self.buffer))
+            if self.buffer.tell():
+                self._send_part()
             parts = [f.result() for f in self.parts]
             whole = {"ChecksumCRC32": _crc_header(crc)} if self.crc32 else {}
             self.fs.call_s3("complete_multipart_upload", Bucket=self.bucket, Key=self.key, UploadId=self.upload_id,
@@ -191,7 +221,7 @@ class S3Sink:
 
     def abort(self) -> None:
         """Drop what is held; abort a multipart upload (the store then keeps nothing of it)."""
-        self.buffer = bytearray()
+        self.buffer = io.BytesIO()
         if self.upload_id is None:
             return
         concurrent.futures.wait(self.parts)
@@ -200,6 +230,11 @@ class S3Sink:
             self.fs.call_s3("abort_multipart_upload", Bucket=self.bucket, Key=self.key, UploadId=upload_id)
         except Exception:  # noqa: BLE001 - the first error is the one to report
             pass
+
+
+def _crc_of(body: io.BytesIO) -> int:
+    with body.getbuffer() as view:
+        return zlib.crc32(view)
 
 
 class S3Body:
