@@ -243,8 +243,8 @@ DEFAULT_READ_THREADS = 8
 _SPAN_GAP = 64 * 1024
 """Spans of one file closer than this are fetched as one ranged read."""
 READ_CHUNK_BYTES = 8 << 20
-"""A file read whole arrives in pieces of this size (memory per reader thread: one piece
-and the item being gathered)."""
+"""A file read whole arrives in pieces of at most this size (memory per reader thread: the
+item being loaded, and for an item bigger than this, its pieces while they are joined)."""
 
 
 class _Reader(FileSystemReader):
@@ -344,35 +344,59 @@ class _Reader(FileSystemReader):
 
     def _stream_whole(self, path: str, items: list[Any], record: FileRecord | None,
                       planner: Any) -> tuple[Exception | None, Exception | None]:
-        """Stream a file from the front in pieces of READ_CHUNK_BYTES, loading each item once
-        its bytes have arrived and computing the CRC32 of every byte; memory holds one piece
-        and the item being gathered, never the file. (problem, first load error): a file
-        found short or corrupt at the end makes the items already loaded from it void (the
-        caller discards them: resume loads into staging); only then is a load error, which
-        damaged bytes may cause, the one to raise."""
-        order = sorted(items, key=lambda i: self.storage_data[i.storage_index].offset)
-        infos = [self.storage_data[i.storage_index] for i in order]
-        buf, buf_start, size, crc, nxt = bytearray(), 0, 0, 0, 0
+        """Stream a file from the front, each item's bytes read exactly (in pieces of at most
+        READ_CHUNK_BYTES) and loaded before the next is read, and the CRC32 computed on every
+        byte; memory holds the item being loaded, never the file, and no byte is copied
+        between buffers on the way (one piece: the item's bytes as the stream handed them).
+        (problem, first load error): a file found short or corrupt at the end makes the
+        items already loaded from it void (the caller discards them: resume loads into
+        staging); only then is a load error, which damaged bytes may cause, the one to raise."""
+        groups: dict[tuple[int, int], list[Any]] = {}  # items of one stored chunk share its bytes
+        for item in items:
+            info = self.storage_data[item.storage_index]
+            groups.setdefault((info.offset, info.length), []).append(item)
+        size, crc = 0, 0
         load_error: Exception | None = None
+        short: int | None = None  # the end of the first item the file stops before
+        held: tuple[int, bytes] = (0, b"")  # the last item's bytes: a later item inside them is sliced
+
         with self.storage.open_read(path) as stream:
             self._count(requests=1)
-            while chunk := stream.read(READ_CHUNK_BYTES):
-                crc = zlib.crc32(chunk, crc)
-                size += len(chunk)
-                buf += chunk  # buf holds the bytes [buf_start, size) of the file
-                while nxt < len(order) and infos[nxt].offset + infos[nxt].length <= size:
+
+            def take(n: int, keep: bool) -> list[bytes]:
+                """The next ``n`` bytes (fewer at the end) in pieces, counted into size and CRC32."""
+                nonlocal size, crc
+                pieces = []
+                while n > 0 and (piece := stream.read(min(n, READ_CHUNK_BYTES))):
+                    crc = zlib.crc32(piece, crc)
+                    size += len(piece)
+                    n -= len(piece)
+                    if keep:
+                        pieces.append(piece)
+                return pieces
+
+            for (offset, length), its in sorted(groups.items()):
+                if offset < size:  # inside bytes already read (never the case for DCP's own files)
+                    if not (held[0] <= offset and offset + length <= held[0] + len(held[1])):
+                        raise _ReadProblem(f"{path}: the item at byte {offset} overlaps the one before it")
+                    data = held[1][offset - held[0]:offset - held[0] + length]
+                else:
+                    take(offset - size, keep=False)
+                    pieces = take(length, keep=True)
+                    data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+                    if len(data) < length:
+                        short = offset + length
+                        break
+                    held = (offset, data)
+                for item in its:
                     if load_error is None:
-                        start = infos[nxt].offset - buf_start
-                        with memoryview(buf) as view, view[start:start + infos[nxt].length] as piece:
-                            data = piece.tobytes()
                         try:
-                            self._load_item(order[nxt], data, planner)
+                            self._load_item(item, data, planner)
                         except Exception as exc:  # noqa: BLE001 - decided once the CRC32 is known
                             load_error = exc
-                    nxt += 1
-                keep_from = min(infos[nxt].offset, size) if nxt < len(order) else size
-                del buf[:keep_from - buf_start]
-                buf_start = keep_from
+            held = (0, b"")
+            while take(READ_CHUNK_BYTES, keep=False):  # the rest: for the size and the CRC32
+                pass
         self._count(bytes_read=size)
         crc &= 0xFFFFFFFF
         if record is not None and size != record.size:
@@ -380,9 +404,8 @@ class _Reader(FileSystemReader):
         if record is not None and self._verify and crc != record.crc32:
             return _ReadProblem(f"{path} is corrupt: CRC32 {crc:08x}, the commit record says {record.crc32:08x}"), \
                 load_error
-        if nxt < len(order):
-            end = infos[nxt].offset + infos[nxt].length
-            return _ReadProblem(f"{path} ends before byte {end} (it has {size} bytes)"), load_error
+        if short is not None:
+            return _ReadProblem(f"{path} ends before byte {short} (it has {size} bytes)"), load_error
         return None, load_error
 
     def _read_spans(self, path: str, items: list[Any], record: FileRecord | None, spans: list[tuple[int, int]],

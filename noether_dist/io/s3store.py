@@ -239,7 +239,14 @@ def _crc_of(body: io.BytesIO) -> int:
 
 class S3Body:
     """One GET of ``path`` from byte ``start`` (to ``end``, exclusive, or the end), its
-    body read in pieces. FileNotFoundError if the object does not exist."""
+    body read in pieces. FileNotFoundError if the object does not exist.
+
+    The body is read from the HTTP response itself (aiohttp's stream; botocore's wrapper
+    only where there is none): botocore's wrapper computes a CRC32 of every byte on the
+    event loop thread, and checks it only when a read runs past the end, which a read of a
+    known length never does. The callers count their own CRC32 (a commit record's), so
+    that pass was paid for nothing. A piece is exactly the size asked for unless the
+    object ends first (one copy out of the socket's buffers)."""
 
     def __init__(self, fs: Any, path: str, start: int, end: int | None) -> None:
         self.fs = fs
@@ -254,16 +261,28 @@ class S3Body:
         response = fs.call_s3("get_object", Bucket=bucket, Key=key, **extra)
         self.body = response["Body"]
         self.left = int(response.get("ContentLength") or 0)
+        self._content = getattr(getattr(self.body, "raw_stream", None), "content", None)
+        if not callable(getattr(self._content, "readexactly", None)):
+            self._content = None
 
     def read(self, n: int) -> bytes:
-        """Up to ``n`` bytes (n < 0: the rest); b"" at the end, without a request."""
+        """``n`` bytes (n < 0: the rest), fewer only at the end; b"" at the end, without a request."""
         if self.body is None or not self.left:
             return b""
-        data = fsspec_sync(self.fs.loop, self.body.read, self.left if n < 0 else min(n, self.left))
+        n = self.left if n < 0 else min(n, self.left)
+        data = fsspec_sync(self.fs.loop, self._read, n)
         if not data:
             raise http.client.IncompleteRead(b"", self.left)  # cut off: the reader picks up from here
         self.left -= len(data)
         return data
+
+    async def _read(self, n: int) -> bytes:
+        if self._content is None:
+            return await self.body.read(n)
+        try:
+            return await self._content.readexactly(n)
+        except asyncio.IncompleteReadError as exc:  # the connection ended early: what came
+            return exc.partial
 
     def close(self) -> None:
         """Release the connection."""
