@@ -12,6 +12,16 @@ Per repetition, in a rotating order:
 - ``ours_load_noverify``: the same with ``verify_max_bytes=0`` (sizes checked only), to
   show what the verification read costs.
 
+- ``raw_put_one``: every rank writes the same bytes as ONE object (``fs.pipe_file``): against
+  ``raw_put`` it shows whether parallel objects buy anything, i.e. whether the server is
+  the limit.
+
+Besides wall time, each step's CPU seconds are recorded: every rank's process (all its
+threads: ``os.times``) and the moto server's (rank 0 reads ``/proc/<pid>/stat``; moto is one
+Python process, so about one core at most). Where other work loads the machine, wall time
+follows the CPU each side needs; where the server's CPU time is near the step's wall time,
+the server is the limit.
+
 ``request_census`` (parent side, one process) counts the HTTP requests of one save and one
 load through the test suite's ``FaultProxy``, by method and by what they touch.
 
@@ -23,6 +33,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 from typing import Any
 
 from benchmarks.common import as_bytes_view, barrier, build_model, local_tensors, nbytes, timed
@@ -41,9 +52,23 @@ def _groups(tensors: list[Any], bins: int) -> list[list[Any]]:
     return [g for g in groups if g]
 
 
+def _process_cpu_s(pid: int | None = None) -> float:
+    """CPU seconds (user + system, all threads) of this process, or of ``pid`` (Linux /proc)."""
+    if pid is None:
+        t = os.times()
+        return t.user + t.system
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def s3_throughput(rank: int, world_size: int, *, endpoint: str, extra: dict[str, Any], bucket: str,
-                  total_bytes: int, repeats: int, thread_count: int) -> dict[str, Any]:
-    """Seconds of raw put/get and of our save/load, per repetition (slowest rank)."""
+                  total_bytes: int, repeats: int, thread_count: int, server_pid: int | None = None) -> dict[str, Any]:
+    """Seconds of raw put/get and of our save/load, per repetition (slowest rank), and the
+    CPU seconds of this rank and (rank 0) of the server in each."""
     from noether_dist import Checkpointer, CheckpointerConfig, StorageOptions, TrainingIteration, resume
     from noether_dist.io.statedict import model_state
     from noether_dist.io.storage import open_storage
@@ -84,23 +109,33 @@ def s3_throughput(rank: int, world_size: int, *, endpoint: str, extra: dict[str,
         got = fs.cat(list(blobs))
         assert sum(len(v) for v in got.values()) == sum(len(v) for v in blobs.values())
 
-    steps = {"raw_put": lambda: fs.pipe(blobs), "ours_save": ours_save, "ours_save_tiny": ours_save_tiny,
-             "raw_get": raw_get, "ours_load": ours_load, "ours_load_noverify": ours_load_noverify}
+    one_object = {f"{bucket}/raw/rank{rank}_all.bin": b"".join(blobs.values())}
+    steps = {"raw_put": lambda: fs.pipe(blobs), "raw_put_one": lambda: fs.pipe(one_object), "ours_save": ours_save,
+             "ours_save_tiny": ours_save_tiny, "raw_get": raw_get, "ours_load": ours_load,
+             "ours_load_noverify": ours_load_noverify}
     times: dict[str, list[float]] = {k: [] for k in steps}
+    cpu: dict[str, list[float]] = {k: [] for k in steps}
+    server_cpu: dict[str, list[float]] = {k: [] for k in steps}
     for rep in range(repeats):
         # writes before reads (a load needs a save); which of raw/ours goes first alternates
-        order = ["raw_put", "ours_save", "ours_save_tiny", "raw_get", "ours_load", "ours_load_noverify"] \
-            if rep % 2 == 0 else ["ours_save_tiny", "ours_save", "raw_put", "ours_load_noverify", "ours_load", "raw_get"]
+        order = ["raw_put", "ours_save", "raw_put_one", "ours_save_tiny", "raw_get", "ours_load", "ours_load_noverify"] \
+            if rep % 2 == 0 else ["ours_save_tiny", "raw_put_one", "ours_save", "raw_put", "ours_load_noverify",
+                                  "ours_load", "raw_get"]
         for name in order:
             gc.collect()
+            mine, server = _process_cpu_s(), _process_cpu_s(server_pid) if rank == 0 and server_pid else None
             seconds, _ = timed(steps[name])
             times[name].append(seconds)
+            cpu[name].append(_process_cpu_s() - mine)
+            if server is not None:
+                server_cpu[name].append(_process_cpu_s(server_pid) - server)
         if rank == 0:
             log.info("s3 rep %d/%d: %s", rep + 1, repeats, ", ".join(f"{k} {v[-1]:.3f}s" for k, v in times.items()))
     ck.close()
     ck_tiny.close()
     barrier()
-    return {"times": times, "local_bytes": nbytes(tensors), "objects_per_rank": len(blobs)}
+    return {"times": times, "cpu_s": cpu, "server_cpu_s": server_cpu, "local_bytes": nbytes(tensors),
+            "objects_per_rank": len(blobs)}
 
 
 def request_census(server: Any, *, total_bytes: int, thread_count: int) -> dict[str, Any]:

@@ -210,7 +210,7 @@ class Runner:
                 server.create_bucket(bucket)
                 kw = {"endpoint": server.endpoint_url, "extra": server.storage_extra(), "bucket": bucket,
                       "total_bytes": int(self.args.s3_size_mib * MiB), "repeats": self.args.repeats,
-                      "thread_count": self.args.thread_count}
+                      "thread_count": self.args.thread_count, "server_pid": server.pid}
                 per_rank = run_jobs([(s3_throughput, kw)], self.args.world_size, timeout_s=self.args.timeout)[0]
                 self.raw["s3"] = per_rank
                 from benchmarks.bench_s3 import request_census
@@ -415,19 +415,29 @@ class Runner:
             c = census.get(name)
             return f"{c['requests']} requests, {c['data_requests']} of them data" if c else "not counted"
 
+        def cpu(name: str) -> str:
+            """CPU seconds of a step: all ranks together, and the server (medians)."""
+            ranks = median(sum(r["cpu_s"][name][i] for r in per_rank) for i in range(len(samples[name])))
+            server = median(per_rank[0]["server_cpu_s"].get(name) or [float("nan")])
+            return f"{name} {times[name]:.3f} s wall, CPU {ranks:.2f} s ranks + {server:.2f} s server"
+
         common = f"{total / MiB:.0f} MiB over {len(per_rank)} ranks, {self.args.thread_count} objects/threads per rank"
         v, spread = paired("raw_put", "ours_save")
+        one, _ = paired("raw_put_one", "raw_put")
         self.add(Figure("s3_save_throughput_vs_raw_put", v, ">= 0.9",
                         f"Checkpointer.save {mbs['ours_save']:.0f} MB/s", f"s3fs put {mbs['raw_put']:.0f} MB/s",
                         f"{common}; {spread}; fixed cost of one save (64 KiB state): "
-                        f"{times['ours_save_tiny'] * 1000:.0f} ms; one save at 1 rank: {reqs('save')}"))
+                        f"{times['ours_save_tiny'] * 1000:.0f} ms; one save at 1 rank: {reqs('save')}; "
+                        f"raw put of one object per rank instead of {self.args.thread_count}: {one:.2f}x the time; "
+                        + "; ".join(cpu(k) for k in ("raw_put", "raw_put_one", "ours_save", "ours_save_tiny"))))
         v, spread = paired("raw_get", "ours_load")
         nv, _ = paired("raw_get", "ours_load_noverify")
         self.add(Figure("s3_load_throughput_vs_raw_get", v, ">= 0.9",
                         f"resume {mbs['ours_load']:.0f} MB/s", f"s3fs get {mbs['raw_get']:.0f} MB/s",
                         f"{common}; {spread}; without the CRC32 read (verify_max_bytes=0): {nv:.2f} "
                         f"({mbs['ours_load_noverify']:.0f} MB/s); one load at 1 rank: {reqs('load')}, "
-                        f"without verification {reqs('load_noverify')}"))
+                        f"without verification {reqs('load_noverify')}; "
+                        + "; ".join(cpu(k) for k in ("raw_get", "ours_load", "ours_load_noverify"))))
 
     def _figures_tiers(self, res: dict[str, Any]) -> None:
         def paired(a: str, b: str) -> tuple[float, str]:

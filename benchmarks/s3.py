@@ -94,6 +94,11 @@ class MotoServer:
         """``http://127.0.0.1:PORT``."""
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def pid(self) -> int | None:
+        """The server's process id while it runs (to read its CPU time), else None."""
+        return self._proc.pid if self._proc is not None else None
+
     def storage_extra(self) -> dict[str, Any]:
         """Extra s3fs options (credentials moto accepts) for ``StorageOptions.extra``."""
         return {"key": ACCESS_KEY, "secret": SECRET_KEY}

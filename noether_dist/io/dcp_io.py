@@ -549,12 +549,19 @@ class LoadReport:
 
 def load_checked(flat: dict[str, Any], path: str, storage: Storage, *, metadata: Metadata,
                  files: tuple[FileRecord, ...], verify: bool, whole_max_bytes: int, process_group: Any = None,
-                 collective: bool = True) -> LoadReport:
+                 collective: bool = False) -> LoadReport:
     """Load a flat state dict (see :func:`staging`) from a DCP directory; check each file read
     whole against its commit-record size and CRC32 (``verify``) on the bytes loaded, reading
     files of at most ``whole_max_bytes`` whole even when only part is needed. Problems are
     reported, not raised, so that the ranks can agree before anything is applied.
-    ``collective=False``: this rank alone (no process group)."""
+
+    Every rank plans its own reads from the ``metadata`` it was given, with no collective:
+    DCP's global step of a load changes no rank's plan, so gathering every rank's plan on
+    the coordinator and scattering it back (and an all_gather after the reads) bought
+    nothing but three collectives per artifact, the first two O(ranks) on the coordinator.
+    A rank that raises here raises alone: call it where failures are agreed on (resume runs
+    it under ``Comm.run_everywhere``). ``collective=True``: DCP's collective load over
+    ``process_group`` instead."""
     reader = _Reader(path, storage, metadata=metadata, files=files, verify=verify, whole_max_bytes=whole_max_bytes,
                      collect=True)
     with _quiet():
