@@ -170,6 +170,9 @@ def test_streamed_write_uploads_parts_while_writing_and_an_aborted_one_leaves_no
     assert st.fs.info(path)["ETag"].strip('"').endswith("-3")  # 5 + 5 + 3 MiB
     with st.open_read(path, start=(5 << 20) - 10, end=(5 << 20) + 10) as stream:
         assert stream.read() == data[(5 << 20) - 10:(5 << 20) + 10]
+    with st.open_read(path) as stream:  # pieces of exactly the size asked for (resume reads items so), the last shorter
+        pieces = [stream.read(3 << 20) for _ in range(6)]
+    assert [len(p) for p in pieces] == [3 << 20] * 4 + [1 << 20, 0] and b"".join(pieces) == data
     with pytest.raises(RuntimeError, match="boom"):
         with st.open_write(f"s3://{s3_bucket}/x/aborted") as stream:
             stream.write(data)
