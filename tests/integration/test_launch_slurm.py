@@ -184,21 +184,22 @@ def test_array_chain_continues_one_run(cluster, tmp_path, reference):
     wait_for(lambda: cluster.job_state(f"{array}_0") == "RUNNING" and commit_updates(stage), 120,
              "task 0 to commit its first checkpoint", logs, cluster)
     scancel(cluster, f"{array}_0", "--batch", "--signal=USR1")
-    assert wait_state(cluster, f"{array}_0", 60, logs) == "COMPLETED"
+    assert wait_state(cluster, f"{array}_0", 180, logs) == "COMPLETED"
     stop0, stop0_update = saved_on_signal(logs[0]) or pytest.fail("task 0 did not save on the signal:\n" + read_text(logs[0]))
-    assert 4 <= stop0_update < TOTAL_UPDATES and commit_updates(stage)[-1] == stop0_update
+    # task 1 may already have committed after it: membership, not "newest"
+    assert 4 <= stop0_update < TOTAL_UPDATES and stop0_update in commit_updates(stage)
 
     # task 1: resumes, gets past one more checkpoint, then SIGTERM to every process of the step
     wait_for(lambda: cluster.job_state(f"{array}_1") == "RUNNING" and commit_updates(stage)[-1] > stop0_update,
              120, "task 1 to commit a checkpoint after task 0's", logs, cluster)
     scancel(cluster, f"{array}_1", "--signal=TERM")
     # torchrun's agent shuts its workers down on SIGTERM (they save first) and exits 1
-    assert wait_state(cluster, f"{array}_1", 60, logs) in ("COMPLETED", "FAILED")
+    assert wait_state(cluster, f"{array}_1", 180, logs) in ("COMPLETED", "FAILED")
     stop1, stop1_update = saved_on_signal(logs[1]) or pytest.fail("task 1 did not save on SIGTERM:\n" + read_text(logs[1]))
-    assert stop0_update < stop1_update < TOTAL_UPDATES and commit_updates(stage)[-1] == stop1_update
+    assert stop0_update < stop1_update < TOTAL_UPDATES and stop1_update in commit_updates(stage)
 
     # task 2 runs to the end
-    assert wait_state(cluster, f"{array}_2", 120, logs) == "COMPLETED"
+    assert wait_state(cluster, f"{array}_2", 240, logs) == "COMPLETED"
     assert os.listdir(runs) == [f"slurm-{array}"], "every task must continue the same run"
     assert "resumed from" not in read_text(logs[0])
     assert f"resumed from slurm-{array}/train at {stop0}" in read_text(logs[1]), read_text(logs[1])
