@@ -15,7 +15,9 @@ measured side by side, alternating, ``repeats`` times:
   to ``paced_mb_s`` (``tiers.durable.bandwidth_mb_s``). The upload's bytes are read and sent
   by the upload process, but the S3 server that receives them (moto, a Python process) runs
   on the same cores: the CPU both used while the upload ran is recorded beside each pair
-  (``server_cores``, ``uploader_cores``: cores busy on average).
+  (``server_cores``, ``uploader_cores``: cores busy on average), and the training process's
+  own cores in both windows (``trainer_cores``, ``trainer_idle_cores``): on a busy machine the
+  kernel shares CPU between sessions, and the server and the upload process share this one's.
 """
 
 from __future__ import annotations
@@ -75,7 +77,9 @@ def tiers_bench(*, work: str, endpoint: str, extra: dict[str, Any], bucket: str,
     out: dict[str, Any] = {"stall": [], "copy": [], "upload": [], "put": [], "resume_local": [],
                            "resume_durable": [], "train_upload": [], "train_idle": [], "server_cores": [],
                            "uploader_cores": [], "train_upload_paced": [], "train_idle_paced": [],
-                           "server_cores_paced": [], "uploader_cores_paced": [], "paced_mb_s": paced_mb_s}
+                           "server_cores_paced": [], "uploader_cores_paced": [], "paced_mb_s": paced_mb_s,
+                           "trainer_cores": [], "trainer_idle_cores": [], "trainer_cores_paced": [],
+                           "trainer_idle_cores_paced": []}
     model = build_model(total_bytes)
     baseline = CopyBaseline(local_tensors(model.state_dict()))
     out["state_bytes"] = sum(t.numel() * t.element_size() for t in baseline.tensors)
@@ -128,7 +132,7 @@ def tiers_bench(*, work: str, endpoint: str, extra: dict[str, Any], bucket: str,
         for update in range(1, repeats + 1):
             ck.save(TrainingIteration(0, update, update), model=model)  # returns once local; the upload runs on
             cpu0 = {k: _cpu_s(pid) for k, pid in (("server", server_pid), ("uploader", ck.durable.process.pid))}
-            steps, started = 0, time.perf_counter()
+            steps, started, own = 0, time.perf_counter(), time.process_time()
             while ck.durable.busy:
                 loss = small(x).square().mean()
                 loss.backward()
@@ -136,11 +140,15 @@ def tiers_bench(*, work: str, endpoint: str, extra: dict[str, Any], bucket: str,
                 opt.zero_grad(set_to_none=True)
                 steps += 1
             took = time.perf_counter() - started
+            own = time.process_time() - own
             used = {k: _cpu_s(pid) - cpu0[k] for k, pid in (("server", server_pid), ("uploader", ck.durable.process.pid))}
             ck.wait()
             if steps:
                 out[f"train_upload{tag}"].append(steps / took)
+                idle_own = time.process_time()
                 out[f"train_idle{tag}"].append(_train_rate(small, opt, took))
+                out[f"trainer_cores{tag}"].append(own / took)  # this process's cores, both windows
+                out[f"trainer_idle_cores{tag}"].append((time.process_time() - idle_own) / took)
                 for k, v in used.items():  # cores busy on average while the upload ran
                     out[f"{k}_cores{tag}"].append(v / took)
         ck.close()

@@ -464,7 +464,8 @@ class Runner:
                             f"{median(res[f'train_idle{tag}']):.0f} steps/s with none",
                             f"{size}; CPU MLP 256x256, 1 thread, {os.cpu_count()} cores; meanwhile the S3 server "
                             f"(moto, same cores) kept {median(res[f'server_cores{tag}']):.2f} cores busy, the upload "
-                            f"process {median(res[f'uploader_cores{tag}']):.2f}; {spread}"))
+                            f"process {median(res[f'uploader_cores{tag}']):.2f}, training {median(res[f'trainer_cores{tag}']):.2f} "
+                            f"(without an upload {median(res[f'trainer_idle_cores{tag}']):.2f}); {spread}"))
 
     def _figures_resume(self, res: dict[str, Any]) -> None:
         n = res["checkpoints"]
