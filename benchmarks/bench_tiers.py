@@ -10,8 +10,14 @@ measured side by side, alternating, ``repeats`` times:
 - ``upload``: one upload of a point's local files to the durable tier
   (``DurableUploader.last_upload_s``: read, check, send, agree, commit) next to s3fs
   ``put_file`` of the same files;
-- ``train``: training steps per second (a CPU MLP) while an upload runs, next to the same
-  steps with nothing in flight.
+- ``train``: training steps per second (a CPU MLP, one thread) while an upload runs, next to
+  the same steps with nothing in flight; once at full speed and once with the upload paced
+  to ``paced_mb_s`` (``tiers.durable.bandwidth_mb_s``). The upload's bytes are read and sent
+  by the upload process, but the S3 server that receives them (moto, a Python process) runs
+  on the same cores: the CPU both used while the upload ran is recorded beside each pair
+  (``server_cores``, ``uploader_cores``: cores busy on average), and the training process's
+  own cores in both windows (``trainer_cores``, ``trainer_idle_cores``): on a busy machine the
+  kernel shares CPU between sessions, and the server and the upload process share this one's.
 """
 
 from __future__ import annotations
@@ -27,14 +33,20 @@ log = logging.getLogger(__name__)
 
 
 def _config(work: str, endpoint: str, extra: dict[str, Any], bucket: str, run_id: str, *, async_mode: str,
-            durable_every: int) -> Any:
+            durable_every: int, bandwidth_mb_s: float | None = None) -> Any:
     from noether_dist import CheckpointerConfig
 
     return CheckpointerConfig.from_dict({
         "output_dir": f"s3://{bucket}/tiers", "run_id": run_id, "model_name": "m", "timeout_s": 600,
         "async_mode": async_mode, "storage": {"endpoint_url": endpoint, "extra": extra},
         "tiers": {"local": {"dir": os.path.join(work, "local"), "every_updates": 1, "keep_last": 2},
-                  "durable": {"every_updates": durable_every}}})
+                  "durable": {"every_updates": durable_every, "bandwidth_mb_s": bandwidth_mb_s}}})
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, all threads) process ``pid`` used so far (Linux /proc)."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _train_rate(model: Any, opt: Any, seconds: float) -> float:
@@ -53,8 +65,8 @@ def _train_rate(model: Any, opt: Any, seconds: float) -> float:
 
 
 def tiers_bench(*, work: str, endpoint: str, extra: dict[str, Any], bucket: str, total_bytes: int,
-                repeats: int) -> dict[str, Any]:
-    """Raw samples of the four pairs (see the module docstring)."""
+                repeats: int, server_pid: int, paced_mb_s: float = 20.0) -> dict[str, Any]:
+    """Raw samples of the pairs (see the module docstring); ``server_pid``: the S3 server's."""
     import torch
 
     from benchmarks.bench_async import CopyBaseline
@@ -63,7 +75,11 @@ def tiers_bench(*, work: str, endpoint: str, extra: dict[str, Any], bucket: str,
 
     torch.set_num_threads(1)
     out: dict[str, Any] = {"stall": [], "copy": [], "upload": [], "put": [], "resume_local": [],
-                           "resume_durable": [], "train_upload": [], "train_idle": []}
+                           "resume_durable": [], "train_upload": [], "train_idle": [], "server_cores": [],
+                           "uploader_cores": [], "train_upload_paced": [], "train_idle_paced": [],
+                           "server_cores_paced": [], "uploader_cores_paced": [], "paced_mb_s": paced_mb_s,
+                           "trainer_cores": [], "trainer_idle_cores": [], "trainer_cores_paced": [],
+                           "trainer_idle_cores_paced": []}
     model = build_model(total_bytes)
     baseline = CopyBaseline(local_tensors(model.state_dict()))
     out["state_bytes"] = sum(t.numel() * t.element_size() for t in baseline.tensors)
@@ -104,26 +120,38 @@ def tiers_bench(*, work: str, endpoint: str, extra: dict[str, Any], bucket: str,
             if res.tier != (tier if tier == "local" else None):
                 raise RuntimeError(f"resumed from the {res.tier} tier, not the {tier} tier")
 
-    # training throughput while an upload runs, next to the same time with none in flight
+    # training throughput while an upload runs, next to the same time with none in flight;
+    # unpaced and paced to ``paced_mb_s``, with the CPU time the S3 server (moto, on the same
+    # cores) and the upload process used meanwhile
     small = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256))
     opt = torch.optim.SGD(small.parameters(), lr=1e-3)
-    ck = Checkpointer(_config(work, endpoint, extra, bucket, "train", async_mode="off", durable_every=1))
     x = torch.randn(64, 256)
-    for update in range(1, repeats + 1):
-        ck.save(TrainingIteration(0, update, update), model=model)  # returns once local; the upload runs on
-        steps, started = 0, time.perf_counter()
-        while ck.durable.busy:
-            loss = small(x).square().mean()
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            steps += 1
-        took = time.perf_counter() - started
-        ck.wait()
-        if steps:
-            out["train_upload"].append(steps / took)
-            out["train_idle"].append(_train_rate(small, opt, took))
-    ck.close()
+    for tag, pace in (("", None), ("_paced", paced_mb_s)):
+        ck = Checkpointer(_config(work, endpoint, extra, bucket, f"train{tag}", async_mode="off", durable_every=1,
+                                  bandwidth_mb_s=pace))
+        for update in range(1, repeats + 1):
+            ck.save(TrainingIteration(0, update, update), model=model)  # returns once local; the upload runs on
+            cpu0 = {k: _cpu_s(pid) for k, pid in (("server", server_pid), ("uploader", ck.durable.process.pid))}
+            steps, started, own = 0, time.perf_counter(), time.process_time()
+            while ck.durable.busy:
+                loss = small(x).square().mean()
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                steps += 1
+            took = time.perf_counter() - started
+            own = time.process_time() - own
+            used = {k: _cpu_s(pid) - cpu0[k] for k, pid in (("server", server_pid), ("uploader", ck.durable.process.pid))}
+            ck.wait()
+            if steps:
+                out[f"train_upload{tag}"].append(steps / took)
+                idle_own = time.process_time()
+                out[f"train_idle{tag}"].append(_train_rate(small, opt, took))
+                out[f"trainer_cores{tag}"].append(own / took)  # this process's cores, both windows
+                out[f"trainer_idle_cores{tag}"].append((time.process_time() - idle_own) / took)
+                for k, v in used.items():  # cores busy on average while the upload ran
+                    out[f"{k}_cores{tag}"].append(v / took)
+        ck.close()
     return out
 
 

@@ -62,6 +62,7 @@ FIGURE_KEYS = (
     "tiers_resume_time_local_vs_durable",
     "tiers_upload_throughput_vs_raw_put",
     "tiers_train_throughput_during_upload",
+    "tiers_train_throughput_during_paced_upload",
 )
 """Every figure a full run reports (one per key; scaling keys are for the largest world size)."""
 
@@ -238,7 +239,7 @@ class Runner:
                 work = os.path.join(self.work, "tiers")
                 res = tiers_bench(work=work, endpoint=server.endpoint_url, extra=server.storage_extra(),
                                   bucket="nd-bench-tiers", total_bytes=int(self.args.tiers_size_mib * MiB),
-                                  repeats=max(2, self.args.repeats))
+                                  repeats=max(2, self.args.repeats), server_pid=server.pid)
                 self.raw["tiers"] = res
                 self._figures_tiers(res)
                 self.done("tiers", started, [k for k in self.figures if k.startswith("tiers")])
@@ -456,10 +457,15 @@ class Runner:
         self.add(Figure("tiers_upload_throughput_vs_raw_put", v, ">= 0.9",
                         f"upload {median(res['upload']):.2f} s (read, check, send, agree, commit)",
                         f"s3fs put_file of the same files {median(res['put']):.2f} s", f"{size}; {spread}"))
-        v, spread = paired("train_upload", "train_idle")
-        self.add(Figure("tiers_train_throughput_during_upload", v, ">= 0.95",
-                        f"{median(res['train_upload']):.0f} steps/s while an upload runs",
-                        f"{median(res['train_idle']):.0f} steps/s with none", f"{size}; CPU MLP 256x256; {spread}"))
+        for tag, what in (("", "at full speed"), ("_paced", f"paced to {res['paced_mb_s']:g} MB/s")):
+            v, spread = paired(f"train_upload{tag}", f"train_idle{tag}")
+            self.add(Figure(f"tiers_train_throughput_during{tag}_upload", v, ">= 0.95",
+                            f"{median(res[f'train_upload{tag}']):.0f} steps/s while an upload runs ({what})",
+                            f"{median(res[f'train_idle{tag}']):.0f} steps/s with none",
+                            f"{size}; CPU MLP 256x256, 1 thread, {os.cpu_count()} cores; meanwhile the S3 server "
+                            f"(moto, same cores) kept {median(res[f'server_cores{tag}']):.2f} cores busy, the upload "
+                            f"process {median(res[f'uploader_cores{tag}']):.2f}, training {median(res[f'trainer_cores{tag}']):.2f} "
+                            f"(without an upload {median(res[f'trainer_idle_cores{tag}']):.2f}); {spread}"))
 
     def _figures_resume(self, res: dict[str, Any]) -> None:
         n = res["checkpoints"]

@@ -133,8 +133,8 @@ class DurableTier:
     retention: RetentionPolicy | None = None
     """Which durable points to keep (applied after each durable commit); None keeps all."""
     bandwidth_mb_s: float | None = None
-    """Upper bound of each rank's upload rate in MB/s (10**6 bytes), averaged per file; None:
-    as fast as the store takes it."""
+    """Upper bound of each rank's upload rate in MB/s (10**6 bytes), averaged over the upload
+    (paced in pieces of about a second's worth); None: as fast as the store takes it."""
     timeout_s: float = 3600.0
     """How long the ranks wait for each other's uploads before the upload fails."""
 

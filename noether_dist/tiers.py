@@ -11,21 +11,26 @@ Design (what runs where, in order):
 - **Durable tier.** A point due for the durable tier (``tiers.durable.every_updates``, or a
   ``last`` save) is staged once: :meth:`DurableUploader.start` queues an upload of the point's
   *local* files on one background thread (at most one upload in flight: a new one first waits
-  for the previous), with a gloo group of its own. The upload, every rank at once:
+  for the previous), with a gloo group of its own; the thread only agrees and commits, the
+  bytes are read and sent by each rank's upload process (:class:`~noether_dist.io.upload.UploadProcess`,
+  a child process started with the Checkpointer, so the upload takes neither the training
+  process's CPU time nor its GIL). The upload, every rank at once:
 
   1. the coordinator checks the durable commit record does not exist yet and removes what an
      earlier, killed upload of the point left;
-  2. every rank reads the local files it wrote (``__<rank>_*.distcp``; rank 0 also the
-     ``.metadata``), checks each against the local commit record (size, CRC32), and writes it
-     to the durable store (one PUT or parallel parts, each carrying its CRC32), paced to
-     ``bandwidth_mb_s``;
+  2. every rank's upload process sends the local files the rank wrote (``__<rank>_*.distcp``;
+     rank 0 also the ``.metadata``) to the durable store, paced to ``bandwidth_mb_s``, reading
+     each once: its size and CRC32 are checked against the local commit record as the bytes go
+     out (a file of one PUT carries the record's CRC32, which the store checks too), and a
+     mismatch fails the upload before the file counts as sent (:func:`~noether_dist.io.upload.send_file`);
   3. the ranks exchange what they uploaded; the coordinator checks that every file of the
      local record arrived with its size and CRC32, then writes ``latest``, the durable commit
      record (the local record: an ordinary commit record that resume, ``verify`` and
      ``list`` read as any other) and the other aliases, then applies ``tiers.durable.retention``.
 
-  A failure anywhere (the store, a dead rank: the others' gloo collective fails) commits
-  nothing durable; the local copy is untouched. It is raised on every rank, as an
+  A failure anywhere (the store, a dead rank: the others' gloo collective fails, an upload
+  process that died or made no progress for ``timeout_s``: the next upload starts a new one)
+  commits nothing durable; the local copy is untouched. It is raised on every rank, as an
   :class:`~noether_dist.errors.UploadError`, at the next ``save`` (after that save's own local
   save was done: the local tier goes on), ``wait`` or ``close``.
 - **Resume** (:func:`noether_dist.resume.resume` with ``local_dir``): the newest point every
@@ -47,7 +52,6 @@ import dataclasses
 import logging
 import threading
 import time
-import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -56,13 +60,14 @@ from .dist.comm import Comm
 from .errors import AliasUpdateError, NoetherDistError, UploadError
 from .format.layout import StageLayout
 from .format.names import TrainingIteration
-from .io.dcp_io import upload_object, writer_rank
+from .io.dcp_io import writer_rank
 from .io.storage import Storage, StorageOptions, open_storage
+from .io.upload import FileJob, UploadProcess, send_files
 from .format.records import AliasRecord, CommitRecord, FileRecord
 from .stage.commit import move_aliases, publish, read_alias, read_commit
 from .stage.retention import RetentionPolicy, prune
 
-__all__ = ["local_tier_config", "DurableUploader", "Pacer"]
+__all__ = ["local_tier_config", "DurableUploader"]
 
 log = logging.getLogger(__name__)
 
@@ -73,24 +78,6 @@ def local_tier_config(config: CheckpointerConfig) -> CheckpointerConfig:
     local = config.tiers.local
     return dataclasses.replace(config, output_dir=local.dir, node_local=True, tiers=None, storage=StorageOptions(),
                                retention=RetentionPolicy(keep_last=local.keep_last), replicate=local.replicate)
-
-
-class Pacer:
-    """Keeps an upload's average rate at or below ``mb_s`` MB/s: :meth:`sent` sleeps as long
-    as the bytes so far are ahead of that rate. ``None``: no limit."""
-
-    def __init__(self, mb_s: float | None) -> None:
-        self.rate = None if mb_s is None else float(mb_s) * 1e6
-        self.started = time.monotonic()
-        self.bytes = 0
-
-    def sent(self, nbytes: int) -> None:
-        """``nbytes`` more went out; wait until the average rate is back under the limit."""
-        self.bytes += nbytes
-        if self.rate is not None:
-            ahead = self.bytes / self.rate - (time.monotonic() - self.started)
-            if ahead > 0:
-                time.sleep(ahead)
 
 
 class DurableUploader:
@@ -110,6 +97,11 @@ class DurableUploader:
         self.layout = StageLayout(config.output_dir, config.run_id, config.stage_name)
         comm.broadcast_from_coordinator(lambda: self.storage.check_root(config.output_dir))
         self.comm = Comm(self.tier.timeout_s, coordinator_rank=comm.coordinator_rank, private=True)
+        # The byte work runs in a child process, which opens the store from the config; a
+        # Storage object passed in cannot go there, so its uploads run on the upload thread.
+        self.process = UploadProcess(config.output_dir, config.storage, self.tier.bandwidth_mb_s) \
+            if storage is None else None
+        """The child process that reads and sends this rank's files (None: the upload thread does)."""
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="noether-ckpt-upload")
         self._pending: Future[CommitRecord | None] | None = None
         self._uploading: set[TrainingIteration] = set()
@@ -177,8 +169,10 @@ class DurableUploader:
         self._pending = self._executor.submit(job)
 
     def close(self) -> None:
-        """Stop the upload thread (after :meth:`collect` with ``block``)."""
+        """Stop the upload thread and process (after :meth:`collect` with ``block``)."""
         self._executor.shutdown(wait=True)
+        if self.process is not None:
+            self.process.close()
 
     # -- the upload (upload thread, every rank) -------------------------------------------
     def _upload(self, record: CommitRecord, aliases: tuple[str, ...], metrics: dict[str, float]) -> CommitRecord:
@@ -222,27 +216,17 @@ class DurableUploader:
         return True, read_alias(self.storage, self.layout, "latest")
 
     def _send(self, record: CommitRecord, rank: int, world_size: int) -> list[tuple[str, FileRecord]]:
-        """This rank's part: each local file it wrote, checked and uploaded; what was sent."""
-        pacer = Pacer(self.tier.bandwidth_mb_s)
-        sent = []
-        for art in record.artifacts:
-            for rec in art.files:
-                if writer_rank(rec.name, record.world_size) % world_size != rank:
-                    continue
-                source = f"{self.local_layout.artifact_path(art.name)}/{rec.name}"
-                try:
-                    data = self.local_storage.read(source)
-                except FileNotFoundError:
-                    raise UploadError(f"{source} is missing on rank {rank}'s local disk; it cannot be uploaded") from None
-                crc = zlib.crc32(data) & 0xFFFFFFFF
-                if len(data) != rec.size or crc != rec.crc32:
-                    raise UploadError(f"{source} on rank {rank}'s local disk does not match its commit record "
-                                      f"({len(data)} bytes, CRC32 {crc:08x}; the record says {rec.size}, "
-                                      f"{rec.crc32:08x}); it is not uploaded")
-                upload_object(self.storage, f"{self.layout.artifact_path(art.name)}/{rec.name}", data, crc)
-                sent.append((art.name, FileRecord(rec.name, len(data), crc)))
-                pacer.sent(len(data))
-        return sent
+        """This rank's part: each local file it wrote, checked against the record while it is
+        uploaded (by the upload process, else here); what was sent."""
+        mine = [(art.name, rec) for art in record.artifacts for rec in art.files
+                if writer_rank(rec.name, record.world_size) % world_size == rank]
+        jobs = [FileJob(self.local_storage.local_path(f"{self.local_layout.artifact_path(name)}/{rec.name}"),
+                        f"{self.layout.artifact_path(name)}/{rec.name}", rec.size, rec.crc32) for name, rec in mine]
+        if self.process is not None:
+            self.process.upload(jobs, self.tier.timeout_s)
+        else:
+            send_files(self.storage, jobs, self.tier.bandwidth_mb_s)
+        return [(name, FileRecord(rec.name, rec.size, rec.crc32)) for name, rec in mine]
 
     @staticmethod
     def _check_reports(record: CommitRecord, reports: list[list[tuple[str, FileRecord]]]) -> None:

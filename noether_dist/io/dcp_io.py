@@ -44,7 +44,7 @@ from ..format.records import FileRecord
 from ..errors import StateMismatchError, StorageError
 from .storage import Storage
 
-__all__ = ["FileRecord", "save_state", "load_state", "load_checked", "LoadReport", "Staging", "staging", "is_sharded", "reader_of", "placeholder", "metadata_for", "paused_gc", "load_full", "StorageFileSystem", "save_state_in_process", "collect_sidecar", "shutdown_checkpoint_process", "read_metadata", "check_keys", "cpu_buffers_like", "METADATA_FILE", "DCP_COORDINATOR", "writer_rank", "upload_object"]
+__all__ = ["FileRecord", "save_state", "load_state", "load_checked", "LoadReport", "Staging", "staging", "is_sharded", "reader_of", "placeholder", "metadata_for", "paused_gc", "load_full", "StorageFileSystem", "save_state_in_process", "collect_sidecar", "shutdown_checkpoint_process", "read_metadata", "check_keys", "cpu_buffers_like", "METADATA_FILE", "DCP_COORDINATOR", "writer_rank"]
 
 METADATA_FILE = ".metadata"
 DCP_COORDINATOR = 0
@@ -620,17 +620,6 @@ def writer_rank(name: str, world_size: int) -> int:
     if match:
         return int(match.group(1)) % world_size
     return DCP_COORDINATOR if name == METADATA_FILE else zlib.crc32(name.encode()) % world_size
-
-
-def upload_object(storage: Storage, path: str, data: bytes | bytearray, crc: int) -> None:
-    """Write a whole file whose CRC32 is already known, as a save writes it
-    (:meth:`Storage.open_write`: on an object store one PUT, or parts for a big file, each
-    carrying its CRC32; elsewhere a synced replace). StorageError, with nothing written, when
-    ``data`` does not have the CRC32 ``crc``."""
-    with storage.open_write(path) as stream:
-        stream.write(data)
-        if stream.crc != crc & 0xFFFFFFFF:
-            raise StorageError(f"write {path}: the data has CRC32 {stream.crc:08x}, expected {crc & 0xFFFFFFFF:08x}")
 
 
 def placeholder(key: str, metadata: Metadata) -> Any:

@@ -310,3 +310,53 @@ def test_two_hosts_sigkill_resumes_from_local_disks(two_hosts, s3_server, s3_env
     assert summary["digest"] == reference
 
 
+def _upload_process_killed(rank: int, world_size: int, bucket: str, endpoint: str, local_dirs: list[str]) -> dict:
+    """Rank 0's upload process is SIGKILLed during U1's (slow) upload; then U2 is uploaded."""
+    import signal as sig
+
+    from noether_dist import Checkpointer, CheckpointerConfig, TrainingIteration
+    from noether_dist.errors import UploadError
+    from tests.support.models import build
+
+    os.environ.update(LOCAL_RANK="0", GROUP_RANK=str(rank))  # every rank is alone on its "node"
+    model, _, _ = build()
+    cfg = CheckpointerConfig.from_dict({
+        "output_dir": f"s3://{bucket}/killed-process", "run_id": "r", "model_name": "mlp", "timeout_s": 60,
+        "storage": {"endpoint_url": endpoint},
+        "tiers": {"local": {"dir": local_dirs[rank], "every_updates": 1, "keep_last": 5},
+                  "durable": {"every_updates": 1, "bandwidth_mb_s": 0.002, "timeout_s": 60}}})
+    out: dict = {}
+    with Checkpointer(cfg) as ck:
+        first_pid = ck.durable.process.pid
+        ck.save(TrainingIteration(0, 1, 1), model=model)  # local, then the upload starts (2 kB/s per rank)
+        if rank == 0:  # once the first file is in the store, the upload is under way: kill its process
+            first = f"s3://{bucket}/killed-process/r/checkpoints/mlp_cp=E0_U1_S1_model.th/.metadata"
+            deadline = time.monotonic() + 30
+            while not _exists(first) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            out["killed_while_busy"] = ck.durable.busy
+            os.kill(first_pid, sig.SIGKILL)
+        try:
+            ck.wait()
+        except UploadError as exc:
+            out["error"] = str(exc)
+        out["local_u1"] = os.path.exists(f"{local_dirs[rank]}/r/checkpoints/_commits/E0_U1_S1.json")
+        ck.save(TrainingIteration(0, 2, 2), model=model)  # a new upload process uploads U2
+        ck.wait()
+        out["new_process"] = ck.durable.process.pid != first_pid
+    return out
+
+
+@pytest.mark.slow
+def test_upload_process_killed_mid_upload_fails_on_every_rank_then_the_next_upload_succeeds(
+        s3_server, s3_bucket, tmp_path):
+    dirs = [str(tmp_path / f"node{r}") for r in (0, 1)]
+    out = run_ranks(_upload_process_killed, 2, s3_bucket, s3_server.endpoint_url, dirs, timeout_s=180,
+                    env={"ND_TEST_ENDPOINT": s3_server.endpoint_url})
+    assert out[0]["killed_while_busy"], out
+    for rank, res in enumerate(out):  # raised on every rank; the local copy stays
+        assert "the upload process" in res["error"] and "died during the upload" in res["error"], res
+        assert res["local_u1"], res
+    assert out[0]["new_process"] and not out[1]["new_process"], out
+    res = s3_server.client().list_objects_v2(Bucket=s3_bucket, Prefix="killed-process/r/checkpoints/_commits/")
+    assert [o["Key"].rsplit("/", 1)[-1] for o in res.get("Contents", [])] == ["E0_U2_S2.json"]
