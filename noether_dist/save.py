@@ -139,6 +139,9 @@ class Checkpointer:
         if tiered is not None:
             self.durable = DurableUploader(tiered, self.storage, self.layout, self.comm, storage=storage)
         self._pending: Future[SaveResult] | None = None
+        self.last_stall_cpu_s: float | None = None
+        """CPU seconds the caller's thread spent in that stall (``time.thread_time``): the
+        work itself, without the time the thread was waiting or not scheduled."""
         self.last_stall_s: float | None = None
         """Seconds the last asynchronous save blocked the caller after the previous save had
         finished: capturing the state dicts and copying them into staging memory (no collective)."""
@@ -218,7 +221,7 @@ class Checkpointer:
         if self._pending is not None and not self._pending.done():
             log.info("save %s waits for the previous save to finish (at most one save in flight)", iteration)
         self._wait_here()
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.thread_time()
         background = self._background
         # What depends on the arguments alone is checked here, the same on every rank. The
         # rest (capture, staging copy) may fail on some ranks only: the ranks agree on it on
@@ -234,6 +237,7 @@ class Checkpointer:
         if not background.process_mode:  # groups are made on this thread, not the writer's; the count is the arguments'
             background.comm.parallel_groups(2 + len(ema or {}) + (optimizer is not None))
         self.last_stall_s = time.perf_counter() - started
+        self.last_stall_cpu_s = time.thread_time() - started_cpu
 
         def write() -> SaveResult:
             # packing inside the agreement: an object that cannot be packed fails every rank alike
