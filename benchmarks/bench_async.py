@@ -2,8 +2,8 @@
 grows from save to save (rank side).
 
 ``async_stall``: ``saves`` async saves; before each the previous one has finished
-(``wait``), so the stall (``Checkpointer.last_stall_s``: capture + agreement + staging
-copy) is measured on its own, and right before it the baseline: one plain copy of this
+(``wait``), so the stall (``Checkpointer.last_stall_s``: capture + staging copy) is
+measured on its own, and right before it the baseline: one plain copy of this
 rank's state (its local shards) into preallocated, already touched memory, the least any
 staging can cost. The staging buffers are allocated by ``Checkpointer.prepare`` before
 the first save; every save reuses them. One more Checkpointer, not prepared, saves once
@@ -43,14 +43,16 @@ class CopyBaseline:
             b.copy_(t)
 
     def time(self, repeats: int = 3) -> float:
-        """Median seconds of ``repeats`` copies (all ranks copy at the same time)."""
+        """Median seconds of ``repeats`` copies (all ranks copy at the same time); the CPU
+        seconds of the same copy (``time.thread_time``) are left in ``last_cpu``."""
         samples = []
         for _ in range(repeats):
             barrier()
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.thread_time()
             self._copy()
-            samples.append(time.perf_counter() - start)
-        return sorted(samples)[len(samples) // 2]
+            samples.append((time.perf_counter() - start, time.thread_time() - start_cpu))
+        wall, self.last_cpu = sorted(samples)[len(samples) // 2]
+        return wall
 
 
 def _checkpointer(out: str, run_id: str) -> Any:
@@ -92,68 +94,56 @@ def async_stall(rank: int, world_size: int, *, out: str, total_bytes: int, saves
     started = time.perf_counter()
     ck.prepare(model=model)
     prepare_s = time.perf_counter() - started
-    stalls, completed, copies = [], [], []
+    stalls, completed, copies, stalls_cpu, copies_cpu = [], [], [], [], []
     for i in range(1, saves + 1):
         ck.wait()
         settle_down()
         copies.append(baseline.time())
+        copies_cpu.append(baseline.last_cpu)
         barrier()
         start = time.perf_counter()
         ck.save(TrainingIteration(0, i, i), model=model)
         ck.wait()
         completed.append(time.perf_counter() - start)
         stalls.append(ck.last_stall_s)
+        stalls_cpu.append(getattr(ck, "last_stall_cpu_s", float("nan")))  # nan: code from before it existed
         if rank == 0:
             log.info("async save %d/%d: stall %.4fs (copy %.4fs), written after %.3fs", i, saves, stalls[-1],
                      copies[-1], completed[-1])
     ck.close()
     del baseline
-    return {"copy_s": copies, "stalls": stalls, "completed_s": completed, "local_bytes": nbytes(tensors),
+    return {"copy_s": copies, "stalls": stalls, "copy_cpu_s": copies_cpu, "stalls_cpu": stalls_cpu,
+            "completed_s": completed, "local_bytes": nbytes(tensors),
             "prepare_s": prepare_s, "unprepared_first_stall_s": cold_stall, "unprepared_first_copy_s": cold_copy,
             "parts": stall_parts(model)}
 
 
 def stall_parts(model: Any, repeats: int = 5) -> dict[str, float]:
     """Median seconds of each piece an async save's stall is made of, timed on their own:
-    capturing the state dict, packing a small trainer state, the one ``Comm.run_everywhere``
-    agreement, and the staging copy into already allocated buffers (``SaveStaging``, as the
-    Checkpointer uses it); and, for comparison, the cheapest agreement there is: an
-    all_reduce of one int."""
-    import torch
-    import torch.distributed as dist
+    capturing the state dict, the deep copy of a small trainer state (packed later by the
+    writer thread), and the staging copy into already allocated buffers (``SaveStaging``, as
+    the Checkpointer uses it). The stall has no collective: the ranks agree on the writer
+    thread."""
+    import copy
 
-    from noether_dist.dist.comm import Comm
-    from noether_dist.io.statedict import SaveStaging, model_state, pack_object
+    from noether_dist.io.statedict import SaveStaging, model_state
 
-    comm = Comm(600)
     staging = SaveStaging()
     staging.stage("model:", model_state(model))  # allocate the staging buffers
-    samples: dict[str, list[float]] = {"capture_s": [], "pack_s": [], "each_s": [], "stage_s": [],
-                                       "flag_allreduce_s": []}
-    flag = torch.ones(1, dtype=torch.int32)
+    samples: dict[str, list[float]] = {"capture_s": [], "snapshot_s": [], "stage_s": []}
     for _ in range(repeats):
         barrier()
         t0 = time.perf_counter()
         sd = model_state(model)
         t1 = time.perf_counter()
-        pack_object({"training_iteration": {"epoch": 0, "update": 1, "sample": 1}, "state": {}})
+        copy.deepcopy({"training_iteration": {"epoch": 0, "update": 1, "sample": 1}, "state": {}})
         t2 = time.perf_counter()
-        comm.run_everywhere(lambda: None)
-        t3 = time.perf_counter()
         staging.stage("model:", sd)
         staging.synchronize()
-        t4 = time.perf_counter()
-        if comm.distributed:
-            barrier()
-            t5 = time.perf_counter()
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=comm.control_group)
-            samples["flag_allreduce_s"].append(time.perf_counter() - t5)
-        else:
-            samples["flag_allreduce_s"].append(0.0)
+        t3 = time.perf_counter()
         samples["capture_s"].append(t1 - t0)
-        samples["pack_s"].append(t2 - t1)
-        samples["each_s"].append(t3 - t2)
-        samples["stage_s"].append(t4 - t3)
+        samples["snapshot_s"].append(t2 - t1)
+        samples["stage_s"].append(t3 - t2)
     staging.close()
     return {k: sorted(v)[len(v) // 2] for k, v in samples.items()}
 

@@ -22,6 +22,7 @@ measured side by side, alternating, ``repeats`` times:
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import time
@@ -65,8 +66,10 @@ def _train_rate(model: Any, opt: Any, seconds: float) -> float:
 
 
 def tiers_bench(*, work: str, endpoint: str, extra: dict[str, Any], bucket: str, total_bytes: int,
-                repeats: int, server_pid: int, paced_mb_s: float = 20.0) -> dict[str, Any]:
-    """Raw samples of the pairs (see the module docstring); ``server_pid``: the S3 server's."""
+                repeats: int, server_pid: int, paced_mb_s: float = 20.0, stall_pairs: int | None = None) -> dict[str, Any]:
+    """Raw samples of the pairs (see the module docstring): ``repeats`` of each, and
+    ``stall_pairs`` (default ``repeats``) of the stall, whose saves are each uploaded too;
+    ``server_pid``: the S3 server's."""
     import torch
 
     from benchmarks.bench_async import CopyBaseline
@@ -74,9 +77,9 @@ def tiers_bench(*, work: str, endpoint: str, extra: dict[str, Any], bucket: str,
     from noether_dist.io.storage import StorageOptions, open_storage
 
     torch.set_num_threads(1)
-    out: dict[str, Any] = {"stall": [], "copy": [], "upload": [], "put": [], "resume_local": [],
-                           "resume_durable": [], "train_upload": [], "train_idle": [], "server_cores": [],
-                           "uploader_cores": [], "train_upload_paced": [], "train_idle_paced": [],
+    out: dict[str, Any] = {"stall": [], "copy": [], "stall_cpu": [], "copy_cpu": [], "upload": [], "put": [],
+                           "resume_local": [], "resume_durable": [], "train_upload": [], "train_idle": [],
+                           "server_cores": [], "uploader_cores": [], "train_upload_paced": [], "train_idle_paced": [],
                            "server_cores_paced": [], "uploader_cores_paced": [], "paced_mb_s": paced_mb_s,
                            "trainer_cores": [], "trainer_idle_cores": [], "trainer_cores_paced": [],
                            "trainer_idle_cores_paced": []}
@@ -86,17 +89,27 @@ def tiers_bench(*, work: str, endpoint: str, extra: dict[str, Any], bucket: str,
     store = open_storage(f"s3://{bucket}", StorageOptions(endpoint_url=endpoint, extra=extra))
 
     # stall, upload vs put: every save is uploaded (durable every update)
+    stall_pairs = stall_pairs or repeats
     ck = Checkpointer(_config(work, endpoint, extra, bucket, "stall", async_mode="thread", durable_every=1))
     ck.prepare(model=model)
-    for update in range(1, repeats + 2):
+    for update in range(1, max(repeats, stall_pairs) + 2):
+        gc.collect()  # as the async benchmark: no collection left over from the upload's objects
         out["copy"].append(baseline.time())
+        copy_cpu = baseline.last_cpu
         ck.save(TrainingIteration(0, update, update), model=model)
-        stall = ck.last_stall_s
+        stall, stall_cpu = ck.last_stall_s, getattr(ck, "last_stall_cpu_s", float("nan"))
         record = ck.wait().record  # the local save, then the upload
         if update == 1:
             out["copy"].pop()
             continue  # the first save also makes the writer's groups and the folders
-        out["stall"].append(stall)
+        if len(out["stall"]) < stall_pairs:
+            out["stall"].append(stall)
+            out["stall_cpu"].append(stall_cpu)
+            out["copy_cpu"].append(copy_cpu)
+        else:
+            out["copy"].pop()
+        if len(out["upload"]) == repeats:
+            continue
         out["upload"].append(ck.durable.last_upload_s)
         files = [(f"{ck.layout.artifact_path(a.name)}/{f.name}", f"{bucket}/raw/{update}/{a.name}/{f.name}")
                  for a in record.artifacts for f in a.files]
@@ -104,7 +117,7 @@ def tiers_bench(*, work: str, endpoint: str, extra: dict[str, Any], bucket: str,
         for local, remote in files:
             store.fs.put_file(local, remote)
         out["put"].append(time.perf_counter() - started)
-    last = TrainingIteration(0, repeats + 1, repeats + 1)
+    last = TrainingIteration(0, update, update)
     ck.close()
 
     # resume the same point from each tier into a fresh model

@@ -42,6 +42,7 @@ FIGURE_KEYS = (
     "sync_writer_time_vs_dcp_save",
     "sync_save_throughput_vs_raw_write_without_zip_crc",
     "async_stall_vs_copy",
+    "async_stall_cpu_vs_copy_cpu",
     "async_first_stall_vs_copy",
     "async_unprepared_first_stall_vs_copy",
     "async_rss_growth_vs_state",
@@ -59,6 +60,7 @@ FIGURE_KEYS = (
     "s3_save_requests_per_rank_growth",
     "metadata_plan_time_sliced_vs_full",
     "tiers_local_stall_vs_copy",
+    "tiers_local_stall_cpu_vs_copy_cpu",
     "tiers_resume_time_local_vs_durable",
     "tiers_upload_throughput_vs_raw_put",
     "tiers_train_throughput_during_upload",
@@ -88,7 +90,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="world sizes of the modelled DCP metadata (default 1024,4096; one process)")
     p.add_argument("--metadata-tensors", type=int, default=1000, help="tensors of the modelled model (default 1000)")
     p.add_argument("--repeats", type=int, default=5, help="repetitions of each timed step; medians are reported")
-    p.add_argument("--async-saves", type=int, default=6, help="async saves in the stall benchmark (default 6)")
+    p.add_argument("--async-saves", type=int, default=16, help="async saves in the stall benchmark (default 16)")
     p.add_argument("--rss-saves", type=int, default=20, help="async saves after warm-up in the memory benchmark")
     p.add_argument("--checkpoints", type=int, default=200, help="committed checkpoints for the resume benchmark")
     p.add_argument("--thread-count", type=int, default=4, help="writer threads per rank and objects per rank on S3")
@@ -239,7 +241,8 @@ class Runner:
                 work = os.path.join(self.work, "tiers")
                 res = tiers_bench(work=work, endpoint=server.endpoint_url, extra=server.storage_extra(),
                                   bucket="nd-bench-tiers", total_bytes=int(self.args.tiers_size_mib * MiB),
-                                  repeats=max(2, self.args.repeats), server_pid=server.pid)
+                                  repeats=max(2, self.args.repeats), server_pid=server.pid,
+                                  stall_pairs=max(2, 4 * self.args.repeats))
                 self.raw["tiers"] = res
                 self._figures_tiers(res)
                 self.done("tiers", started, [k for k in self.figures if k.startswith("tiers")])
@@ -369,10 +372,16 @@ class Runner:
                         "median of per-save ratios (each stall / the copy timed just before it); stalls "
                         + ", ".join(f"{s * 1000:.1f}" for s in stalls) + " ms; copies "
                         + ", ".join(f"{c * 1000:.1f}" for c in copies) + " ms; parts alone: capture "
-                        f"{parts['capture_s'] * 1000:.1f} ms, one agreement (Comm.run_everywhere) {parts['each_s'] * 1000:.1f} ms "
-                        f"(a 1-int all_reduce takes {parts['flag_allreduce_s'] * 1000:.1f} ms), packing the trainer state "
-                        f"{parts['pack_s'] * 1000:.1f} ms, staging copy "
-                        f"{parts['stage_s'] * 1000:.1f} ms"))
+                        f"{parts['capture_s'] * 1000:.2f} ms, copy of the trainer state's objects "
+                        f"{parts['snapshot_s'] * 1000:.2f} ms, staging copy {parts['stage_s'] * 1000:.1f} ms "
+                        "(no collective: the ranks agree on the writer thread)"))
+        cpu_stalls = [max(r["stalls_cpu"][i] for r in per_rank) for i in range(n)]
+        cpu_copies = [max(r["copy_cpu_s"][i] for r in per_rank) for i in range(n)]
+        self.add(Figure("async_stall_cpu_vs_copy_cpu", median(s / c for s, c in zip(cpu_stalls[1:], cpu_copies[1:])),
+                        "info", f"stall {median(cpu_stalls[1:]) * 1000:.1f} ms of CPU (saves 2..{n})",
+                        f"copy {median(cpu_copies[1:]) * 1000:.1f} ms of CPU",
+                        "the same pairs in the caller thread's CPU time (time.thread_time): what the stall's own "
+                        "work costs, without the time other processes held the cores"))
         r0 = per_rank[0]
         self.add(Figure("async_first_stall_vs_copy", ratios[0], "<= 1.5",
                         f"first stall {stalls[0] * 1000:.1f} ms", f"copy {copies[0] * 1000:.1f} ms",
@@ -449,6 +458,10 @@ class Runner:
         v, spread = paired("stall", "copy")
         self.add(Figure("tiers_local_stall_vs_copy", v, "<= 1.2", f"tiered save stall {median(res['stall']) * 1e3:.1f} ms",
                         f"plain copy {median(res['copy']) * 1e3:.1f} ms", f"{size}; async thread; {spread}"))
+        v, spread = paired("stall_cpu", "copy_cpu")
+        self.add(Figure("tiers_local_stall_cpu_vs_copy_cpu", v, "info",
+                        f"stall {median(res['stall_cpu']) * 1e3:.1f} ms of CPU", f"copy {median(res['copy_cpu']) * 1e3:.1f} ms of CPU",
+                        f"the same pairs in the caller thread's CPU time (time.thread_time); {spread}"))
         v, spread = paired("resume_local", "resume_durable")
         self.add(Figure("tiers_resume_time_local_vs_durable", v, "info",
                         f"resume from the local tier {median(res['resume_local']):.2f} s",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -56,6 +57,9 @@ class _Artifact:
     kind: ArtifactKind
     model_info: str | None
     state: dict[str, Any]
+    packed: bool = True
+    """False for a trainer state captured as a snapshot of its objects, packed into tensors
+    later (by the writer thread) with :meth:`_Plan.packed`."""
 
     @property
     def slot(self) -> str:
@@ -70,6 +74,13 @@ class _Plan:
     metrics: dict[str, float] = field(default_factory=dict)
     aliases: tuple[str, ...] = ("latest",)
 
+    def packed(self) -> _Plan:
+        """This plan with every artifact's objects packed into tensors (``pack_object``)."""
+        arts = [art if art.packed else _Artifact(art.name, art.kind, art.model_info,
+                                                 {key: pack_object(obj) for key, obj in art.state.items()})
+                for art in self.artifacts]
+        return _Plan(self.iteration, arts, self.metrics, self.aliases)
+
 
 class Checkpointer:
     """Saves model, optimizer, EMA models and trainer state at a training point.
@@ -77,7 +88,8 @@ class Checkpointer:
     Every save is a collective: all ranks call :meth:`save` with the same training point.
     The protocol, in order:
 
-    1. every rank captures its state dicts; the ranks agree that all succeeded;
+    1. every rank captures its state dicts; the ranks agree that all succeeded (for an
+       asynchronous save, on the writer thread, after the caller's copy);
     2. the coordinator (rank 0, or ``coordinator_rank``) checks that the point has not
        committed yet and removes what an earlier, uncommitted save of the same point left;
     3. every rank writes its shards of each artifact with DCP (a DCP directory per Noether
@@ -127,8 +139,12 @@ class Checkpointer:
         if tiered is not None:
             self.durable = DurableUploader(tiered, self.storage, self.layout, self.comm, storage=storage)
         self._pending: Future[SaveResult] | None = None
+        self.last_stall_cpu_s: float | None = None
+        """CPU seconds the caller's thread spent in that stall (``time.thread_time``): the
+        work itself, without the time the thread was waiting or not scheduled."""
         self.last_stall_s: float | None = None
-        """Seconds the last asynchronous save blocked the caller (capture + staging copy)."""
+        """Seconds the last asynchronous save blocked the caller after the previous save had
+        finished: capturing the state dicts and copying them into staging memory (no collective)."""
         self.topology: NodeTopology | None = None
         """With ``node_local``: which ranks share a node (their leader writes the mirrored
         files) and, with ``replicate: peer``, which node keeps whose copies."""
@@ -163,8 +179,11 @@ class Checkpointer:
         Synchronous mode returns the SaveResult. Asynchronous modes return once the state
         is copied into staging memory (the values written are those of this moment) and
         hand back a Future; writing, commit and aliases run in the background, at most one
-        save at a time (a new save first waits for the previous one). A background failure
-        is raised on every rank at the next ``save``, ``wait`` or ``close``.
+        save at a time (a new save first waits for the previous one). The call itself takes
+        part in no collective (the ranks agree that each one staged its state on the writer
+        thread), so a failure to capture or stage the state, like a background failure, is
+        raised on every rank at the next ``save``, ``wait`` or ``close``; arguments that are
+        wrong in themselves (the iteration, an alias, a model type) raise ConfigError at once.
 
         ``ema`` maps model_info (e.g. ``ema_factor=0.9999``) to an EMA model;
         ``trainer_state`` is the same on every rank (the coordinator's is kept);
@@ -202,13 +221,30 @@ class Checkpointer:
         if self._pending is not None and not self._pending.done():
             log.info("save %s waits for the previous save to finish (at most one save in flight)", iteration)
         self._wait_here()
-        started = time.perf_counter()
-        plan = self.comm.run_everywhere(lambda: self._background.stage(self._capture(
-            iteration, model, optimizer, ema, trainer_state, rank_state, metrics, last, aliases)))
-        if not self._background.process_mode:
-            self._background.comm.parallel_groups(len(plan.artifacts))  # groups are made on this thread, not the writer's
+        started, started_cpu = time.perf_counter(), time.thread_time()
+        background = self._background
+        # What depends on the arguments alone is checked here, the same on every rank. The
+        # rest (capture, staging copy) may fail on some ranks only: the ranks agree on it on
+        # the writer thread, not here, so the caller waits for no other rank and no
+        # collective; such a failure is raised on every rank at the next save, wait or close.
+        _check_request(iteration, model, optimizer, ema, aliases)
+        try:
+            plan, failure = background.stage(self._capture(
+                iteration, model, optimizer, ema, trainer_state, rank_state, metrics, last, aliases,
+                pack=background.process_mode)), None  # thread mode packs the trainer state on the writer thread
+        except Exception as exc:  # noqa: BLE001 - agreed on and raised on every rank by the writer
+            plan, failure = _Plan(iteration, []), exc
+        if not background.process_mode:  # groups are made on this thread, not the writer's; the count is the arguments'
+            background.comm.parallel_groups(2 + len(ema or {}) + (optimizer is not None))
         self.last_stall_s = time.perf_counter() - started
-        self._pending = self._background.submit(lambda: self._write_and_commit(plan, self._background.comm))
+        self.last_stall_cpu_s = time.thread_time() - started_cpu
+
+        def write() -> SaveResult:
+            # packing inside the agreement: an object that cannot be packed fails every rank alike
+            staged = background.comm.run_everywhere(lambda: _staged(plan, failure).packed())
+            return self._write_and_commit(staged, background.comm)
+
+        self._pending = background.submit(write)
         return self._pending, plan
 
     def due(self, iteration: TrainingIteration) -> bool:
@@ -289,30 +325,26 @@ class Checkpointer:
 
     # -- steps ---------------------------------------------------------------------
     def _capture(self, iteration, model, optimizer, ema, trainer_state, rank_state, metrics, last,
-                 extra_aliases=()) -> _Plan:
-        if not isinstance(iteration, TrainingIteration):
-            raise ConfigError(f"iteration must be a TrainingIteration, got {type(iteration).__name__}")
+                 extra_aliases=(), *, pack: bool = True) -> _Plan:
+        """The plan of a save: the state dicts of this moment (``pack=False``: the trainer
+        state as a deep copy of its objects, to be packed by :meth:`_Plan.packed`)."""
+        aliases = _check_request(iteration, model, optimizer, ema, extra_aliases, last)
         cp = str(iteration)
         name = self.config.model_name
         arts = [_Artifact(format_artifact(name, cp, kind, info), kind, info, state)
                 for kind, info, state in _states(model, optimizer, ema)]
-        trainer = {trainer_rank_key(self.comm.rank): pack_object(rank_state or {})}
+        snapshot = pack_object if pack else copy.deepcopy
+        trainer = {trainer_rank_key(self.comm.rank): snapshot(rank_state or {})}
         if self.comm.is_coordinator:
-            trainer[TRAINER_COMMON_KEY] = pack_object(common_entry(iteration.to_dict(), trainer_state))
-        arts.append(_Artifact(format_artifact(name, cp, ArtifactKind.TRAINER), ArtifactKind.TRAINER, None, trainer))
+            trainer[TRAINER_COMMON_KEY] = snapshot(common_entry(iteration.to_dict(), trainer_state))
+        arts.append(_Artifact(format_artifact(name, cp, ArtifactKind.TRAINER), ArtifactKind.TRAINER, None, trainer,
+                              packed=pack))
         clean_metrics = {}
         for key, value in (metrics or {}).items():
             value = float(value)
             if not math.isfinite(value):
                 log.warning("metric %s=%s is not finite; it cannot make a best checkpoint", key, value)
             clean_metrics[str(key)] = value
-        aliases = ("latest", "last") if last else ("latest",)
-        for alias in extra_aliases:
-            ref = parse_checkpoint(alias, what="alias")
-            if not ref.is_alias or ref.alias_name == "latest":
-                raise ConfigError(f"alias {alias!r} cannot be moved on request; use last or best.<metric>")
-            if ref.alias_name not in aliases:
-                aliases += (ref.alias_name,)
         return _Plan(iteration, arts, clean_metrics, aliases)
 
     def _prepare(self, plan: _Plan) -> tuple[bool, AliasRecord | None]:
@@ -445,21 +477,47 @@ class Checkpointer:
                             self.config.best_metrics)
 
 
+def _check_request(iteration, model, optimizer, ema, extra_aliases=(), last=False) -> tuple[str, ...]:
+    """Check what a save's arguments alone decide (ConfigError); return the aliases to move."""
+    if not isinstance(iteration, TrainingIteration):
+        raise ConfigError(f"iteration must be a TrainingIteration, got {type(iteration).__name__}")
+    _check_states(model, optimizer, ema)
+    aliases = ("latest", "last") if last else ("latest",)
+    for alias in extra_aliases:
+        ref = parse_checkpoint(alias, what="alias")
+        if not ref.is_alias or ref.alias_name == "latest":
+            raise ConfigError(f"alias {alias!r} cannot be moved on request; use last or best.<metric>")
+        if ref.alias_name not in aliases:
+            aliases += (ref.alias_name,)
+    return aliases
+
+
+def _staged(plan: _Plan, failure: BaseException | None) -> _Plan:
+    """``plan``, or ``failure`` raised: what this rank's capture and staging copy gave."""
+    if failure is not None:
+        raise failure
+    return plan
+
+
+def _check_states(model, optimizer, ema) -> None:
+    """ConfigError when the model, EMA models or optimizer cannot be saved as given."""
+    if not isinstance(model, (nn.Module, dict)):
+        raise ConfigError(f"expected an nn.Module or a state dict, got {type(model).__name__}")
+    for info in ema or {}:
+        if normalize_model_info(info) is None:
+            raise ConfigError("an EMA model needs a model_info such as 'ema_factor=0.9999'")
+    if optimizer is not None and not isinstance(optimizer, dict) and not isinstance(model, nn.Module):
+        raise ConfigError("saving an optimizer object needs the model as an nn.Module")
+
+
 def _states(model, optimizer, ema) -> list[tuple[ArtifactKind, str | None, dict[str, Any]]]:
     """(kind, model_info, state dict) of the model, each EMA model and the optimizer."""
+    _check_states(model, optimizer, ema)
     out = [(ArtifactKind.MODEL, None, model_state(model))]
     for info, ema_model in (ema or {}).items():
-        info = normalize_model_info(info)
-        if info is None:
-            raise ConfigError("an EMA model needs a model_info such as 'ema_factor=0.9999'")
-        out.append((ArtifactKind.MODEL, info, model_state(ema_model)))
+        out.append((ArtifactKind.MODEL, normalize_model_info(info), model_state(ema_model)))
     if optimizer is not None:
-        if isinstance(optimizer, dict):
-            optim_sd = optimizer
-        elif isinstance(model, nn.Module):
-            optim_sd = optimizer_state(model, optimizer)
-        else:
-            raise ConfigError("saving an optimizer object needs the model as an nn.Module")
+        optim_sd = optimizer if isinstance(optimizer, dict) else optimizer_state(model, optimizer)
         out.append((ArtifactKind.OPTIM, None, optim_sd))
     return out
 
@@ -483,7 +541,7 @@ class _Background:
         arts = []
         for art in plan.artifacts:
             if art.kind is ArtifactKind.TRAINER and not self.process_mode:
-                arts.append(art)  # freshly packed by pack_object: already a copy of this moment
+                arts.append(art)  # a deep copy of this moment's objects, packed by the writer thread
             else:
                 arts.append(_Artifact(art.name, art.kind, art.model_info, self.staging.stage(art.slot, art.state)))
         self.staging.synchronize()

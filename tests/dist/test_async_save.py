@@ -165,3 +165,80 @@ def test_consecutive_async_saves_reuse_staging_and_resume_exactly(tmp_path, mode
         for i, resumed in enumerate(r):
             assert resumed["cp"] == f"E0_U{i + 1}_S{16 * (i + 1)}"
             assert_states_equal(results[0]["states"][i], resumed["state"])
+
+
+def mutate_right_after_save(rank: int, world_size: int, out: str) -> dict:
+    import threading
+
+    import torch
+
+    model, opt, ema = build()
+    storage = FaultyStorage(open_storage(out))
+    ck = Checkpointer(CheckpointerConfig(output_dir=out, run_id="run1", stage_name="train", model_name="mlp",
+                                         async_mode=AsyncMode.THREAD, timeout_s=60), storage=storage)
+    ck.prepare(model=model, optimizer=opt, ema={EMA_INFO: ema})
+    train_steps(model, opt, ema, 1, rank)
+    ck.save(TrainingIteration(0, 1, 16), model=model, optimizer=opt, ema={EMA_INFO: ema})  # fills the fast paths
+    ck.wait()
+    train_steps(model, opt, ema, 1, rank, start=1)
+    storage.stream_write = _slow_first_writes(0.3)
+    # The writer thread packs the trainer state: let it start late, so that the changes
+    # below happen before it (the caller must have taken its own copy).
+    from noether_dist import save as save_module
+
+    pack = save_module.pack_object
+    save_module.pack_object = lambda obj: (time.sleep(0.3), pack(obj))[1]
+    trainer_state = {"history": [1, 2]}
+    rank_state = {"position": torch.tensor([rank, 7])}
+    future = ck.save(TrainingIteration(0, 2, 32), model=model, optimizer=opt, ema={EMA_INFO: ema},
+                     trainer_state=trainer_state, rank_state=rank_state)
+    at_call = full_state(model, opt, ema)
+    # Right after the call returns, while the write runs: every kind of change a loop makes.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.to_local().add_(100.0)  # in place
+        for p in ema.parameters():
+            p.data = torch.zeros_like(p.data)  # new storage under the same parameter
+    for state in opt.state.values():
+        state["exp_avg"].mul_(-1.0)
+    trainer_state["history"].append(3)
+    rank_state["position"].add_(1000)
+    running = not future.done()
+    ck.wait()
+    # A rank whose state cannot be captured (an object that cannot be copied): the save call
+    # returns on every rank, and the failure is raised on every rank alike at the next wait.
+    bad = {"lock": threading.Lock()} if rank == 1 else {}
+    ck.save(TrainingIteration(0, 3, 48), model=model, rank_state=bad)
+    try:
+        ck.wait()
+        error = None
+    except Exception as exc:  # noqa: BLE001 - the test compares the ranks' errors
+        error = f"{type(exc).__name__}: {exc}"
+    ck.close()
+    return {"at_call": at_call, "overlapped": running, "error": error}
+
+
+def resume_with_trainer_state(rank: int, world_size: int, out: str) -> dict:
+    from noether_dist import resume
+
+    model, opt, ema = build(seed=7)
+    res = resume({"output_dir": out, "resume_run_id": "run1", "resume_stage_name": "train"}, model=model,
+                 optimizer=opt, ema={EMA_INFO: ema}, model_name="mlp")
+    return {"cp": res.checkpoint, "state": full_state(model, opt, ema), "trainer": res.trainer_state,
+            "position": res.rank_state["position"].tolist()}
+
+
+def test_changes_right_after_an_async_save_returns_are_not_saved_and_capture_failures_surface_everywhere(tmp_path):
+    out = str(tmp_path)
+    results = run_ranks(mutate_right_after_save, 2, out, timeout_s=120)
+    assert all(r["overlapped"] for r in results), "the write finished before the changes: nothing tested"
+    errors = [r["error"] for r in results]
+    assert all(e and "lock" in e for e in errors), errors  # on both ranks, rank 1's cause
+    assert errors[0] == errors[1]
+    ckdir = tmp_path / "run1" / "train" / "checkpoints"
+    assert sorted(os.listdir(ckdir / "_commits")) == ["E0_U1_S16.json", "E0_U2_S32.json"]
+    for rank, r in enumerate(run_ranks(resume_with_trainer_state, 2, out)):
+        assert r["cp"] == "E0_U2_S32"
+        assert_states_equal(results[0]["at_call"], r["state"])
+        assert r["trainer"] == {"history": [1, 2]}
+        assert r["position"] == [rank, 7]
