@@ -44,6 +44,7 @@ except ImportError:  # pragma: no cover
 
 _CONTROL_GROUPS: dict[tuple[int, tuple[int, ...] | None, float], Any] = {}
 _TAG_SIZE, _TAG_DATA = 7301, 7302  # point-to-point tags of Comm.exchange
+_SCATTER_BATCH = 256  # ranks whose replies gather_scatter pickles and sends at once
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,10 @@ class Comm:
     - :meth:`all_gather_results`: every rank runs it; every rank gets all values in rank
       order;
     - :meth:`run_everywhere`: every rank runs it and keeps its own value; only success or
-      failure travels.
+      failure travels;
+    - :meth:`gather_scatter`: every rank runs one function, the coordinator combines all
+      values into one result per rank, and each rank receives its own (bytes per rank
+      bounded by its own share, e.g. its part of a checkpoint's metadata).
 
     In each, a failure on any rank raises the same error on every rank.
 
@@ -277,6 +281,57 @@ class Comm:
                 raise ValueError("exchange needs a process group: a single process has no one to send to")
             return {}
         payloads = {dst: pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL) for dst, obj in outgoing.items()}
+        return {src: pickle.loads(data) for src, data in self._p2p(payloads, sources).items()}
+
+    def gather_scatter(self, local: Callable[[], T], combine: Callable[[list[T]], list[Any]]) -> Any:
+        """Run ``local`` on every rank; the coordinator gets every rank's value (in rank
+        order of the group) and runs ``combine`` on them, which returns one value per rank;
+        each rank returns its own (DCP's ``reduce_scatter`` shape). Point to point: each rank
+        sends its value to the coordinator and receives its own result, nothing else, so
+        a rank's bytes are bounded by its own share (the coordinator handles all). A failure
+        in ``local`` on any rank, or in ``combine``, raises the same error on every rank;
+        every wait is bounded by the timeout."""
+        mine = _capture(self.global_rank, local)
+        if not self.distributed:
+            failures, value = self._combine([mine], combine)[0]
+        else:
+            coordinator = self.group_ranks.index(self.coordinator_rank)
+            others = [r for r in range(self.world_size) if r != coordinator]
+            if self.is_coordinator:
+                got = self._p2p({}, others)
+                outcomes = [mine if r == coordinator else pickle.loads(got[r]) for r in range(self.world_size)]
+                del got
+                replies = self._combine(outcomes, combine)
+                del outcomes
+                for start in range(0, len(others), _SCATTER_BATCH):  # bounded memory for the pickled replies
+                    batch = others[start:start + _SCATTER_BATCH]
+                    self._p2p({r: pickle.dumps(replies[r], protocol=pickle.HIGHEST_PROTOCOL) for r in batch}, [])
+                failures, value = replies[coordinator]
+            else:
+                self._p2p({coordinator: pickle.dumps(mine, protocol=pickle.HIGHEST_PROTOCOL)}, [])
+                failures, value = pickle.loads(self._p2p({}, [coordinator])[coordinator])
+        _raise_same(failures, mine)
+        return value
+
+    def _combine(self, outcomes: list[_Outcome], combine: Callable[[list[Any]], list[Any]]
+                 ) -> list[tuple[list[_Outcome], Any]]:
+        """The coordinator's part of :meth:`gather_scatter`: (failures, value) per rank."""
+        failed = [_Outcome(o.rank, False, None, o.error, o.error_text) for o in outcomes if not o.ok]
+        if not failed:
+            def run() -> list[Any]:
+                values = combine([o.value for o in outcomes])
+                if len(values) != len(outcomes):
+                    raise ValueError(f"gather_scatter: {len(values)} results for {len(outcomes)} ranks")
+                return values
+            result = _capture(self.global_rank, run)
+            if result.ok:
+                return [([], v) for v in result.value]
+            failed = [result]
+        return [(failed, None)] * len(outcomes)
+
+    def _p2p(self, payloads: Mapping[int, bytes], sources: list[int]) -> dict[int, bytes]:
+        """Send ``payloads[dst]`` to each group rank ``dst``, receive bytes from each of
+        ``sources``: sizes first, then the bytes, every wait bounded."""
         sizes = {src: torch.zeros(1, dtype=torch.int64) for src in sources}
 
         def run_round(sends: dict[int, torch.Tensor], recvs: dict[int, torch.Tensor], tag: int) -> None:
@@ -292,7 +347,7 @@ class Comm:
         buffers = {src: torch.empty(int(n.item()), dtype=torch.uint8) for src, n in sizes.items()}
         self._guard("exchange (data)", lambda: run_round(
             {dst: torch.frombuffer(bytearray(p), dtype=torch.uint8) for dst, p in payloads.items()}, buffers, _TAG_DATA))
-        return {src: pickle.loads(buf.numpy().tobytes()) for src, buf in buffers.items()}
+        return {src: buf.numpy().tobytes() for src, buf in buffers.items()}
 
     def all_true(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is True on every rank (one all_reduce)."""
