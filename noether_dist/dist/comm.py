@@ -315,19 +315,24 @@ class Comm:
 
     def _combine(self, outcomes: list[_Outcome], combine: Callable[[list[Any]], list[Any]]
                  ) -> list[tuple[list[_Outcome], Any]]:
-        """The coordinator's part of :meth:`gather_scatter`: (failures, value) per rank."""
+        """The coordinator's part of :meth:`gather_scatter`: (failures, value) per rank
+        (``outcomes`` is emptied)."""
+        count = len(outcomes)
         failed = [_Outcome(o.rank, False, None, o.error, o.error_text) for o in outcomes if not o.ok]
         if not failed:
+            values = [o.value for o in outcomes]
+            outcomes.clear()  # combine may drop each value once used (memory at thousands of ranks)
+
             def run() -> list[Any]:
-                values = combine([o.value for o in outcomes])
-                if len(values) != len(outcomes):
-                    raise ValueError(f"gather_scatter: {len(values)} results for {len(outcomes)} ranks")
-                return values
+                results = combine(values)
+                if len(results) != count:
+                    raise ValueError(f"gather_scatter: {len(results)} results for {count} ranks")
+                return results
             result = _capture(self.global_rank, run)
             if result.ok:
                 return [([], v) for v in result.value]
             failed = [result]
-        return [(failed, None)] * len(outcomes)
+        return [(failed, None)] * count
 
     def _p2p(self, payloads: Mapping[int, bytes], sources: list[int]) -> dict[int, bytes]:
         """Send ``payloads[dst]`` to each group rank ``dst``, receive bytes from each of

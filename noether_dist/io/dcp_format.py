@@ -187,22 +187,28 @@ def _stage(comm: Any, storage: Any, path: str, target: LoadTarget, state_of: Cal
         return dcp_slices.describe(dcp_io.staging(target.state).flat, shared)
 
     def cut(wants: list[list[dcp_slices.Want]]) -> list[bytes]:
+        with dcp_io.paused_gc():  # millions of objects at thousands of ranks: see paused_gc
+            return cut_all(wants)
+
+    def cut_all(wants: list[list[dcp_slices.Want]]) -> list[bytes]:
         if isinstance(prefetched, BaseException):
             raise prefetched
         metadata, reason = prefetched if prefetched is not None else _metadata_or_reason(storage, path)
         if reason:
             return [dcp_slices.Slice((), reason=reason).to_bytes()] * len(wants)
         cutter = dcp_slices.MetadataCutter(metadata)
-        if not trainer:  # (a trainer artifact holds every rank's own state: each rank loads a part)
-            for rank_wants in wants:
-                cutter.check(rank_wants, f"{role} checkpoint {art.name}")
         own = wants[comm.group_ranks.index(comm.coordinator_rank)]  # the coordinator's view decides
         shared_keys = sorted(w.key for w in own if w.shared and w.key in metadata.state_dict_metadata)
         if len(wants) == 1:
             shared_keys = []
         readers = {k: dcp_io.reader_of(k, metadata, len(wants)) for k in shared_keys}
-        return [cutter.cut(rank_wants, shared_keys, [k for k in shared_keys if readers[k] == rank]).to_bytes()
-                for rank, rank_wants in enumerate(wants)]
+        parts = []
+        for rank, rank_wants in enumerate(wants):  # one pass: a rank's description is dropped once cut
+            if not trainer:  # (a trainer artifact holds every rank's own state: each rank loads a part)
+                cutter.check(rank_wants, f"{role} checkpoint {art.name}")
+            parts.append(cutter.cut(rank_wants, shared_keys, [k for k in shared_keys if readers[k] == rank]).to_bytes())
+            wants[rank] = []
+        return parts
 
     data = comm.gather_scatter(describe, cut)
     part = dcp_slices.Slice.from_bytes(data)

@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import torch
 from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, Metadata,
                                                    MetadataIndex, TensorStorageMetadata)
 
@@ -84,7 +85,7 @@ class Slice:
     stored chunks it reads with their storage entries (DCP's own objects)."""
 
     entries: tuple[tuple[Any, ...], ...]
-    """(key, size or None for a non-tensor, properties, ((offsets, sizes, storage info), ...))."""
+    """(key, size or None for a non-tensor, properties, ((offsets, sizes, storage entry's fields), ...))."""
     shared: tuple[str, ...] = ()
     """This rank's keys that are replicated: one rank reads each and shares it."""
     mine: tuple[str, ...] = ()
@@ -96,6 +97,8 @@ class Slice:
     version: Any = None
     reason: str | None = None
     """Why the metadata cannot be used (the same on every rank); then nothing else is set."""
+    info_type: Any = None
+    """The class of the storage entries (DCP's), which travel as dicts of their fields."""
 
     @property
     def stored_entries(self) -> int:
@@ -115,62 +118,74 @@ class Slice:
         """DCP metadata holding this slice alone (O(its entries))."""
         sd: dict[str, Any] = {}
         storage: dict[MetadataIndex, Any] = {}
+        def info(state: Any) -> Any:
+            return self.info_type(**state) if isinstance(state, dict) else state
+
         for key, size, props, parts in self.entries:
             if size is None:
                 sd[key] = BytesStorageMetadata()
-                for _, _, info in parts:
-                    storage[MetadataIndex(key)] = info
+                for _, _, state in parts:
+                    storage[MetadataIndex(key)] = info(state)
                 continue
             chunks = []
-            for offsets, sizes, info in parts:
-                chunks.append(ChunkStorageMetadata(offsets, sizes))
-                if info is not None:
-                    storage[MetadataIndex(key, offsets)] = info
-            sd[key] = TensorStorageMetadata(props, size, chunks)
+            for offsets, sizes, state in parts:
+                chunks.append(ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes)))
+                if state is not None:
+                    storage[MetadataIndex(key, offsets)] = info(state)
+            sd[key] = TensorStorageMetadata(props, torch.Size(size), chunks)
         return Metadata(state_dict_metadata=sd, planner_data=self.planner_data, storage_data=storage,
                         storage_meta=self.storage_meta, version=self.version)
 
 
 class _Layout:
-    """One tensor's stored chunks, indexed along dim 0 for overlap search."""
+    """One tensor's stored chunks as plain tuples (pickled fast), indexed along dim 0."""
 
-    __slots__ = ("md", "starts", "ends", "infos")
+    __slots__ = ("size", "props", "parts", "starts", "ends")
 
-    def __init__(self, md: TensorStorageMetadata, infos: list[Any]) -> None:
-        self.md = md
-        self.starts = [c.offsets[0] if len(c.offsets) else 0 for c in md.chunks]
-        self.ends = [c.offsets[0] + c.sizes[0] if len(c.offsets) else 0 for c in md.chunks]
-        self.infos = infos
+    def __init__(self, md: TensorStorageMetadata, props: Any, infos: list[Any]) -> None:
+        self.size, self.props = tuple(md.size), props
+        self.parts = [(tuple(c.offsets), tuple(c.sizes), _info_state(info)) for c, info in zip(md.chunks, infos)]
+        self.starts = [p[0][0] if p[0] else 0 for p in self.parts]
+        self.ends = [p[0][0] + p[1][0] if p[0] else 0 for p in self.parts]
 
     def overlapping(self, want: tuple[Chunk, ...] | None) -> list[int]:
         """Positions of the stored chunks that overlap any part of ``want`` (None: all).
         Stored chunks in order along dim 0 are found by binary search (log chunks per part);
         a part they do not cover exactly (another layout) is compared with every chunk."""
-        chunks = self.md.chunks
-        if want is None or len(chunks) <= 2:
-            return list(range(len(chunks)))
+        parts = self.parts
+        if want is None:
+            return list(range(len(parts)))
         found: list[int] = []
         for offsets, sizes in want:
             if not offsets:
-                return list(range(len(chunks)))
+                return list(range(len(parts)))
             start, end = offsets[0], offsets[0] + sizes[0]
             i = bisect.bisect_right(self.ends, start)
+            if i < len(parts) and parts[i][0] == offsets and parts[i][1] == sizes:  # saved as loaded
+                found.append(i)
+                continue
             covered = 0
-            while i < len(chunks) and self.starts[i] < end:
-                shared = _overlap(chunks[i], offsets, sizes)
+            while i < len(parts) and self.starts[i] < end:
+                shared = _overlap(parts[i], offsets, sizes)
                 if shared:
                     found.append(i)
                     covered += shared
                 i += 1
             if covered != math.prod(sizes):
-                return [j for j, c in enumerate(chunks) if any(_overlap(c, o, s) for o, s in want)]
+                return [j for j, p in enumerate(parts) if any(_overlap(p, o, s) for o, s in want)]
         return sorted(set(found)) if len(want) > 1 else found
 
 
-def _overlap(chunk: Any, offsets: tuple[int, ...], sizes: tuple[int, ...]) -> int:
-    """Elements a stored chunk shares with the part (offsets, sizes)."""
+def _info_state(info: Any) -> Any:
+    """A storage entry as a plain dict of its fields (rebuilt by :meth:`Slice.metadata`)."""
+    state = info.__getstate__() if info is not None else None
+    return state if isinstance(state, dict) else info
+
+
+def _overlap(part: tuple[Any, ...], offsets: tuple[int, ...], sizes: tuple[int, ...]) -> int:
+    """Elements a stored chunk (offsets, sizes, ...) shares with the part (offsets, sizes)."""
     volume = 1
-    for ao, asz, bo, bsz in zip(chunk.offsets, chunk.sizes, offsets, sizes):
+    for ao, asz, bo, bsz in zip(part[0], part[1], offsets, sizes):
         volume *= max(0, min(ao + asz, bo + bsz) - max(ao, bo))
     return volume
 
@@ -186,7 +201,8 @@ class MetadataCutter:
         self._sd = metadata.state_dict_metadata
         self._layouts: dict[str, _Layout] = {}
         self._by_key: dict[str, dict[Any, Any]] | None = None
-        self._props: dict[tuple, Any] = {}
+        self._props: dict[Any, Any] = {}
+        self._info_type: Any = None
 
     def check(self, wants: list[Want], what: str) -> None:
         """StateMismatchError (one line) when the keys or shapes of ``wants`` do not match."""
@@ -231,35 +247,31 @@ class MetadataCutter:
         if isinstance(planner_data, dict):
             planner_data = {e[0]: planner_data[e[0]] for e in entries if e[0] in planner_data}
         return Slice(tuple(entries), tuple(my_shared), mine, bool(shared), planner_data,
-                     self.metadata.storage_meta, self.metadata.version)
+                     self.metadata.storage_meta, self.metadata.version, info_type=self._info_type)
 
     def _entry(self, key: str, chunks: tuple[Chunk, ...] | None, bare: bool = False) -> tuple[Any, ...] | None:
         md = self._sd.get(key)
         if md is None:
             return None
         if not isinstance(md, TensorStorageMetadata):
-            return (key, None, None, () if bare else ((None, None, self._info(key, None)),))
+            return (key, None, None, () if bare else ((None, None, _info_state(self._info(key, None))),))
         layout = self._layouts.get(key)
         if layout is None:
-            infos = [self._info(key, c.offsets) for c in md.chunks]
-            layout = self._layouts[key] = _Layout(md, infos)
             props = md.properties  # one object per distinct value: pickled once per slice
-            state = props.__getstate__() if hasattr(props, "__getstate__") else None
             try:
-                self._props.setdefault(state, props)
-                layout.md = TensorStorageMetadata(self._props[state], md.size, md.chunks)
-            except TypeError:  # unhashable state: keep its own
+                props = self._props.setdefault(props.__getstate__(), props)
+            except TypeError:  # an unhashable state: keep its own
                 pass
-        md = layout.md
+            layout = self._layouts[key] = _Layout(md, props, [self._info(key, c.offsets) for c in md.chunks])
         if bare:
-            return (key, md.size, md.properties, ())
-        parts = tuple((md.chunks[i].offsets, md.chunks[i].sizes, layout.infos[i]) for i in layout.overlapping(chunks))
-        return (key, md.size, md.properties, parts)
+            return (key, layout.size, layout.props, ())
+        return (key, layout.size, layout.props, tuple(layout.parts[i] for i in layout.overlapping(chunks)))
 
     def _info(self, key: str, offsets: Any) -> Any:
         if self._by_key is None:
             by_key: dict[str, dict[Any, Any]] = {}
             for index, info in (self.metadata.storage_data or {}).items():
                 by_key.setdefault(index.fqn, {})[index.offset] = info
+                self._info_type = type(info)
             self._by_key = by_key
         return self._by_key.get(key, {}).get(offsets)
