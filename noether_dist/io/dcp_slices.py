@@ -262,16 +262,24 @@ class MetadataCutter:
                 props = self._props.setdefault(props.__getstate__(), props)
             except TypeError:  # an unhashable state: keep its own
                 pass
-            layout = self._layouts[key] = _Layout(md, props, [self._info(key, c.offsets) for c in md.chunks])
+            infos = self._infos(key)  # (each tensor's entries are taken once: memory at thousands of ranks)
+            layout = self._layouts[key] = _Layout(md, props, [infos.get(c.offsets) for c in md.chunks])
         if bare:
             return (key, layout.size, layout.props, ())
         return (key, layout.size, layout.props, tuple(layout.parts[i] for i in layout.overlapping(chunks)))
 
     def _info(self, key: str, offsets: Any) -> Any:
+        return self._grouped().get(key, {}).get(offsets)
+
+    def _infos(self, key: str) -> dict[Any, Any]:
+        return self._grouped().pop(key, {})
+
+    def _grouped(self) -> dict[str, dict[Any, Any]]:
+        """The storage entries by key, then offsets (one pass over them, on first use)."""
         if self._by_key is None:
             by_key: dict[str, dict[Any, Any]] = {}
             for index, info in (self.metadata.storage_data or {}).items():
                 by_key.setdefault(index.fqn, {})[index.offset] = info
                 self._info_type = type(info)
             self._by_key = by_key
-        return self._by_key.get(key, {}).get(offsets)
+        return self._by_key
