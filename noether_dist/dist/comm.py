@@ -281,35 +281,47 @@ class Comm:
                 raise ValueError("exchange needs a process group: a single process has no one to send to")
             return {}
         payloads = {dst: pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL) for dst, obj in outgoing.items()}
-        return {src: pickle.loads(data) for src, data in self._p2p(payloads, sources).items()}
+        sizes = {src: torch.zeros(1, dtype=torch.int64) for src in sources}
+
+        def run_round(sends: dict[int, torch.Tensor], recvs: dict[int, torch.Tensor], tag: int) -> None:
+            to, grp = self.group_ranks, self.control_group  # dist takes global ranks
+            works = [dist.isend(t, dst=to[dst], group=grp, tag=tag) for dst, t in sends.items()]
+            works += [dist.irecv(t, src=to[src], group=grp, tag=tag) for src, t in recvs.items()]
+            wait = _dt.timedelta(seconds=self.timeout_s)
+            for work in works:
+                work.wait(wait)
+
+        self._guard("exchange (sizes)", lambda: run_round(
+            {dst: torch.tensor([len(p)], dtype=torch.int64) for dst, p in payloads.items()}, sizes, _TAG_SIZE))
+        buffers = {src: torch.empty(int(n.item()), dtype=torch.uint8) for src, n in sizes.items()}
+        self._guard("exchange (data)", lambda: run_round(
+            {dst: torch.frombuffer(bytearray(p), dtype=torch.uint8) for dst, p in payloads.items()}, buffers, _TAG_DATA))
+        return {src: pickle.loads(buf.numpy().tobytes()) for src, buf in buffers.items()}
 
     def gather_scatter(self, local: Callable[[], T], combine: Callable[[list[T]], list[Any]]) -> Any:
         """Run ``local`` on every rank; the coordinator gets every rank's value (in rank
         order of the group) and runs ``combine`` on them, which returns one value per rank;
-        each rank returns its own (DCP's ``reduce_scatter`` shape). Point to point: each rank
-        sends its value to the coordinator and receives its own result, nothing else, so
-        a rank's bytes are bounded by its own share (the coordinator handles all). A failure
-        in ``local`` on any rank, or in ``combine``, raises the same error on every rank;
-        every wait is bounded by the timeout."""
+        each rank returns its own (DCP's ``reduce_scatter`` shape). Point to point
+        (:meth:`exchange`): each rank sends its value to the coordinator and receives its own
+        result, nothing else, so a rank's bytes are bounded by its own share (the coordinator
+        handles all). A failure in ``local`` on any rank, or in ``combine``, raises the same
+        error on every rank; every wait is bounded by the timeout."""
         mine = _capture(self.global_rank, local)
         if not self.distributed:
             failures, value = self._combine([mine], combine)[0]
         else:
-            coordinator = self.group_ranks.index(self.coordinator_rank)
+            coordinator = self.coordinator_group_rank
             others = [r for r in range(self.world_size) if r != coordinator]
             if self.is_coordinator:
-                got = self._p2p({}, others)
-                outcomes = [mine if r == coordinator else pickle.loads(got[r]) for r in range(self.world_size)]
-                del got
+                got = self.exchange({}, others)
+                outcomes = [mine if r == coordinator else got.pop(r) for r in range(self.world_size)]
                 replies = self._combine(outcomes, combine)
-                del outcomes
                 for start in range(0, len(others), _SCATTER_BATCH):  # bounded memory for the pickled replies
-                    batch = others[start:start + _SCATTER_BATCH]
-                    self._p2p({r: pickle.dumps(replies[r], protocol=pickle.HIGHEST_PROTOCOL) for r in batch}, [])
+                    self.exchange({r: replies[r] for r in others[start:start + _SCATTER_BATCH]}, [])
                 failures, value = replies[coordinator]
             else:
-                self._p2p({coordinator: pickle.dumps(mine, protocol=pickle.HIGHEST_PROTOCOL)}, [])
-                failures, value = pickle.loads(self._p2p({}, [coordinator])[coordinator])
+                self.exchange({coordinator: mine}, [])
+                failures, value = self.exchange({}, [coordinator])[coordinator]
         _raise_same(failures, mine)
         return value
 
@@ -333,26 +345,6 @@ class Comm:
                 return [([], v) for v in result.value]
             failed = [result]
         return [(failed, None)] * count
-
-    def _p2p(self, payloads: Mapping[int, bytes], sources: list[int]) -> dict[int, bytes]:
-        """Send ``payloads[dst]`` to each group rank ``dst``, receive bytes from each of
-        ``sources``: sizes first, then the bytes, every wait bounded."""
-        sizes = {src: torch.zeros(1, dtype=torch.int64) for src in sources}
-
-        def run_round(sends: dict[int, torch.Tensor], recvs: dict[int, torch.Tensor], tag: int) -> None:
-            to, grp = self.group_ranks, self.control_group  # dist takes global ranks
-            works = [dist.isend(t, dst=to[dst], group=grp, tag=tag) for dst, t in sends.items()]
-            works += [dist.irecv(t, src=to[src], group=grp, tag=tag) for src, t in recvs.items()]
-            wait = _dt.timedelta(seconds=self.timeout_s)
-            for work in works:
-                work.wait(wait)
-
-        self._guard("exchange (sizes)", lambda: run_round(
-            {dst: torch.tensor([len(p)], dtype=torch.int64) for dst, p in payloads.items()}, sizes, _TAG_SIZE))
-        buffers = {src: torch.empty(int(n.item()), dtype=torch.uint8) for src, n in sizes.items()}
-        self._guard("exchange (data)", lambda: run_round(
-            {dst: torch.frombuffer(bytearray(p), dtype=torch.uint8) for dst, p in payloads.items()}, buffers, _TAG_DATA))
-        return {src: buf.numpy().tobytes() for src, buf in buffers.items()}
 
     def all_true(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is True on every rank (one all_reduce)."""

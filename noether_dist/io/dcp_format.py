@@ -197,7 +197,7 @@ def _stage(comm: Any, storage: Any, path: str, target: LoadTarget, state_of: Cal
         if reason:
             return [dcp_slices.Slice((), reason=reason).to_bytes()] * len(wants)
         cutter = dcp_slices.MetadataCutter(metadata)
-        own = wants[comm.group_ranks.index(comm.coordinator_rank)]  # the coordinator's view decides
+        own = wants[comm.coordinator_group_rank]  # the coordinator's view decides
         shared_keys = sorted(w.key for w in own if w.shared and w.key in metadata.state_dict_metadata)
         if len(wants) == 1:
             shared_keys = []
