@@ -230,13 +230,24 @@ class MetadataCutter:
         shared, mine = set(shared), tuple(mine)
         entries = []
         my_shared = []
-        for want in wants:
-            bare = want.key in shared
+        layouts, bisect_right = self._layouts, bisect.bisect_right
+        for key, _, chunks, _ in wants:
+            layout = layouts.get(key)
+            if layout is not None and chunks is not None and len(chunks) == 1 and key not in shared:
+                # the common case, inlined (ranks x keys of them): one part that is a stored chunk
+                offsets, sizes = chunks[0]
+                if offsets:
+                    i = bisect_right(layout.ends, offsets[0])
+                    parts = layout.parts
+                    if i < len(parts) and parts[i][0] == offsets and parts[i][1] == sizes:
+                        entries.append((key, layout.size, layout.props, (parts[i],)))
+                        continue
+            bare = key in shared
             if bare:
-                my_shared.append(want.key)
-                if want.key in mine:
+                my_shared.append(key)
+                if key in mine:
                     continue
-            entry = self._entry(want.key, want.chunks, bare)
+            entry = self._entry(key, chunks, bare)
             if entry is not None:
                 entries.append(entry)
         for key in mine:
