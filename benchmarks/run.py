@@ -31,6 +31,8 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `noether
 
 from benchmarks.common import MiB, Figure, median, ratio  # noqa: E402
 
+KiB = 1 << 10
+
 log = logging.getLogger("benchmarks")
 
 BENCHMARKS = ("rss", "sync", "async", "dedup", "s3", "resume", "scaling", "requests", "metadata", "tiers")
@@ -58,7 +60,9 @@ FIGURE_KEYS = (
     "s3_resume_requests_vs_dcp_load",
     "s3_resume_requests_per_rank_growth",
     "s3_save_requests_per_rank_growth",
-    "metadata_plan_time_sliced_vs_full",
+    "metadata_rank_bytes_after_vs_before",
+    "metadata_rank_time_after_vs_before",
+    "metadata_coordinator_time_after_vs_before",
     "tiers_local_stall_vs_copy",
     "tiers_local_stall_cpu_vs_copy_cpu",
     "tiers_resume_time_local_vs_durable",
@@ -294,21 +298,40 @@ class Runner:
                                             "one process)")
         for ws in self.args.metadata_world_sizes:
             for optimizer in (False, True):
-                row = measure(ws, self.args.metadata_tensors, optimizer=optimizer)
+                row = measure(ws, self.args.metadata_tensors, optimizer=optimizer, with_gc=False,
+                              full_plan=ws <= 1024)  # (DCP's own plan on the whole: minutes above)
                 log.info("metadata ws=%d %s: %s", ws, "optim" if optimizer else "model", row)
                 self.metadata_rows.append(row)
         self.raw["metadata"] = self.metadata_rows
         last = [r for r in self.metadata_rows if r["world_size"] == self.args.metadata_world_sizes[-1]]
-        full = sum(r["plan_full_s"] for r in last)
-        sliced = sum(r["slice_s"] + r["plan_sliced_s"] for r in last)
-        self.add(Figure("metadata_plan_time_sliced_vs_full", ratio(sliced, full), "info",
-                        f"cut to the rank's chunks + plan {sliced:.3f}s", f"DCP's plan on the whole metadata {full:.3f}s",
-                        f"one rank, model + optimizer artifact at {last[0]['world_size']} ranks; the same reads: "
-                        f"{all(r['same_plan'] for r in last)}; unpickling the metadata "
-                        f"({sum(r['metadata_bytes'] for r in last) / MiB:.1f} MiB) "
-                        f"{sum(r['unpickle_s'] for r in last):.2f}s with the garbage collector paused (ours), "
-                        f"{sum(r['unpickle_gc_s'] for r in last):.2f}s without (DCP's reader)"))
-        self.done("metadata", started, ["metadata_plan_time_sliced_vs_full"])
+        ws = last[0]["world_size"]
+
+        def total(key: str) -> float:
+            return sum(r[key] for r in last)
+
+        same = f"the same reads: {all(r['same_plan'] for r in last)}"
+        self.add(Figure("metadata_rank_bytes_after_vs_before", ratio(total("rank_bytes_after"),
+                                                                     total("rank_bytes_before")), "info",
+                        f"its part {total('rank_bytes_after') / KiB:.0f} KiB",
+                        f"the whole .metadata {total('rank_bytes_before') / MiB:.1f} MiB",
+                        f"one non-coordinator rank, model + optimizer artifact at {ws} ranks; it sends "
+                        f"{total('description_bytes') / KiB:.0f} KiB (what it loads)"))
+        self.add(Figure("metadata_rank_time_after_vs_before", ratio(total("rank_after_s"), total("rank_before_s")),
+                        "info", f"describe + unpickle its part + plan {total('rank_after_s'):.3f}s",
+                        f"unpickle the whole + cut + plan {total('rank_before_s'):.2f}s",
+                        f"one non-coordinator rank at {ws} ranks; {same}"
+                        + (f"; DCP's own planner on the whole metadata {total('plan_full_s'):.2f}s"
+                           if all(r["plan_full_s"] is not None for r in last) else "")))
+        self.add(Figure("metadata_coordinator_time_after_vs_before", ratio(total("coordinator_total_s"),
+                                                                           total("pickle_whole_s")), "info",
+                        f"index, cut and pickle {ws} parts {total('coordinator_total_s'):.1f}s",
+                        f"pickle the whole for the broadcast {total('pickle_whole_s'):.1f}s",
+                        f"the coordinator's work besides reading .metadata (unpickling it, "
+                        f"{total('unpickle_s'):.1f}s, is the same before and after); it receives "
+                        f"{total('descriptions_bytes') / MiB:.0f} MiB of descriptions, less than DCP's "
+                        f"gather of load plans ({total('dcp_plan_gather_bytes') / MiB:.0f} MiB) that resume no longer runs"))
+        self.done("metadata", started, ["metadata_rank_bytes_after_vs_before", "metadata_rank_time_after_vs_before",
+                                        "metadata_coordinator_time_after_vs_before"])
 
     # -- figures ---------------------------------------------------------------------
     def _figures_requests(self, rows: list[dict[str, Any]]) -> None:
@@ -533,6 +556,24 @@ def print_requests(rows: list[dict[str, Any]], metadata_rows: list[dict[str, Any
             print(f"  {m['world_size']:>5}  {m['save']:>13.1f}  {m['resume']:>15}  {meta}  {shard}", file=out)
 
 
+def print_metadata(rows: list[dict[str, Any]], out: Any = None) -> None:
+    """One non-coordinator rank's part of resume's metadata work, before (the whole
+    .metadata broadcast) and after (its part alone), and the coordinator's extra work."""
+    if not rows:
+        return
+    out = out or sys.stdout
+    print("\nDCP metadata per artifact, modelled (one non-coordinator rank; before: the whole .metadata "
+          "broadcast, after: its part):", file=out)
+    print("  ranks  artifact  .metadata MiB  rank receives before -> after (ratio)  rank s before -> after "
+          "(ratio)  same plan  coordinator: pickle whole s -> cut+pickle all s, descriptions MiB", file=out)
+    for r in rows:
+        print(f"  {r['world_size']:>5}  {'optim' if r['optimizer'] else 'model':>8}  {r['metadata_bytes'] / MiB:13.1f}  "
+              f"{r['rank_bytes_before'] / MiB:9.1f} MiB -> {r['rank_bytes_after'] / KiB:7.1f} KiB "
+              f"({r['rank_bytes_ratio']:.5f})  {r['rank_before_s']:8.2f} -> {r['rank_after_s']:6.3f} "
+              f"({r['rank_time_ratio']:.4f})  {str(r['same_plan']):>9}  {r['pickle_whole_s']:8.1f} -> "
+              f"{r['coordinator_total_s']:6.1f}, {r['descriptions_bytes'] / MiB:6.1f}", file=out)
+
+
 def model_rows(rows: list[dict[str, Any]], metadata_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Requests per save and resume at 1..4096 ranks from the measured per-rank counts
     (coordinator + (ws - 1) x the busiest other rank), with the modelled metadata bytes."""
@@ -594,6 +635,7 @@ def main(argv: list[str] | None = None) -> int:
     duration = time.perf_counter() - started
     print_table(runner.figures, runner.scaling_rows)
     print_requests(runner.request_rows, runner.metadata_rows)
+    print_metadata(runner.metadata_rows)
     busy = {k: v for k, v in runner.loadavg.items()
             if v > (busy_threshold(args) if k != "before_run" else (os.cpu_count() or 1) / 2)}
     if busy:

@@ -7,11 +7,14 @@ Protocol, in order (every step is a collective over the control group):
    or broken, or for a partial spec (E10, U100, S200). Only committed points are ever
    candidates. The choice is broadcast.
 2. **stage** - per artifact, through its format (:func:`noether_dist.io.formats.artifact_io`).
-   A DCP artifact (:mod:`noether_dist.io.dcp_format`): the coordinator reads its
-   ``.metadata`` (the one read of it) and broadcasts it with the names of the small replicated entries (optimizer
-   ``step``, hyperparameters, the trainer's common state); every rank checks that its
-   state matches the checkpoint's keys, then one DCP load (resharding: saved on N ranks,
-   loaded on M) fills fresh staging memory, nothing of the model yet: each rank reads the
+   A DCP artifact (:mod:`noether_dist.io.dcp_format`): every rank tells the coordinator
+   what it will load (keys, shapes, its shard chunks); the coordinator reads ``.metadata``
+   (the one read of it), checks every rank's keys and shapes, and sends each rank only its
+   part of it (the stored chunks that overlap its shards; the small replicated entries
+   (optimizer ``step``, hyperparameters, the trainer's common state) only to the rank that
+   reads each for everyone): no other rank holds the whole metadata, which grows with
+   ranks x tensors. Then one DCP load per rank (resharding: saved on N ranks, loaded on M)
+   fills fresh staging memory, nothing of the model yet: each rank reads the
    files its own shards lie in (from its own view of the store: per-node local disks are
    allowed), in parallel, and checks every file it reads whole against the commit record
    (size and CRC32, on the bytes loaded); each replicated entry is read by the one rank

@@ -44,6 +44,7 @@ except ImportError:  # pragma: no cover
 
 _CONTROL_GROUPS: dict[tuple[int, tuple[int, ...] | None, float], Any] = {}
 _TAG_SIZE, _TAG_DATA = 7301, 7302  # point-to-point tags of Comm.exchange
+_SCATTER_BATCH = 256  # ranks whose replies gather_scatter pickles and sends at once
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,10 @@ class Comm:
     - :meth:`all_gather_results`: every rank runs it; every rank gets all values in rank
       order;
     - :meth:`run_everywhere`: every rank runs it and keeps its own value; only success or
-      failure travels.
+      failure travels;
+    - :meth:`gather_scatter`: every rank runs one function, the coordinator combines all
+      values into one result per rank, and each rank receives its own (bytes per rank
+      bounded by its own share, e.g. its part of a checkpoint's metadata).
 
     In each, a failure on any rank raises the same error on every rank.
 
@@ -293,6 +297,54 @@ class Comm:
         self._guard("exchange (data)", lambda: run_round(
             {dst: torch.frombuffer(bytearray(p), dtype=torch.uint8) for dst, p in payloads.items()}, buffers, _TAG_DATA))
         return {src: pickle.loads(buf.numpy().tobytes()) for src, buf in buffers.items()}
+
+    def gather_scatter(self, local: Callable[[], T], combine: Callable[[list[T]], list[Any]]) -> Any:
+        """Run ``local`` on every rank; the coordinator gets every rank's value (in rank
+        order of the group) and runs ``combine`` on them, which returns one value per rank;
+        each rank returns its own (DCP's ``reduce_scatter`` shape). Point to point
+        (:meth:`exchange`): each rank sends its value to the coordinator and receives its own
+        result, nothing else, so a rank's bytes are bounded by its own share (the coordinator
+        handles all). A failure in ``local`` on any rank, or in ``combine``, raises the same
+        error on every rank; every wait is bounded by the timeout."""
+        mine = _capture(self.global_rank, local)
+        if not self.distributed:
+            failures, value = self._combine([mine], combine)[0]
+        else:
+            coordinator = self.coordinator_group_rank
+            others = [r for r in range(self.world_size) if r != coordinator]
+            if self.is_coordinator:
+                got = self.exchange({}, others)
+                outcomes = [mine if r == coordinator else got.pop(r) for r in range(self.world_size)]
+                replies = self._combine(outcomes, combine)
+                for start in range(0, len(others), _SCATTER_BATCH):  # bounded memory for the pickled replies
+                    self.exchange({r: replies[r] for r in others[start:start + _SCATTER_BATCH]}, [])
+                failures, value = replies[coordinator]
+            else:
+                self.exchange({coordinator: mine}, [])
+                failures, value = self.exchange({}, [coordinator])[coordinator]
+        _raise_same(failures, mine)
+        return value
+
+    def _combine(self, outcomes: list[_Outcome], combine: Callable[[list[Any]], list[Any]]
+                 ) -> list[tuple[list[_Outcome], Any]]:
+        """The coordinator's part of :meth:`gather_scatter`: (failures, value) per rank
+        (``outcomes`` is emptied)."""
+        count = len(outcomes)
+        failed = [_Outcome(o.rank, False, None, o.error, o.error_text) for o in outcomes if not o.ok]
+        if not failed:
+            values = [o.value for o in outcomes]
+            outcomes.clear()  # combine may drop each value once used (memory at thousands of ranks)
+
+            def run() -> list[Any]:
+                results = combine(values)
+                if len(results) != count:
+                    raise ValueError(f"gather_scatter: {len(results)} results for {count} ranks")
+                return results
+            result = _capture(self.global_rank, run)
+            if result.ok:
+                return [([], v) for v in result.value]
+            failed = [result]
+        return [(failed, None)] * count
 
     def all_true(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is True on every rank (one all_reduce)."""

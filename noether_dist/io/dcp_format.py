@@ -4,19 +4,22 @@ per artifact, read and written through :mod:`noether_dist.io.dcp_io`; loading re
 
 Staging one artifact for resume (collective), in order:
 
-1. the coordinator reads ``.metadata`` (the only read of it, or taken from
-   :meth:`DcpFormat.prefetch`) and names the replicated entries that one rank reads for
-   everyone; both are broadcast;
-2. every rank checks its keys against the metadata and allocates its staging;
-3. one DCP load, planned on the metadata cut down to this rank's chunks
-   (:func:`dcp_io.metadata_for`): each rank reads its own entries and the shared ones that
-   lie in its own files (:func:`dcp_io.reader_of`), checking each file it reads whole
-   against the commit record;
+1. every rank describes what it will load (its keys, shapes and shard chunks) and sends it
+   to the coordinator, which reads ``.metadata`` (the only read of it, or taken from
+   :meth:`DcpFormat.prefetch`), checks every rank's keys and shapes (a mismatch raises the
+   same one-line error on every rank), names the replicated entries that one rank reads for
+   everyone (:func:`dcp_io.reader_of`), and sends each rank only its part of the metadata
+   (:mod:`noether_dist.io.dcp_slices`): no rank but the coordinator holds it whole;
+2. every rank allocates its staging;
+3. one DCP load per rank, planned on its part (no DCP collective: nothing in the plan needs
+   another rank): each rank reads its own entries and the shared ones that lie in its own
+   files, checking each file it reads whole against the commit record;
 4. the shared entries are exchanged (one all_gather of small values).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -29,12 +32,14 @@ from ..errors import NoetherDistError
 from ..format.names import ArtifactFormat, ArtifactKind, format_artifact, normalize_model_info
 from ..format.trainer_keys import (TRAINER_COMMON_KEY, common_entry, rank_of_trainer_key, state_of_common_entry,
                                    trainer_rank_key)
-from . import dcp_io
+from . import dcp_io, dcp_slices
 from .format_api import ArtifactIO, KeyInfo, LoadTarget, TrainerContent, WriteContext
 from .statedict import (apply_model_state, apply_optimizer_state, empty_like_packed, model_state, pack_object,
                         unpack_object)
 
 __all__ = ["DcpFormat", "REPLICATED_MAX_BYTES"]
+
+log = logging.getLogger(__name__)
 
 REPLICATED_MAX_BYTES = 2**20
 """Plain (not DTensor) entries up to this size are read by one rank and shared."""
@@ -173,38 +178,57 @@ def _stage(comm: Any, storage: Any, path: str, target: LoadTarget, state_of: Cal
            ) -> tuple[dcp_io.Staging | None, str | None]:
     """Steps 1-4 of the module docstring."""
     art, role = target.art, target.role
+    trainer = role == "trainer"
 
-    def coordinator_part() -> tuple[Any, str | None, list[str]]:
+    def describe() -> list[dcp_slices.Want]:
+        if trainer:  # whole entries of whatever size was saved: this rank's and the common one
+            keys = (TRAINER_COMMON_KEY, trainer_rank_key(comm.rank))
+            return dcp_slices.wants_whole(keys, shared=[k for k in keys if shared(k, None)])
+        return dcp_slices.describe(dcp_io.staging(target.state).flat, shared)
+
+    def cut(wants: list[list[dcp_slices.Want]]) -> list[bytes]:
+        with dcp_io.paused_gc():  # millions of objects at thousands of ranks: see paused_gc
+            return cut_all(wants)
+
+    def cut_all(wants: list[list[dcp_slices.Want]]) -> list[bytes]:
         if isinstance(prefetched, BaseException):
             raise prefetched
         metadata, reason = prefetched if prefetched is not None else _metadata_or_reason(storage, path)
-        if reason or comm.world_size == 1:
-            return metadata, reason, []
-        flat = dcp_io.staging(state_of(metadata)).flat
-        return metadata, None, sorted(k for k, v in flat.items() if shared(k, v))
+        if reason:
+            return [dcp_slices.Slice((), reason=reason).to_bytes()] * len(wants)
+        cutter = dcp_slices.MetadataCutter(metadata)
+        own = wants[comm.coordinator_group_rank]  # the coordinator's view decides
+        shared_keys = sorted(w.key for w in own if w.shared and w.key in metadata.state_dict_metadata)
+        if len(wants) == 1:
+            shared_keys = []
+        readers = {k: dcp_io.reader_of(k, metadata, len(wants)) for k in shared_keys}
+        parts = []
+        for rank, rank_wants in enumerate(wants):  # one pass: a rank's description is dropped once cut
+            if not trainer:  # (a trainer artifact holds every rank's own state: each rank loads a part)
+                cutter.check(rank_wants, f"{role} checkpoint {art.name}")
+            parts.append(cutter.cut(rank_wants, shared_keys, [k for k in shared_keys if readers[k] == rank]).to_bytes())
+            wants[rank] = []
+        return parts
 
-    with dcp_io.paused_gc():  # the metadata is unpickled here on every rank
-        metadata, reason, shared_keys = comm.broadcast_from_coordinator(coordinator_part)
-    if reason:
-        return None, reason  # the same on every rank: every rank stops here
-
-    def prepare() -> dcp_io.Staging:
-        state = state_of(metadata)
-        if role != "trainer":  # (a trainer artifact holds every rank's own state: each rank loads a part)
-            dcp_io.check_keys(state, metadata, f"{role} checkpoint {art.name}")
-        return dcp_io.staging(state)
-
-    staged = comm.run_everywhere(prepare)
-    shared_set = set(shared_keys)
-    mine = [k for k in shared_keys if dcp_io.reader_of(k, metadata, comm.world_size) == comm.rank]
+    data = comm.gather_scatter(describe, cut)
+    part = dcp_slices.Slice.from_bytes(data)
+    if part.reason:
+        return None, part.reason  # the same on every rank: every rank stops here
+    metadata = part.metadata()
+    log.debug("rank %d: %s metadata part of %d entries (%d bytes)", comm.rank, art.name, part.stored_entries,
+              len(data), extra={"metadata_part": {"artifact": art.name, "entries": part.stored_entries,
+                                                  "keys": len(part.entries), "bytes": len(data)}})
+    staged = comm.run_everywhere(lambda: dcp_io.staging(state_of(metadata)))
+    shared_set = set(part.shared)
     own = {k: v for k, v in staged.flat.items() if k not in shared_set}
-    own.update({k: dcp_io.placeholder(k, metadata) for k in mine})
+    own.update({k: dcp_io.placeholder(k, metadata) for k in part.mine})
+    # this rank alone (no DCP collective): the plan needs nothing from the other ranks
     report = comm.run_everywhere(lambda: dcp_io.load_checked(
-        own, path, storage, metadata=dcp_io.metadata_for(own, metadata), files=art.files,
-        verify=verify_max_bytes > 0, whole_max_bytes=verify_max_bytes, process_group=comm.control_group))
-    if shared_keys:
-        for part in comm.all_gather({k: own.pop(k) for k in mine}):
-            for key, value in part.items():
+        own, path, storage, metadata=metadata, files=art.files, verify=verify_max_bytes > 0,
+        whole_max_bytes=verify_max_bytes, collective=False))
+    if part.any_shared:
+        for got in comm.all_gather({k: own.pop(k) for k in part.mine}):
+            for key, value in got.items():
                 if key in staged.flat and not dcp_io.is_sharded(staged.flat[key]):
                     own[key] = value
     for key, value in own.items():  # DCP replaced non-tensors in the dict it was given

@@ -11,9 +11,7 @@ the bytes loaded.
 
 from __future__ import annotations
 
-import bisect
 import contextlib
-import dataclasses
 import io
 import json
 import math
@@ -44,7 +42,7 @@ from ..format.records import FileRecord
 from ..errors import StateMismatchError, StorageError
 from .storage import Storage
 
-__all__ = ["FileRecord", "save_state", "load_state", "load_checked", "LoadReport", "Staging", "staging", "is_sharded", "reader_of", "placeholder", "metadata_for", "paused_gc", "load_full", "StorageFileSystem", "save_state_in_process", "collect_sidecar", "shutdown_checkpoint_process", "read_metadata", "check_keys", "cpu_buffers_like", "METADATA_FILE", "DCP_COORDINATOR", "writer_rank"]
+__all__ = ["FileRecord", "save_state", "load_state", "load_checked", "LoadReport", "Staging", "staging", "is_sharded", "reader_of", "placeholder", "paused_gc", "load_full", "StorageFileSystem", "save_state_in_process", "collect_sidecar", "shutdown_checkpoint_process", "read_metadata", "cpu_buffers_like", "METADATA_FILE", "DCP_COORDINATOR", "writer_rank"]
 
 METADATA_FILE = ".metadata"
 DCP_COORDINATOR = 0
@@ -630,67 +628,6 @@ def placeholder(key: str, metadata: Metadata) -> Any:
     return None
 
 
-def metadata_for(state_dict: dict[str, Any], metadata: Metadata) -> Metadata:
-    """``metadata`` cut down to what loading ``state_dict`` on this rank needs: its keys,
-    and of each sharded tensor only the stored chunks that overlap this rank's shards.
-
-    DCP's load planner compares every local shard with every stored chunk (ranks x
-    tensors steps on every rank); stored chunks in rank order are found by binary search
-    instead (tensors x log ranks). The chunks found are checked to cover the local shard
-    exactly (stored chunks never overlap), else that tensor is scanned in full."""
-    flat, _ = flatten_state_dict(state_dict)
-    stored = metadata.storage_data or {}
-    sd_md: dict[str, Any] = {}
-    storage: dict[Any, Any] = {}
-    for fqn, value in flat.items():
-        md = metadata.state_dict_metadata.get(fqn)
-        if md is None:
-            continue
-        if not isinstance(md, TensorStorageMetadata):
-            sd_md[fqn] = md
-            index = MetadataIndex(fqn)
-            if index in stored:
-                storage[index] = stored[index]
-            continue
-        chunks = md.chunks
-        if len(chunks) > 2 and hasattr(value, "__create_chunk_list__"):
-            chunks = _overlapping(md.chunks, value.__create_chunk_list__())
-        sd_md[fqn] = TensorStorageMetadata(md.properties, md.size, chunks)
-        for chunk in chunks:
-            index = MetadataIndex(fqn, chunk.offsets)
-            if index in stored:
-                storage[index] = stored[index]
-    return dataclasses.replace(metadata, state_dict_metadata=sd_md, storage_data=storage)
-
-
-def _overlap(a: Any, b: Any) -> int:
-    """Elements two chunks share."""
-    volume = 1
-    for ao, asz, bo, bsz in zip(a.offsets, a.sizes, b.offsets, b.sizes):
-        volume *= max(0, min(ao + asz, bo + bsz) - max(ao, bo))
-    return volume
-
-
-def _overlapping(chunks: list[Any], local: list[Any]) -> list[Any]:
-    found: list[Any] = []
-    for lc in local:
-        if not len(lc.offsets):
-            return chunks
-        start, end = lc.offsets[0], lc.offsets[0] + lc.sizes[0]
-        i = bisect.bisect_right(chunks, start, key=lambda c: c.offsets[0] + c.sizes[0])
-        covered, want = 0, math.prod(lc.sizes)
-        while i < len(chunks) and chunks[i].offsets[0] < end:
-            shared = _overlap(chunks[i], lc)
-            if shared:
-                found.append(chunks[i])
-                covered += shared
-            i += 1
-        if covered != want:  # not in order along dim 0: compare with every chunk
-            return [c for c in chunks if any(_overlap(c, x) for x in local)]
-    unique = {id(c): c for c in found}
-    return list(unique.values())
-
-
 def is_sharded(value: Any) -> bool:
     """True for a DTensor (each rank holds its own part); plain tensors and other values
     are the same on every rank that holds them, as DCP's dedup assumes."""
@@ -710,33 +647,6 @@ def _quiet() -> Generator[None, None, None]:
 def read_metadata(path: str, storage: Storage) -> Metadata:
     """The DCP metadata of a directory (one read); FileNotFoundError if absent."""
     return _Reader(path, storage).read_metadata()
-
-
-def _plan(state_dict: dict[str, Any], metadata: Metadata) -> DefaultLoadPlanner:
-    planner = DefaultLoadPlanner()
-    planner.set_up_planner(dict(state_dict), metadata, is_coordinator=False)
-    return planner
-
-
-def check_keys(state_dict: dict[str, Any], metadata: Metadata, what: str) -> None:
-    """Raise StateMismatchError naming missing and unexpected keys when ``state_dict``
-    does not match the checkpoint's keys."""
-    flat = _plan(state_dict, metadata).state_dict
-    stored = metadata.state_dict_metadata
-    missing, unexpected = sorted(set(flat) - set(stored)), sorted(set(stored) - set(flat))
-    shapes = []
-    for key in sorted(set(flat) & set(stored)):
-        value, meta = flat[key], stored[key]
-        if isinstance(value, torch.Tensor) and isinstance(meta, TensorStorageMetadata):
-            if tuple(value.shape) != tuple(meta.size):
-                shapes.append(f"{key} (checkpoint {list(meta.size)}, model {list(value.shape)})")
-    if missing or unexpected or shapes:
-        def show(keys: list[str]) -> str:
-            return ", ".join(keys[:10]) + (f" ... ({len(keys)} in all)" if len(keys) > 10 else "") if keys else "none"
-        raise StateMismatchError(
-            f"{what} does not match the state to load into: missing in checkpoint: {show(missing)}; "
-            f"unexpected in checkpoint: {show(unexpected)}; shape mismatch: {show(shapes)}"
-        )
 
 
 def load_full(path: str, storage: Storage) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from tests.support.local_comm import LocalComm, LocalGroup, run_on_threads
 
 pytestmark = pytest.mark.torch_compat
 
-COMPOSITES = ("broadcast_from_coordinator", "all_gather_results", "run_everywhere")
+COMPOSITES = ("broadcast_from_coordinator", "all_gather_results", "run_everywhere", "gather_scatter")
 """Comm's agreement steps: LocalComm must inherit them, so that tests run the real ones."""
 
 
@@ -198,6 +198,36 @@ def test_a_failure_on_one_rank_raises_the_same_error_on_every_rank():
         cause = "ValueError" if rank == 1 else "NoneType"  # only the failed rank chains its own error
         assert errors == [("RemoteRankError", message, {1: "ValueError: disk full on rank 1"}, cause)] * 2 + [
             ("ConfigError", "bad config, on rank 0 only")], (rank, errors)
+
+
+def test_gather_scatter_gives_each_rank_its_own_result_and_fails_alike():
+    def body(comm: LocalComm):
+        seen = []
+
+        def combine(values):
+            seen.append(values)
+            return [f"for {r}: {v}" for r, v in enumerate(values)]
+
+        own = comm.gather_scatter(lambda: comm.rank * 10, combine)
+        errors = []
+
+        def fails_on_1():
+            if comm.rank == 1:
+                raise ValueError("no shard on rank 1")
+            return comm.rank
+        for local, merge in ((fails_on_1, combine), (lambda: 0, lambda values: [0])):
+            try:
+                comm.gather_scatter(local, merge)
+            except RemoteRankError as exc:
+                errors.append(str(exc))
+        return own, seen[:1], errors
+
+    out = _values(run_on_threads(3, body, timeout_s=10, coordinator_rank=1))
+    assert [o[0] for o in out] == ["for 0: 0", "for 1: 10", "for 2: 20"]
+    assert [o[1] for o in out] == [[], [[0, 10, 20]], []]  # only the coordinator combined
+    assert all(o[2] == out[0][2] for o in out) and len(out[0][2]) == 2, out
+    assert "rank 1: ValueError: no shard on rank 1" in out[0][2][0]
+    assert "gather_scatter: 1 results for 3 ranks" in out[0][2][1]
 
 
 def test_a_rank_that_never_arrives_times_the_others_out():
