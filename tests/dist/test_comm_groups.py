@@ -71,8 +71,9 @@ def subgroups_save_and_resume(rank: int, world_size: int, out: str) -> dict:
     result["saved"] = full_state(model, opt, ema)
     ck.wait()
     if mine == 1:  # a failure on rank 3 alone fails this group's save on both its ranks
-        try:
+        try:  # group 1 saves in the background: the failure surfaces at the next wait
             ck.save(_it(2), model=model, optimizer=opt, rank_state={"bad": (lambda: 0) if rank == 3 else 0})
+            ck.wait()
             result["failure"] = None
         except Exception as exc:  # noqa: BLE001 - reported to the test
             result["failure"] = f"{type(exc).__name__}: {exc}"
