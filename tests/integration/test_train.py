@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import forked_main
+
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = str(REPO / "launch" / "configs" / "cpu_tiny.yaml")
 SMALL = ["trainer.epochs=2", "trainer.dataset_size=256", "trainer.checkpoint_every=4", "trainer.eval_every=4",
@@ -28,6 +30,12 @@ def _torchrun(nproc: int, out: Path, *args: str) -> list[str]:
             "-m", "noether_dist.trainer", "--config", CONFIG, f"output_dir={out}", *args]
 
 
+def _trainer(args: list[str]) -> subprocess.CompletedProcess:
+    """``python -m noether_dist.trainer *args``, forked from the ranks' forkserver (torch is
+    imported there once; these tests are about the trainer, not Python's start)."""
+    return forked_main.run_all([("noether_dist.trainer", args, _env())], cwd=str(REPO), timeout_s=120)[0]
+
+
 def _summary(out: Path, run_id: str) -> dict:
     return json.loads((out / run_id / "train" / "summary.json").read_text())
 
@@ -41,8 +49,10 @@ def one_epoch(tmp_path_factory) -> Path:
     dir. The tests below check that run, start a new stage from it and initialise from it
     (one trainer launch instead of three)."""
     out = tmp_path_factory.mktemp("one_epoch")
-    proc = subprocess.run([sys.executable, *README_COMMAND.split()[1:], f"output_dir={out}", "run_id=base",
-                           "trainer.epochs=1"], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    module_flag, module, *args = README_COMMAND.split()[1:]
+    assert module_flag == "-m"
+    proc = forked_main.run_all([(module, [*args, f"output_dir={out}", "run_id=base", "trainer.epochs=1"], _env())],
+                               cwd=str(REPO), timeout_s=120)[0]
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
@@ -93,10 +103,8 @@ def test_sigkill_at_a_random_update_then_resume_gives_the_same_digest(tmp_path):
 @pytest.mark.slow
 def test_new_stage_starts_from_another_stage_and_resume_keys_default(one_epoch):
     # resume the stage under a new stage name: progress continues, files go to the new stage
-    cont = subprocess.run([sys.executable, "-m", "noether_dist.trainer", "--config", CONFIG, f"output_dir={one_epoch}",
-                           "run_id=base", "resume_run_id=base", "resume_stage_name=train", "stage_name=finetune",
-                           "resume_checkpoint=last", "trainer.epochs=2"], env=_env(), capture_output=True, text=True,
-                          timeout=120)
+    cont = _trainer(["--config", CONFIG, f"output_dir={one_epoch}", "run_id=base", "resume_run_id=base",
+                     "resume_stage_name=train", "stage_name=finetune", "resume_checkpoint=last", "trainer.epochs=2"])
     assert cont.returncode == 0, cont.stderr[-2000:]
     summary = json.loads((one_epoch / "base" / "finetune" / "summary.json").read_text())
     assert summary["finished"] and summary["checkpoint"] == "E2_U32_S1024"
@@ -138,8 +146,7 @@ def test_trainer_initializer_from_yaml_starts_fresh_with_previous_weights(one_ep
                                         "model_info": "ema_factor=0.99"}]
     path = tmp_path / "init.yaml"
     path.write_text(yaml.safe_dump(config))
-    run = subprocess.run([sys.executable, "-m", "noether_dist.trainer", "--config", str(path), f"output_dir={one_epoch}",
-                          "run_id=fine", "trainer.epochs=1"], env=_env(), capture_output=True, text=True, timeout=120)
+    run = _trainer(["--config", str(path), f"output_dir={one_epoch}", "run_id=fine", "trainer.epochs=1"])
     assert run.returncode == 0, run.stderr[-2000:]
     assert "initialised mlp from" in run.stderr and "ema_factor=0.99_cp=E1_U16_S512_model.th" in run.stderr
     summary = _summary(one_epoch, "fine")

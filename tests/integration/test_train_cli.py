@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import forked_main
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,8 +35,12 @@ def _train(args: list[str], *, cwd: Path, env: dict[str, str] | None = None, lau
 
 def _train_all(runs: list[tuple[list[str], dict[str, str] | None]], *, cwd: Path, launcher: list[str] | None = None,
                timeout_s: float = 300) -> list[subprocess.CompletedProcess]:
-    """Start one trainer per (args, env) at once (each is mostly torch's import: on 2 cores,
-    two at a time take half as long as one after another); wait for all, each bounded."""
+    """Start one trainer per (args, env) at once; wait for all, each bounded. Without a
+    launcher each is forked from the ranks' forkserver (torch already imported: what is
+    tested is what the command prints and exits with, not how Python starts)."""
+    if launcher is None:
+        return forked_main.run_all([("noether_dist.trainer", args, env or _env()) for args, env in runs], cwd=str(cwd),
+                                   timeout_s=timeout_s)
     procs = [subprocess.Popen([*(launcher or [sys.executable]), "-m", "noether_dist.trainer", *args], cwd=cwd,
                               env=env or _env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for args, env in runs]

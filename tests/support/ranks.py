@@ -147,12 +147,18 @@ def _child(jobs: list[Job], rank: int, world_size: int, folder: str, environ: di
 
             destroy_distributed()
     finally:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except Exception:  # noqa: BLE001 - exiting anyway
-                pass
-        os._exit(0)
+        exit_now(0)
+
+
+def exit_now(code: int) -> None:
+    """Flush stdout and stderr, then end this forked process at once (``os._exit``: no
+    atexit handler or finalizer inherited from the forkserver runs)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001 - exiting anyway
+            pass
+    os._exit(code)
 
 
 def _read(folder: str, rank: int) -> tuple | None:
