@@ -14,10 +14,14 @@ measured side by side, alternating, ``repeats`` times:
   the same steps with nothing in flight; once at full speed and once with the upload paced
   to ``paced_mb_s`` (``tiers.durable.bandwidth_mb_s``). The upload's bytes are read and sent
   by the upload process, but the S3 server that receives them (moto, a Python process) runs
-  on the same cores: the CPU both used while the upload ran is recorded beside each pair
-  (``server_cores``, ``uploader_cores``: cores busy on average), and the training process's
-  own cores in both windows (``trainer_cores``, ``trainer_idle_cores``): on a busy machine the
-  kernel shares CPU between sessions, and the server and the upload process share this one's.
+  on the same cores, where a real object store takes no CPU of the training node. So in
+  these two pairs the server runs at the lowest CPU priority (nice 19: it gets the cores the
+  training and the upload leave idle, as a remote store would), and a third pair
+  (``_server_nice0``) repeats the full-speed one with the server at the training's priority,
+  to show what a store on the same cores costs. The CPU the server and the upload process
+  used while the upload ran is recorded beside each pair (``server_cores``,
+  ``uploader_cores``: cores busy on average), and the training process's own cores in both
+  windows (``trainer_cores``, ``trainer_idle_cores``).
 """
 
 from __future__ import annotations
@@ -31,6 +35,11 @@ from typing import Any
 from benchmarks.common import build_model, local_tensors
 
 log = logging.getLogger(__name__)
+
+TRAIN_VARIANTS: dict[str, tuple[bool, bool]] = {"_server_nice0": (False, False), "": (False, True),
+                                                 "_paced": (True, True)}
+"""The training pairs in the order run: suffix -> (upload paced to ``paced_mb_s``, S3 server at
+nice 19). The server's own priority comes first: lowering a nice value needs privileges."""
 
 
 def _config(work: str, endpoint: str, extra: dict[str, Any], bucket: str, run_id: str, *, async_mode: str,
@@ -78,11 +87,12 @@ def tiers_bench(*, work: str, endpoint: str, extra: dict[str, Any], bucket: str,
 
     torch.set_num_threads(1)
     out: dict[str, Any] = {"stall": [], "copy": [], "stall_cpu": [], "copy_cpu": [], "upload": [], "put": [],
-                           "resume_local": [], "resume_durable": [], "train_upload": [], "train_idle": [],
-                           "server_cores": [], "uploader_cores": [], "train_upload_paced": [], "train_idle_paced": [],
-                           "server_cores_paced": [], "uploader_cores_paced": [], "paced_mb_s": paced_mb_s,
-                           "trainer_cores": [], "trainer_idle_cores": [], "trainer_cores_paced": [],
-                           "trainer_idle_cores_paced": []}
+                           "resume_local": [], "resume_durable": [],
+                           "paced_mb_s": paced_mb_s}
+    for tag in TRAIN_VARIANTS:
+        for key in ("train_upload", "train_idle", "server_cores", "uploader_cores", "trainer_cores",
+                    "trainer_idle_cores"):
+            out[f"{key}{tag}"] = []
     model = build_model(total_bytes)
     baseline = CopyBaseline(local_tensors(model.state_dict()))
     out["state_bytes"] = sum(t.numel() * t.element_size() for t in baseline.tensors)
@@ -133,13 +143,15 @@ def tiers_bench(*, work: str, endpoint: str, extra: dict[str, Any], bucket: str,
             if res.tier != (tier if tier == "local" else None):
                 raise RuntimeError(f"resumed from the {res.tier} tier, not the {tier} tier")
 
-    # training throughput while an upload runs, next to the same time with none in flight;
-    # unpaced and paced to ``paced_mb_s``, with the CPU time the S3 server (moto, on the same
-    # cores) and the upload process used meanwhile
+    # training throughput while an upload runs, next to the same time with none in flight,
+    # with the CPU time the S3 server and the upload process used meanwhile
     small = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256))
     opt = torch.optim.SGD(small.parameters(), lr=1e-3)
     x = torch.randn(64, 256)
-    for tag, pace in (("", None), ("_paced", paced_mb_s)):
+    for tag, (paced, server_niced) in TRAIN_VARIANTS.items():
+        pace = paced_mb_s if paced else None
+        if server_niced:
+            os.setpriority(os.PRIO_PROCESS, server_pid, 19)
         ck = Checkpointer(_config(work, endpoint, extra, bucket, f"train{tag}", async_mode="off", durable_every=1,
                                   bandwidth_mb_s=pace))
         for update in range(1, repeats + 1):
