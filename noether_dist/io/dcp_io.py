@@ -260,13 +260,23 @@ class _Reader(FileSystemReader):
       be in the state loaded into, which the caller then discards (resume loads into
       staging, never into the model);
     - ``metadata``: DCP metadata already read (e.g. by the coordinator and broadcast); then
-      ``read_metadata`` costs no request.
+      ``read_metadata`` costs no request;
+    - ``adopt_from``: the flat dict being loaded into, whose tensors are fresh staging (never
+      the model's). An item that fills a whole CPU tensor of it (or a DTensor's whole local
+      part) with the same dtype and layout is not copied into that tensor: the tensor
+      deserialised goes into ``adopted`` under its key instead, for the caller to use in
+      the staging's place. The staging is then never written, which saves a copy and
+      touching its memory for the first time (measured: most of a resume's CPU beyond the
+      bytes themselves).
     """
 
     def __init__(self, path: str, storage: Storage, *, metadata: Metadata | None = None,
                  files: list[FileRecord] | tuple[FileRecord, ...] | None = None, verify: bool = True,
-                 whole_max_bytes: int = 0, threads: int = DEFAULT_READ_THREADS, collect: bool = False) -> None:
+                 whole_max_bytes: int = 0, threads: int = DEFAULT_READ_THREADS, collect: bool = False,
+                 adopt_from: dict[str, Any] | None = None) -> None:
         super().__init__(path)
+        self._adopt_from = adopt_from
+        self.adopted: dict[str, Any] = {}
         self.fs = StorageFileSystem(storage)
         self.path = path
         self.storage = storage
@@ -362,10 +372,12 @@ class _Reader(FileSystemReader):
             self._count(requests=1)
 
             def take(n: int, keep: bool) -> list[bytes]:
-                """The next ``n`` bytes (fewer at the end) in pieces, counted into size and CRC32."""
+                """The next ``n`` bytes (fewer at the end), counted into size and CRC32: kept
+                ones in one piece where the stream allows (an item is held whole anyway, and
+                joining pieces would copy it), skipped ones in bounded pieces."""
                 nonlocal size, crc
                 pieces = []
-                while n > 0 and (piece := stream.read(min(n, READ_CHUNK_BYTES))):
+                while n > 0 and (piece := stream.read(n if keep else min(n, READ_CHUNK_BYTES))):
                     crc = zlib.crc32(piece, crc)
                     size += len(piece)
                     n -= len(piece)
@@ -448,9 +460,34 @@ class _Reader(FileSystemReader):
         if target.size() != tensor.size():
             raise StateMismatchError(f"{self.path}: item {item.storage_index} has size {list(tensor.size())}, "
                                      f"the state to load into {list(target.size())}")
+        if self._adopt(item, tensor):
+            return
         target.copy_(tensor)
         with self._lock:
             planner.commit_tensor(item, target)
+
+    def _adopt(self, item: Any, tensor: torch.Tensor) -> bool:
+        """Make ``tensor`` the staged value of the item's key when it is all of it (see the
+        class docstring); False when the item must be copied into the staging instead."""
+        if self._adopt_from is None:
+            return False
+        key = item.dest_index.fqn
+        whole = self._adopt_from.get(key)
+        if not isinstance(whole, torch.Tensor) or whole.requires_grad:
+            return False
+        sharded = is_sharded(whole)
+        local = whole.to_local() if sharded else whole
+        if (local.device.type != "cpu" or tensor.device.type != "cpu" or local.dtype != tensor.dtype
+                or local.size() != tensor.size() or local.stride() != tensor.stride() or any(item.dest_offsets)):
+            return False
+        if sharded:
+            from torch.distributed.tensor import DTensor
+
+            tensor = DTensor.from_local(tensor, whole.device_mesh, whole.placements, run_check=False,
+                                        shape=whole.size(), stride=whole.stride())
+        with self._lock:
+            self.adopted[key] = tensor
+        return True
 
 
 class _ReadProblem(OSError):
@@ -543,15 +580,19 @@ class LoadReport:
     """Missing, short, corrupt or unreadable files (their items were not loaded)."""
     requests: int
     bytes_read: int
+    adopted: dict[str, Any]
+    """With ``adopt``: values loaded for keys of the state, to use in place of its tensors."""
 
 
 def load_checked(flat: dict[str, Any], path: str, storage: Storage, *, metadata: Metadata,
                  files: tuple[FileRecord, ...], verify: bool, whole_max_bytes: int, process_group: Any = None,
-                 collective: bool = False) -> LoadReport:
+                 collective: bool = False, adopt: bool = False) -> LoadReport:
     """Load a flat state dict (see :func:`staging`) from a DCP directory; check each file read
     whole against its commit-record size and CRC32 (``verify``) on the bytes loaded, reading
     files of at most ``whole_max_bytes`` whole even when only part is needed. Problems are
     reported, not raised, so that the ranks can agree before anything is applied.
+    ``adopt``: ``flat`` holds fresh staging only, which the tensors in the report's
+    ``adopted`` replace (see :class:`_Reader`).
 
     Every rank plans its own reads from the ``metadata`` it was given, with no collective:
     DCP's global step of a load changes no rank's plan, so gathering every rank's plan on
@@ -561,11 +602,11 @@ def load_checked(flat: dict[str, Any], path: str, storage: Storage, *, metadata:
     it under ``Comm.run_everywhere``). ``collective=True``: DCP's collective load over
     ``process_group`` instead."""
     reader = _Reader(path, storage, metadata=metadata, files=files, verify=verify, whole_max_bytes=whole_max_bytes,
-                     collect=True)
+                     collect=True, adopt_from=flat if adopt else None)
     with _quiet():
         dcp.load(flat, storage_reader=reader, planner=DefaultLoadPlanner(), process_group=process_group,
                  no_dist=not collective or (process_group is None and not _dist_ready()))
-    return LoadReport(reader.problems, reader.requests, reader.bytes_read)
+    return LoadReport(reader.problems, reader.requests, reader.bytes_read, reader.adopted)
 
 
 @dataclass

@@ -199,3 +199,21 @@ def test_missing_s3_bucket_is_a_clear_error(s3_server, s3_env, capsys):
         Checkpointer(CheckpointerConfig(output_dir="s3://no-such-bucket-x/o", run_id="run1"))
     assert cli_main(["list", "s3://no-such-bucket-x/o"]) == 2
     assert "bucket 'no-such-bucket-x'" in capsys.readouterr().err
+
+
+def test_previous_run_initializer_reads_the_metadata_once_for_all_ranks(s3_bucket, s3_env, s3_server):
+    """Weights-only initialization on 3 ranks: the coordinator reads the model's ``.metadata``
+    and passes it on; no rank reads it again (before: two GETs per rank)."""
+    from tests.dist.test_initializers_consolidated import YAML, init_from_yaml, save_source
+    from tests.support.fault_proxy import FaultProxy
+
+    out = f"s3://{s3_bucket}/o"
+    saved = run_ranks(save_source, 2, out, env=s3_env)[0]
+    plain = YAML.format(kind="noether_dist.initializers.PreviousRunInitializer", checkpoint="latest", extra="")
+    with FaultProxy(s3_server.endpoint_url) as proxy:
+        env = {**s3_env, "AWS_ENDPOINT_URL_S3": proxy.endpoint_url, "AWS_ENDPOINT_URL": proxy.endpoint_url}
+        got = run_ranks(init_from_yaml, 3, out, plain, False, env=env)
+        metadata_reads = [e for e in proxy.events if e[0] == "GET" and e[1].endswith("/.metadata")]
+    assert len(metadata_reads) == 1, metadata_reads
+    for r in got:
+        assert_states_equal({"model": saved["model"]}, {"model": r["state"]})

@@ -59,9 +59,10 @@ class _PieceCounting(Storage):
 
 
 def test_a_file_read_whole_streams_loads_items_as_they_arrive_and_checks_its_crc(tmp_path, monkeypatch):
-    """The CRC32 check of resume's load runs on the bytes streamed in pieces (never the
-    whole file in memory), items spanning pieces load exactly, and a damaged byte is
-    reported as a corrupt file (not raised) even where it breaks an item's bytes."""
+    """The CRC32 check of resume's load runs on the bytes streamed (never the whole file in
+    memory: each item is read in one piece, what lies between and after in bounded pieces),
+    the items load exactly, and a damaged byte is reported as a corrupt file (not raised)
+    even where it breaks an item's bytes."""
     monkeypatch.setattr(dcp_io, "READ_CHUNK_BYTES", 4096)
     st = open_storage(str(tmp_path))
     path = str(tmp_path / "m_cp=E0_U1_S8_model.th")
@@ -76,7 +77,9 @@ def test_a_file_read_whole_streams_loads_items_as_they_arrive_and_checks_its_crc
                                  whole_max_bytes=1 << 30, collective=False)
     assert report.problems == [] and report.bytes_read == data_file.size
     assert all(torch.equal(target[k], state[k]) for k in state)
-    assert max(counting.pieces) == 4096 and sum(counting.pieces) == data_file.size
+    item_sizes = sorted(info.length for info in metadata.storage_data.values())
+    assert sorted(p for p in counting.pieces if p > 4096) == item_sizes  # one piece per item, no join
+    assert sum(counting.pieces) == data_file.size
     where = tmp_path / "m_cp=E0_U1_S8_model.th" / data_file.name
     raw = bytearray(where.read_bytes())
     for offset in range(0, len(raw), 512):  # damage every item's bytes
@@ -85,3 +88,21 @@ def test_a_file_read_whole_streams_loads_items_as_they_arrive_and_checks_its_crc
     report = dcp_io.load_checked({k: torch.zeros_like(v) for k, v in state.items()}, path, st, metadata=metadata,
                                  files=tuple(records), verify=True, whole_max_bytes=1 << 30, collective=False)
     assert len(report.problems) == 1 and f"{data_file.name} is corrupt: CRC32" in report.problems[0]
+
+
+def test_load_into_staging_adopts_whole_items_and_copies_the_rest(tmp_path):
+    """With ``adopt``, an item that fills a staged tensor whole (same dtype and layout) comes
+    back as the tensor deserialised, not copied into the staging; one of another dtype is
+    copied into it as before. (Items that fill part of a shard, when the world size changed,
+    are copied too: tests/dist/test_metadata_parts.py resumes 2 -> 4 and 4 -> 2 exactly.)"""
+    st = open_storage(str(tmp_path))
+    path = str(tmp_path / "m_cp=E0_U1_S8_model.th")
+    state = {"whole": torch.randn(64, 8), "flat": torch.randn(32), "ints": torch.arange(10)}
+    records = dcp_io.save_state(state, path, st)
+    metadata = dcp_io.read_metadata(path, st)
+    staged = {"whole": torch.empty(64, 8), "flat": torch.empty(32), "ints": torch.empty(10, dtype=torch.float64)}
+    report = dcp_io.load_checked(staged, path, st, metadata=metadata, files=tuple(records), verify=True,
+                                 whole_max_bytes=1 << 30, adopt=True)
+    assert report.problems == [] and sorted(report.adopted) == ["flat", "whole"]
+    assert all(report.adopted[k] is not staged[k] and torch.equal(report.adopted[k], state[k]) for k in report.adopted)
+    assert torch.equal(staged["ints"], state["ints"].double())  # dtype differs: copied (and converted)
