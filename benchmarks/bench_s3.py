@@ -2,13 +2,14 @@
 
 Per repetition, in a rotating order:
 
-- ``raw_put``: every rank writes its shard bytes as ``thread_count`` objects (grouped as
-  DCP groups items into files), all at once (``fs.pipe`` of a dict: s3fs sends them
-  concurrently); ``raw_get``: reads them back the same way (``fs.cat`` of a list);
+- ``raw_put``: every rank writes its shard bytes as ``thread_count`` new objects (grouped as
+  DCP groups items into files; new names each time, as every save writes new objects), all
+  at once (``fs.pipe`` of a dict: s3fs sends them concurrently); ``raw_get``: reads the last
+  ones back the same way (``fs.cat`` of a list);
 - ``ours_save``: ``Checkpointer.save`` (sync) with ``thread_count`` writer threads per rank;
 - ``ours_save_tiny``: ``Checkpointer.save`` of a 64 KiB model: the fixed cost of a save;
 - ``ours_load``: ``noether_dist.resume`` of that checkpoint into a fresh model (defaults:
-  files up to 256 MiB are CRC32-checked first, an extra read);
+  files up to 256 MiB are read whole and CRC32-checked on the bytes loaded);
 - ``ours_load_noverify``: the same with ``verify_max_bytes=0`` (sizes checked only), to
   show what the verification read costs.
 
@@ -105,12 +106,21 @@ def s3_throughput(rank: int, world_size: int, *, endpoint: str, extra: dict[str,
     def ours_load_noverify() -> None:
         resume(cfg, model=target, model_name="m", storage=storage, timeout_s=600, verify_max_bytes=0)
 
+    # Every put writes new objects, as every save does: the server then stores fresh objects
+    # on both sides, rather than replacing the same ones on one side only.
+    puts = {"raw_put": 0, "raw_put_one": 0}
+
+    def raw_put(name: str, objects: dict[str, bytes]) -> None:
+        puts[name] += 1
+        fs.pipe({f"{key}.{puts[name]}": data for key, data in objects.items()})
+
     def raw_get() -> None:
-        got = fs.cat(list(blobs))
+        got = fs.cat([f"{key}.{puts['raw_put']}" for key in blobs])
         assert sum(len(v) for v in got.values()) == sum(len(v) for v in blobs.values())
 
     one_object = {f"{bucket}/raw/rank{rank}_all.bin": b"".join(blobs.values())}
-    steps = {"raw_put": lambda: fs.pipe(blobs), "raw_put_one": lambda: fs.pipe(one_object), "ours_save": ours_save,
+    steps = {"raw_put": lambda: raw_put("raw_put", blobs), "raw_put_one": lambda: raw_put("raw_put_one", one_object),
+             "ours_save": ours_save,
              "ours_save_tiny": ours_save_tiny, "raw_get": raw_get, "ours_load": ours_load,
              "ours_load_noverify": ours_load_noverify}
     times: dict[str, list[float]] = {k: [] for k in steps}
