@@ -170,7 +170,7 @@ class PreviousRunInitializer(Initializer):
         art = comm.broadcast_from_coordinator(choose)
         path = layout.artifact_path(art.name)
         count = artifact_io(art.format).load_weights(comm, storage, path, model,
-                                                     lambda stored: self._plan(model, stored, path))
+                                                     lambda stored: self._plan(model, stored, path), art)
         log.info("initialised %s from %s (%d tensors)", model_name, path, count)
 
     def _renamed(self, stored: set[str], path: str) -> dict[str, str]:

@@ -54,6 +54,7 @@ from .errors import CheckpointNotFoundError, ConfigError
 from .format.layout import StageLayout
 from .format.names import ArtifactKind, TrainingIteration, normalize_model_info
 from .io.formats import LoadTarget, artifact_io
+from .io.format_api import VERIFY_MAX_BYTES_LOCAL, default_verify_max_bytes
 from .stage.index import StageIndex, select_checkpoint
 from .io.statedict import model_state, optimizer_state
 from .io.storage import Storage, open_storage
@@ -61,12 +62,6 @@ from .io.storage import Storage, open_storage
 __all__ = ["resume", "ResumeResult", "select_checkpoint", "load_checkpoint"]
 
 log = logging.getLogger(__name__)
-DEFAULT_VERIFY_MAX_BYTES = 256 * 2**20
-# Every file a rank reads whole is checked (size and CRC32) on the bytes it loads. A file
-# of which a rank needs only a part is read whole when it is at most this size (so that it
-# can be checked), else only the parts it needs. On object stores those extra bytes cost
-# more: 1 MiB there.
-DEFAULT_VERIFY_MAX_BYTES_REMOTE = 2**20
 
 
 @dataclass(frozen=True)
@@ -169,7 +164,7 @@ def resume(
         local_storage = open_storage(local_dir)
         try:
             loaded = _select_load_and_agree(comm, local_storage, local_layout, config, targets, model_name,
-                                            cache, DEFAULT_VERIFY_MAX_BYTES if verify_max_bytes is None
+                                            cache, VERIFY_MAX_BYTES_LOCAL if verify_max_bytes is None
                                             else verify_max_bytes, floor=floor,
                                             before_stage=_peer_restorer(comm, replicate, local_storage, local_layout))
             layout = local_layout
@@ -179,7 +174,7 @@ def resume(
             tier = "durable"
     if loaded is None:
         if verify_max_bytes is None:
-            verify_max_bytes = DEFAULT_VERIFY_MAX_BYTES if storage.is_local else DEFAULT_VERIFY_MAX_BYTES_REMOTE
+            verify_max_bytes = default_verify_max_bytes(storage)
         before_stage = _peer_restorer(comm, replicate, storage, layout) if local_dir is None else None
         loaded = _select_load_and_agree(comm, storage, layout, config, targets, model_name, cache, verify_max_bytes,
                                         before_stage=before_stage)

@@ -165,7 +165,7 @@ class ConsolidatedFormat(ArtifactIO):
         return None
 
     def load_weights(self, comm: Any, storage: Any, path: str, model: Any,
-                     plan: Callable[[dict[str, tuple[int, ...] | None]], dict[str, str]]) -> int:
+                     plan: Callable[[dict[str, tuple[int, ...] | None]], dict[str, str]], art: Any) -> int:
         def load_file() -> int:
             stored = consolidated.state_dict_of(consolidated.read_file(storage, path), path)
             wanted = plan({k: v.shape for k, v in stored.items()})

@@ -28,12 +28,12 @@ from torch import nn
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-from ..errors import NoetherDistError
+from ..errors import NoetherDistError, StorageError
 from ..format.names import ArtifactFormat, ArtifactKind, format_artifact, normalize_model_info
 from ..format.trainer_keys import (TRAINER_COMMON_KEY, common_entry, rank_of_trainer_key, state_of_common_entry,
                                    trainer_rank_key)
 from . import dcp_io, dcp_slices
-from .format_api import ArtifactIO, KeyInfo, LoadTarget, TrainerContent, WriteContext
+from .format_api import ArtifactIO, KeyInfo, LoadTarget, TrainerContent, WriteContext, default_verify_max_bytes
 from .statedict import (apply_model_state, apply_optimizer_state, empty_like_packed, model_state, pack_object,
                         unpack_object)
 
@@ -165,31 +165,48 @@ class DcpFormat(ArtifactIO):
         return None
 
     def load_weights(self, comm: Any, storage: Any, path: str, model: Any,
-                     plan: Callable[[dict[str, tuple[int, ...] | None]], dict[str, str]]) -> int:
+                     plan: Callable[[dict[str, tuple[int, ...] | None]], dict[str, str]], art: Any) -> int:
+        # The coordinator reads .metadata once and sends every rank the stored keys and shapes
+        # (small), then each rank its part of the metadata, as resume does (_stage): not the
+        # whole file to every rank (at thousands of ranks that is hundreds of MiB each), nor a
+        # read of it by every rank.
+        read: list[Any] = []
+
+        def stored_shapes() -> dict[str, tuple[int, ...] | None]:
+            metadata, reason = _metadata_or_reason(storage, path)
+            if reason:
+                raise StorageError(f"cannot initialise from {path}: {reason}")
+            read.append(metadata)
+            return {k: tuple(m.size) if isinstance(m, TensorStorageMetadata) else None
+                    for k, m in metadata.state_dict_metadata.items()}
+
+        shapes = comm.broadcast_from_coordinator(stored_shapes)
         chosen: dict[str, str] = {}
-        # read once by the coordinator (one request, not two per rank: the plan and DCP's reader)
-        metadata = comm.broadcast_from_coordinator(lambda: dcp_io.read_metadata(path, storage))
 
         def target() -> dict[str, Any]:
-            stored = metadata.state_dict_metadata
-            chosen.update(plan({k: getattr(m, "size", None) for k, m in stored.items()}))
+            chosen.update(plan(shapes))
             current = model_state(model)
             return {src: current[model_key] for model_key, src in chosen.items()}
 
         loaded = comm.run_everywhere(target)
-        comm.run_everywhere(lambda: dcp_io.load_state(loaded, path, storage, process_group=comm.control_group,
-                                                      metadata=metadata))
+        staged, reason = _stage(comm, storage, path, LoadTarget(art, "model", loaded), lambda _md: loaded,
+                                _replicated_small, default_verify_max_bytes(storage),
+                                (read[0], None) if read else None, subset=True)
+        reasons = [r for r in comm.all_gather(reason) if r]
+        if reasons:
+            raise StorageError(f"cannot initialise from {path}: {'; '.join(sorted(set(reasons)))}")
         current = model_state(model)
         for model_key, src in chosen.items():
-            current[model_key] = loaded[src]
+            current[model_key] = staged.flat[src]
         comm.run_everywhere(lambda: set_model_state_dict(model, current, options=StateDictOptions(strict=False)))
         return len(loaded)
 
 
 def _stage(comm: Any, storage: Any, path: str, target: LoadTarget, state_of: Callable[[Any], dict[str, Any]],
-           shared: Callable[[str, Any], bool], verify_max_bytes: int, prefetched: Any
+           shared: Callable[[str, Any], bool], verify_max_bytes: int, prefetched: Any, subset: bool = False
            ) -> tuple[dcp_io.Staging | None, str | None]:
-    """Steps 1-4 of the module docstring."""
+    """Steps 1-4 of the module docstring; ``subset``: load some of the stored keys only
+    (weights-only initialization), not the whole artifact."""
     art, role = target.art, target.role
     trainer = role == "trainer"
 
@@ -218,7 +235,7 @@ def _stage(comm: Any, storage: Any, path: str, target: LoadTarget, state_of: Cal
         parts = []
         for rank, rank_wants in enumerate(wants):  # one pass: a rank's description is dropped once cut
             if not trainer:  # (a trainer artifact holds every rank's own state: each rank loads a part)
-                cutter.check(rank_wants, f"{role} checkpoint {art.name}")
+                cutter.check(rank_wants, f"{role} checkpoint {art.name}", subset=subset)
             parts.append(cutter.cut(rank_wants, shared_keys, [k for k in shared_keys if readers[k] == rank]).to_bytes())
             wants[rank] = []
         return parts

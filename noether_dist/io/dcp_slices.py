@@ -204,8 +204,9 @@ class MetadataCutter:
         self._props: dict[Any, Any] = {}
         self._info_type: Any = None
 
-    def check(self, wants: list[Want], what: str) -> None:
-        """StateMismatchError (one line) when the keys or shapes of ``wants`` do not match."""
+    def check(self, wants: list[Want], what: str, *, subset: bool = False) -> None:
+        """StateMismatchError (one line) when the keys or shapes of ``wants`` do not match;
+        ``subset``: the checkpoint may hold keys nobody wants (a partial load)."""
         sd = self._sd
         missing, shapes, found = [], [], 0
         for want in wants:
@@ -217,7 +218,7 @@ class MetadataCutter:
             if want.shape is not None and isinstance(md, TensorStorageMetadata) and want.shape != tuple(md.size):
                 shapes.append(f"{want.key} (checkpoint {list(md.size)}, model {list(want.shape)})")
         unexpected = []
-        if found < len(sd):
+        if found < len(sd) and not subset:
             keys = {w.key for w in wants}
             unexpected = sorted(k for k in sd if k not in keys)
         if missing or unexpected or shapes:

@@ -43,7 +43,20 @@ if TYPE_CHECKING:
     from .dcp_io import FileRecord
     from .storage import Storage
 
-__all__ = ["ArtifactIO", "LoadTarget", "TrainerContent", "WriteContext", "KeyInfo", "flat_keys"]
+__all__ = ["ArtifactIO", "LoadTarget", "TrainerContent", "WriteContext", "KeyInfo", "flat_keys",
+           "VERIFY_MAX_BYTES_LOCAL", "VERIFY_MAX_BYTES_REMOTE", "default_verify_max_bytes"]
+
+VERIFY_MAX_BYTES_LOCAL = 256 * 2**20
+"""Every file a rank reads whole is checked (size and CRC32) on the bytes it loads. A file of
+which a rank needs only a part is read whole when it is at most this size (so that it can be
+checked), else only the parts it needs."""
+VERIFY_MAX_BYTES_REMOTE = 2**20
+"""The same bound on object stores, where the extra bytes cost more."""
+
+
+def default_verify_max_bytes(storage: Any) -> int:
+    """The bound above that fits ``storage`` (a local disk or not)."""
+    return VERIFY_MAX_BYTES_LOCAL if storage.is_local else VERIFY_MAX_BYTES_REMOTE
 
 
 @dataclass
@@ -159,10 +172,12 @@ class ArtifactIO(ABC):
 
     @abstractmethod
     def load_weights(self, comm: Comm, storage: Storage, path: str, model: Any,
-                     plan: Callable[[dict[str, tuple[int, ...] | None]], dict[str, str]]) -> int:
+                     plan: Callable[[dict[str, tuple[int, ...] | None]], dict[str, str]], art: Any) -> int:
         """Load model weights into ``model`` (collective; any sharding): ``plan`` gets every
         stored key's shape (None: not a tensor) and returns model key -> stored key of what
-        to load; the other model keys keep their values. Returns the number loaded."""
+        to load; the other model keys keep their values. ``art``: the artifact's entry in the
+        commit record (its files' sizes and CRC32s; none for an uncommitted one). Returns the
+        number loaded; a file that is missing or damaged raises on every rank."""
 
 
 def flat_keys(obj: Any, prefix: str = "") -> list[KeyInfo]:

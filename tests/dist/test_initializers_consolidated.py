@@ -161,3 +161,18 @@ def test_files_in_noethers_own_layout_load_into_a_sharded_model(tmp_path):
             assert r["cp"] == "E1_U8_S64" and r["trainer"]["callbacks"] == {"logger": {"n": 3}}
             assert_states_equal(want, r["state"])
             assert_states_equal({"model": want["ema"]}, {"model": r["init"]})
+
+
+def test_previous_run_initializer_checks_the_files_it_loads(tmp_path):
+    """A damaged shard of the checkpoint initialised from: every rank raises the same
+    StorageError naming the file (its CRC32 against the commit record), and no rank loads."""
+    out = str(tmp_path)
+    run_ranks(save_source, 2, out)
+    shard_file = tmp_path / "src" / "train" / "checkpoints" / "mlp_cp=E0_U3_S48_model.th" / "__1_0.distcp"
+    raw = bytearray(shard_file.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    shard_file.write_bytes(bytes(raw))
+    plain = YAML.format(kind="noether_dist.initializers.PreviousRunInitializer", checkpoint="latest", extra="")
+    got = run_ranks(init_from_yaml, 2, out, plain, False, raise_on_error=False)
+    assert [g[:2] for g in got] == [("error", "StorageError")] * 2, got
+    assert got[0][2] == got[1][2] and "__1_0.distcp is corrupt" in got[0][2], got
