@@ -120,7 +120,7 @@ def test_write_keys_read_and_load_round_trip(tmp_path, fmt):
     other = _model(2)
     kept = other[2].bias.detach().clone()
     count = io.load_weights(comm, storage, model_path, other,
-                            lambda stored: {k: k for k in stored if k != "2.bias"})
+                            lambda stored: {k: k for k in stored if k != "2.bias"}, arts[ArtifactKind.MODEL])
     assert count == 3 and torch.equal(other[0].weight, model[0].weight) and torch.equal(other[2].bias, kept)
 
     # a damaged file is a reason to fall back, not an error
