@@ -263,7 +263,9 @@ class _Reader(FileSystemReader):
       ``read_metadata`` costs no request;
     - ``adopt_from``: the flat dict being loaded into, whose tensors are fresh staging (never
       the model's). An item that fills a whole CPU tensor of it (or a DTensor's whole local
-      part) with the same dtype and layout is not copied into that tensor: the tensor
+      part) with the same dtype and layout, and whose stored chunk is exactly that (not a
+      bigger one saved on fewer ranks, which would stay in memory), is not copied into that
+      tensor: the tensor
       deserialised goes into ``adopted`` under its key instead, for the caller to use in
       the staging's place. The staging is then never written, which saves a copy and
       touching its memory for the first time (measured: most of a resume's CPU beyond the
@@ -480,6 +482,8 @@ class _Reader(FileSystemReader):
         if (local.device.type != "cpu" or tensor.device.type != "cpu" or local.dtype != tensor.dtype
                 or local.size() != tensor.size() or local.stride() != tensor.stride() or any(item.dest_offsets)):
             return False
+        if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+            return False  # a view into a bigger stored chunk (another world size): keeping it would keep the chunk
         if sharded:
             from torch.distributed.tensor import DTensor
 

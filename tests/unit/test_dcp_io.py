@@ -106,3 +106,21 @@ def test_load_into_staging_adopts_whole_items_and_copies_the_rest(tmp_path):
     assert report.problems == [] and sorted(report.adopted) == ["flat", "whole"]
     assert all(report.adopted[k] is not staged[k] and torch.equal(report.adopted[k], state[k]) for k in report.adopted)
     assert torch.equal(staged["ints"], state["ints"].double())  # dtype differs: copied (and converted)
+
+
+def test_adoption_never_keeps_a_bigger_stored_chunk_alive(tmp_path):
+    """An item that fills a staged tensor whole but comes out of a bigger stored chunk (a
+    checkpoint saved on fewer ranks: the loaded tensor is a view into it) is copied, not
+    adopted: adopting the view would keep the whole chunk in memory, up to the ratio of the
+    world sizes times the shard."""
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+    from torch.distributed.checkpoint.planner import LoadItemType, ReadItem
+
+    staged = {"w": torch.empty(4)}
+    reader = dcp_io._Reader(str(tmp_path), open_storage(str(tmp_path)), adopt_from=staged)
+    item = ReadItem(LoadItemType.TENSOR, MetadataIndex("w", torch.Size([0])), torch.Size([0]),
+                    MetadataIndex("w", torch.Size([0])), torch.Size([4]), torch.Size([4]))
+    chunk = torch.arange(16.0)
+    assert not reader._adopt(item, chunk[4:8]) and reader.adopted == {}
+    whole = chunk[4:8].clone()
+    assert reader._adopt(item, whole) and reader.adopted["w"] is whole
