@@ -127,6 +127,14 @@ def s3_throughput(rank: int, world_size: int, *, endpoint: str, extra: dict[str,
     cpu: dict[str, list[float]] = {k: [] for k in steps}
     server_cpu: dict[str, list[float]] = {k: [] for k in steps}
     for rep in range(repeats):
+        if rep:
+            # Each repetition starts from an empty bucket: what the server holds (and the cost
+            # of listing it) is then the same for every step, whichever repetition it is in.
+            if rank == 0:
+                fs.rm([f"{bucket}/{top}" for top in ("raw", "ours", "tiny") if fs.exists(f"{bucket}/{top}")],
+                      recursive=True)
+            barrier()
+            fs.invalidate_cache()
         # writes before reads (a load needs a save); which of raw/ours goes first alternates
         order = ["raw_put", "ours_save", "raw_put_one", "ours_save_tiny", "raw_get", "ours_load", "ours_load_noverify"] \
             if rep % 2 == 0 else ["ours_save_tiny", "raw_put_one", "ours_save", "raw_put", "ours_load_noverify",
