@@ -1,6 +1,7 @@
 """S3 save and load throughput against raw s3fs on the same moto server (rank side).
 
-Per repetition, in a rotating order:
+Each repetition starts from an empty bucket (rank 0 deletes the last one's objects, untimed);
+then, in a rotating order:
 
 - ``raw_put``: every rank writes its shard bytes as ``thread_count`` new objects (grouped as
   DCP groups items into files; new names each time, as every save writes new objects), all
