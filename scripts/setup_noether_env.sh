@@ -66,7 +66,7 @@ build() {
     # dependencies; then Noether itself without its dependencies (pip then lists the ones
     # left out: expected).
     "$ENV/bin/python" -m pip install -q --no-cache-dir "torch==$NOETHER_ENV_TORCH" "numpy==$NOETHER_ENV_NUMPY" \
-        pydantic hydra-core omegaconf pyyaml einops psutil tqdm packaging attrs fsspec s3fs pytest "moto[server]" \
+        pydantic hydra-core omegaconf pyyaml einops psutil tqdm packaging attrs fsspec s3fs isal pytest "moto[server]" \
         setuptools 2>&1 | quiet_pip
     "$ENV/bin/python" -m pip install -q --no-cache-dir --no-deps "emmiai-noether==$NOETHER_ENV_NOETHER" 2>&1 | quiet_pip
     rm -f "$BUILDING"
@@ -85,6 +85,10 @@ else
     build
     env_complete || { echo "setup_noether_env: $ENV was built but fails its import check" >&2; exit 1; }
 fi
+# Runtime dependencies added since an environment was built are installed into it (cheap),
+# rather than rebuilding the whole environment.
+(cd / && env -u PYTHONPATH "$ENV/bin/python" -c "import isal" 2>/dev/null) \
+    || "$ENV/bin/python" -m pip install -q --no-cache-dir isal 2>&1 | quiet_pip
 # This checkout, editable and without dependencies (the environment has them): cheap, every run.
 here=$(pwd -P)
 where_installed() {

@@ -12,7 +12,6 @@ by parameter name), nothing applied yet.
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +22,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from ..errors import ConfigError, NoetherDistError
 from ..format.names import ArtifactFormat, ArtifactKind, ema_factor_of, format_artifact, noether_model_info
 from . import consolidated
+from .checksum import crc32
 from .dcp_io import FileRecord
 from .storage import Storage
 from .format_api import ArtifactIO, KeyInfo, LoadTarget, TrainerContent, WriteContext, flat_keys
@@ -42,7 +42,7 @@ def _read_single(storage: Storage, path: str, art: Any, limit: int) -> tuple[Any
     try:
         if storage.local_path(path) is None:
             data = storage.read(path)
-            reason = _mismatch(path, rec, len(data), zlib.crc32(data)) if rec is not None and limit > 0 else None
+            reason = _mismatch(path, rec, len(data), crc32(data)) if rec is not None and limit > 0 else None
             return (None, reason) if reason else (consolidated.load_bytes(data), None)
         if rec is not None and 0 < limit and rec.size <= limit:
             reason = _mismatch(path, rec, *_streamed_crc32(storage, path))
@@ -61,7 +61,7 @@ def _streamed_crc32(storage: Storage, path: str) -> tuple[int, int]:
     size, crc = 0, 0
     with storage.open_read(path) as stream:
         while chunk := stream.read(_CHUNK_BYTES):
-            crc = zlib.crc32(chunk, crc)
+            crc = crc32(chunk, crc)
             size += len(chunk)
     return size, crc
 

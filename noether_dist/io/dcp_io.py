@@ -40,6 +40,7 @@ from torch.futures import Future
 from ..dist.comm import is_distributed as _dist_ready
 from ..format.records import FileRecord
 from ..errors import StateMismatchError, StorageError
+from .checksum import crc32
 from .storage import Storage
 
 __all__ = ["FileRecord", "save_state", "load_state", "load_checked", "LoadReport", "Staging", "staging", "is_sharded", "reader_of", "placeholder", "paused_gc", "load_full", "StorageFileSystem", "save_state_in_process", "collect_sidecar", "shutdown_checkpoint_process", "read_metadata", "cpu_buffers_like", "METADATA_FILE", "DCP_COORDINATOR", "writer_rank"]
@@ -380,7 +381,7 @@ class _Reader(FileSystemReader):
                 nonlocal size, crc
                 pieces = []
                 while n > 0 and (piece := stream.read(n if keep else min(n, READ_CHUNK_BYTES))):
-                    crc = zlib.crc32(piece, crc)
+                    crc = crc32(piece, crc)
                     size += len(piece)
                     n -= len(piece)
                     if keep:

@@ -20,12 +20,14 @@ import concurrent.futures
 import http.client
 import io
 import re
-import zlib
 from typing import Any
 
 import s3fs
 from fsspec.asyn import sync as fsspec_sync
 from fsspec.asyn import sync_wrapper
+
+from .checksum import crc32
+
 
 __all__ = ["ChecksummedS3FileSystem", "checksum_kwargs", "stored_crc32", "StoredChecksum", "S3Sink", "S3Body",
            "MULTIPART_MIN_BYTES"]
@@ -237,7 +239,7 @@ class S3Sink:
 
 def _crc_of(body: io.BytesIO) -> int:
     with body.getbuffer() as view:
-        return zlib.crc32(view)
+        return crc32(view)
 
 
 class S3Body:

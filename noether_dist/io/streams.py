@@ -17,11 +17,11 @@ from __future__ import annotations
 import contextlib
 import os
 import uuid
-import zlib
 from collections.abc import Callable
 from typing import Any, Protocol
 
 from ..errors import StorageError
+from .checksum import crc32
 
 __all__ = ["ReadStream", "WriteStream", "Body", "Sink", "LocalSink", "FileSink"]
 
@@ -125,7 +125,7 @@ class WriteStream:
         """Write ``data`` (bytes or any buffer); returns the number of bytes."""
         view = data if isinstance(data, (bytes, bytearray)) else memoryview(data).cast("B")
         self._sink.write(view)
-        self._crc = zlib.crc32(view, self._crc)
+        self._crc = crc32(view, self._crc)
         self.size += len(view)
         return len(view)
 

@@ -30,13 +30,13 @@ import subprocess
 import sys
 import threading
 import time
-import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
 from ..errors import UploadError
+from .checksum import crc32
 from .storage import Storage, StorageOptions, open_storage
 
 __all__ = ["FileJob", "Pacer", "send_file", "send_files", "UploadProcess"]
@@ -99,7 +99,7 @@ class _Reader(io.FileIO):
     def read(self, size: int = -1) -> bytes:  # noqa: D102 - io.FileIO.read
         data = super().read(self.pacer.chunk(size) if size is not None and size > 0 else size)
         if self.with_crc:
-            self.crc = zlib.crc32(data, self.crc)
+            self.crc = crc32(data, self.crc)
         self.count += len(data)
         if data:
             self.pacer.sent(len(data))

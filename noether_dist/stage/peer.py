@@ -47,7 +47,6 @@ from __future__ import annotations
 import logging
 import os
 import uuid
-import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -56,6 +55,7 @@ from ..dist.topology import NodeTopology
 from ..errors import CommitError
 from ..format.layout import COMMITS_DIR, ALIASES_DIR, StageLayout, join_url
 from ..format.names import ArtifactFormat, parse_artifact
+from ..io.checksum import crc32
 from ..io.dcp_io import DCP_COORDINATOR, writer_rank
 from ..io.storage import Storage
 from ..format.records import CommitRecord, CorruptRecordError, FileRecord
@@ -105,7 +105,7 @@ class _Sink:
             raise OSError(f"chunk at offset {offset} after {self.size} bytes")
         self.fh.write(data)
         self.size += len(data)
-        self.crc = zlib.crc32(data, self.crc)
+        self.crc = crc32(data, self.crc)
 
     @property
     def complete(self) -> bool:

@@ -28,7 +28,6 @@ import enum
 import json
 import re
 import threading
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -38,6 +37,7 @@ from ..errors import CheckpointNotFoundError, ConfigError, InvalidNameError
 from ..format.layout import StageLayout, join_url
 from ..format.names import CheckpointRef, TrainingIteration, parse_artifact, parse_checkpoint, parse_resume_checkpoint
 from ..format.records import CommitRecord, CorruptRecordError
+from ..io.checksum import crc32
 from ..io.storage import Storage
 
 __all__ = ["DamageKind", "Damage", "CheckpointCheck", "StageReport", "VerifyReport", "file_crc32",
@@ -182,7 +182,7 @@ def file_crc32(storage: Storage, path: str, *, chunk_bytes: int = CHUNK_BYTES,
     try:
         with storage.open_read(path) as stream:
             while chunk := stream.read(chunk_bytes):
-                crc = zlib.crc32(chunk, crc)
+                crc = crc32(chunk, crc)
                 size += len(chunk)
                 if progress is not None:
                     progress.update(len(chunk))
