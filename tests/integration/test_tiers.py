@@ -36,16 +36,28 @@ def config(bucket: str, endpoint: str, prefix: str, **durable) -> dict:
     }
 
 
-def _exists(url: str) -> bool:
+def _storage(url: str):
     from noether_dist.io.storage import StorageOptions, open_storage
 
     options = StorageOptions(endpoint_url=os.environ.get("ND_TEST_ENDPOINT")) if url.startswith("s3://") else None
-    return open_storage(url, options).exists(url)
+    return open_storage(url, options)
+
+
+def _exists(url: str) -> bool:
+    return _storage(url).exists(url)
 
 
 def _kill_when(paths: list[str], marker: str) -> None:
-    while not all(_exists(p) for p in paths):
-        time.sleep(0.02)
+    # Local files are polled every 20 ms (a save every 2 updates of 50 ms must not slip by);
+    # a file on S3 every 100 ms: each poll is a request the server on these same cores
+    # answers, and the durable uploads these tests wait for take seconds.
+    storages = {path: _storage(path) for path in paths}
+    while True:
+        for path, storage in storages.items():
+            while not storage.exists(path):
+                time.sleep(0.1 if path.startswith("s3://") else 0.02)
+        if all(storage.exists(path) for path, storage in storages.items()):  # all at once, as before
+            break
     with open(marker, "w"):
         pass  # tells the test that this kill came from here (and not from a timeout)
     os.kill(os.getpid(), signal.SIGKILL)
@@ -207,7 +219,8 @@ def test_kill_during_an_upload(setup, s3_server, capsys):
     run_job(cfg, dirs, kill_when=[first_file])
     assert "E1_U8_S256" not in durable_commits(s3_server, s3_bucket, "killed")
     assert durable_keys(s3_server, s3_bucket, "killed", "E1_U8_S256")  # a partial upload is left
-    out = run_job(cfg, dirs)
+    # resumed at full upload speed: only the killed upload had to be slow
+    out = run_job(config(s3_bucket, endpoint, "killed", retention={"keep_last": 10}), dirs)
     for summary in out:
         assert summary["finished"] and summary["digest"] == reference, summary
         assert summary["resumed"]["tier"] == "local", summary["resumed"]
@@ -324,11 +337,11 @@ def _upload_process_killed(rank: int, world_size: int, bucket: str, endpoint: st
         "output_dir": f"s3://{bucket}/killed-process", "run_id": "r", "model_name": "mlp", "timeout_s": 60,
         "storage": {"endpoint_url": endpoint},
         "tiers": {"local": {"dir": local_dirs[rank], "every_updates": 1, "keep_last": 5},
-                  "durable": {"every_updates": 1, "bandwidth_mb_s": 0.002, "timeout_s": 60}}})
+                  "durable": {"every_updates": 1, "bandwidth_mb_s": 0.005, "timeout_s": 60}}})
     out: dict = {}
     with Checkpointer(cfg) as ck:
         first_pid = ck.durable.process.pid
-        ck.save(TrainingIteration(0, 1, 1), model=model)  # local, then the upload starts (2 kB/s per rank)
+        ck.save(TrainingIteration(0, 1, 1), model=model)  # local, then the upload starts (5 kB/s per rank: seconds)
         if rank == 0:  # once the first file is in the store, the upload is under way: kill its process
             first = f"s3://{bucket}/killed-process/r/checkpoints/mlp_cp=E0_U1_S1_model.th/.metadata"
             deadline = time.monotonic() + 30
