@@ -28,7 +28,6 @@ from fsspec.asyn import sync_wrapper
 
 from .checksum import crc32
 
-
 __all__ = ["ChecksummedS3FileSystem", "checksum_kwargs", "stored_crc32", "StoredChecksum", "S3Sink", "S3Body",
            "MULTIPART_MIN_BYTES"]
 
