@@ -43,21 +43,13 @@ def _storage(url: str):
     return open_storage(url, options)
 
 
-def _exists(url: str) -> bool:
-    return _storage(url).exists(url)
-
-
 def _kill_when(paths: list[str], marker: str) -> None:
     # Local files are polled every 20 ms (a save every 2 updates of 50 ms must not slip by);
     # a file on S3 every 100 ms: each poll is a request the server on these same cores
     # answers, and the durable uploads these tests wait for take seconds.
-    storages = {path: _storage(path) for path in paths}
-    while True:
-        for path, storage in storages.items():
-            while not storage.exists(path):
-                time.sleep(0.1 if path.startswith("s3://") else 0.02)
-        if all(storage.exists(path) for path, storage in storages.items()):  # all at once, as before
-            break
+    storages = [(path, _storage(path)) for path in paths]
+    while missing := next((path for path, storage in storages if not storage.exists(path)), None):
+        time.sleep(0.1 if missing.startswith("s3://") else 0.02)
     with open(marker, "w"):
         pass  # tells the test that this kill came from here (and not from a timeout)
     os.kill(os.getpid(), signal.SIGKILL)
@@ -344,8 +336,8 @@ def _upload_process_killed(rank: int, world_size: int, bucket: str, endpoint: st
         ck.save(TrainingIteration(0, 1, 1), model=model)  # local, then the upload starts (5 kB/s per rank: seconds)
         if rank == 0:  # once the first file is in the store, the upload is under way: kill its process
             first = f"s3://{bucket}/killed-process/r/checkpoints/mlp_cp=E0_U1_S1_model.th/.metadata"
-            deadline = time.monotonic() + 30
-            while not _exists(first) and time.monotonic() < deadline:
+            store, deadline = _storage(first), time.monotonic() + 30
+            while not store.exists(first) and time.monotonic() < deadline:
                 time.sleep(0.02)
             out["killed_while_busy"] = ck.durable.busy
             os.kill(first_pid, sig.SIGKILL)
