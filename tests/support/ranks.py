@@ -38,10 +38,13 @@ log = logging.getLogger(__name__)
 FAILURE_GRACE_S = 20.0
 """Once a rank failed, the others (likely waiting in a collective for it) get this long."""
 
-PRELOAD = ["torch", "torch.distributed", "torch.distributed.checkpoint", "torch.distributed.fsdp", "numpy", "pytest",
-           "noether_dist", "noether_dist.save", "noether_dist.resume", "noether_dist.io.dcp_io", "tests.support.models"]
+PRELOAD = ["torch", "torch.distributed", "torch.distributed.checkpoint", "torch.distributed.fsdp", "torch._dynamo",
+           "s3fs", "numpy", "pytest", "noether_dist", "noether_dist.save", "noether_dist.resume",
+           "noether_dist.io.dcp_io", "tests.support.models"]
 """Imported once by the forkserver every rank is forked from (one that is missing is skipped):
-what nearly every rank imports, so that no rank pays for it."""
+what nearly every rank imports, so that no rank pays for it. ``torch._dynamo`` is imported
+lazily by FSDP's ``fully_shard`` and the optimizers' first step (about 1.5 CPU s per process
+here, more than the rest of a small rank's work); ``s3fs`` by every rank that touches S3."""
 
 _LOG_TAIL_LINES = 30
 
