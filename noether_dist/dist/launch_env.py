@@ -11,7 +11,20 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-__all__ = ["DistEnv", "first_host"]
+__all__ = ["RESTART_PORT_STRIDE", "DistEnv", "first_host", "slurm_port"]
+
+
+RESTART_PORT_STRIDE = 5003
+"""How far a requeued job's port moves per restart (see :func:`slurm_port`)."""
+
+
+def slurm_port(job_id: int, restart_count: int = 0) -> int:
+    """The master (or rendezvous) port of a SLURM job: ``15000 + (job_id + 5003 *
+    restart_count) % 15000``, in 15000-29999 (below the usual ephemeral range). A requeued job
+    keeps its id, so each restart moves the port: a process of the previous run still exiting
+    on the first node (saving on SIGTERM, under load) must not hold the new run's port.
+    ``launch/slurm/*.sbatch`` compute the same for torchrun's rendezvous."""
+    return 15000 + (job_id + RESTART_PORT_STRIDE * restart_count) % 15000
 
 
 @dataclass(frozen=True)
@@ -34,8 +47,8 @@ class DistEnv:
         Only a task of a job step counts as SLURM-launched: a batch script also carries
         SLURM_PROCID=0 and SLURM_NTASKS=<tasks of the allocation>, but no SLURM_STEP_ID, and a
         trainer started there directly (not through ``srun``) is one process. Under srun the
-        master port is MASTER_PORT when set, else derived from SLURM_JOB_ID (15000-29999,
-        below the usual ephemeral range), so every task of the step computes the same one.
+        master port is MASTER_PORT when set, else :func:`slurm_port` of SLURM_JOB_ID and
+        SLURM_RESTART_COUNT, so every task of the step computes the same one.
         """
         env = dict(os.environ if env is None else env)
         if "RANK" in env and "WORLD_SIZE" in env:
@@ -46,10 +59,10 @@ class DistEnv:
         if in_step and "SLURM_PROCID" in env and ntasks > 1:
             nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") \
                 or "127.0.0.1"
-            job = int(env.get("SLURM_JOB_ID") or 0)
+            port = slurm_port(int(env.get("SLURM_JOB_ID") or 0), int(env.get("SLURM_RESTART_COUNT") or 0))
             return cls(int(env["SLURM_PROCID"]), ntasks, int(env.get("SLURM_LOCALID") or 0),
                        env.get("MASTER_ADDR") or first_host(nodelist),
-                       int(env.get("MASTER_PORT") or 15000 + job % 15000), "slurm")
+                       int(env.get("MASTER_PORT") or port), "slurm")
         return cls(0, 1, 0, "127.0.0.1", 0, "single")
 
     def torchrun_variables(self) -> dict[str, str]:

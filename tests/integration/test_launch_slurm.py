@@ -246,6 +246,9 @@ def test_preempt_scancel_usr1_saves_requeues_and_finishes(cluster, tmp_path, ref
     job, stage, (out,) = _run_preempted_job(
         cluster, tmp_path, "srun", lambda job: scancel(cluster, job, "--signal=USR1"))
     _check_resumed_and_finished(job, stage, out, reference)
+    # the requeued run's master port moved: the first run's processes may still hold the old one
+    masters = re.findall(r"rank 0 of 2 via slurm \(gloo, master (\S+)\)", read_text(out))
+    assert len(masters) == 2 and masters[0] != masters[1], masters
 
 
 def test_preempt_signal_to_one_rank_only(cluster, tmp_path, reference):

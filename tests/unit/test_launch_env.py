@@ -53,6 +53,9 @@ def test_srun_task_reads_slurm_variables():
     assert env.master_port == DistEnv.from_env({**SRUN_TASK_1, "SLURM_PROCID": "0"}).master_port, \
         "every task of the step must derive the same port"
     assert env.master_port != DistEnv.from_env({**SRUN_TASK_1, "SLURM_JOB_ID": "1235"}).master_port
+    requeued = DistEnv.from_env({**SRUN_TASK_1, "SLURM_RESTART_COUNT": "1"}).master_port
+    assert requeued != env.master_port and 15000 <= requeued < 30000, \
+        "a requeued job must not reuse the port its previous run may still hold"
 
 
 def test_srun_master_from_env_overrides():
