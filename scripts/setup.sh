@@ -12,7 +12,7 @@ if ! "$PY" -c 'import torch, sys; sys.exit(torch.__version__.split("+")[0] != "2
     "$PY" -m pip install -q --disable-pip-version-check torch==2.13.0
 fi
 here=$(pwd -P)
-installed=$(cd / && "$PY" -c 'import noether_dist, moto, s3fs, yaml, numpy, pytest, os; print(os.path.dirname(os.path.dirname(os.path.realpath(noether_dist.__file__))))' 2>/dev/null || true)
+installed=$(cd / && "$PY" -c 'import noether_dist, moto, s3fs, yaml, numpy, pytest, xdist, os; print(os.path.dirname(os.path.dirname(os.path.realpath(noether_dist.__file__))))' 2>/dev/null || true)
 if [ "$installed" != "$here" ]; then
     "$PY" -m pip install -q --disable-pip-version-check -e ".[test]"
 fi

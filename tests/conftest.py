@@ -41,11 +41,15 @@ def s3_bucket(s3_server, s3_env):
 
 
 @pytest.fixture
-def report(pytestconfig):
+def report(request, pytestconfig):
     """Write a line into pytest's output even when the test passes (figures such as trial
-    counts belong in the CI log)."""
+    counts belong in the CI log). On a pytest-xdist worker the line travels with the test's
+    report and the controller writes it (``_WorkerReportLines``)."""
 
     def write(text: str) -> None:
+        if hasattr(pytestconfig, "workerinput"):
+            request.node.user_properties.append((_REPORT_LINE, text))
+            return
         reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
         capman = pytestconfig.pluginmanager.get_plugin("capturemanager")
         if reporter is None or capman is None:
@@ -55,6 +59,34 @@ def report(pytestconfig):
             reporter.write_line(text)
 
     return write
+
+
+_REPORT_LINE = "report line"
+
+
+class _WorkerReportLines:
+    """On the pytest-xdist controller: writes the lines that a worker's test gave ``report``
+    once the test's teardown report arrives."""
+
+    def __init__(self, config):
+        self.config = config
+
+    def pytest_runtest_logreport(self, report):
+        if report.when != "teardown":
+            return
+        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+        for name, value in getattr(report, "user_properties", ()):
+            if name != _REPORT_LINE:
+                continue
+            if reporter is not None:
+                reporter.write_line(value)
+            else:
+                print(value)
+
+
+def pytest_configure(config):
+    if not hasattr(config, "workerinput"):
+        config.pluginmanager.register(_WorkerReportLines(config), "noether-dist-report-lines")
 
 
 @pytest.fixture(scope="session")
@@ -80,3 +112,27 @@ def two_hosts():
         pytest.skip(why)
     with TwoHosts() as hosts:
         yield hosts
+
+
+_MACHINE_GROUPS = {"cluster": "slurm", "two_hosts": "netns"}
+"""Fixtures that stand for one thing on this machine (one SLURM cluster, one pair of
+network-namespace hosts), and the pytest-xdist group of the tests that use them."""
+
+
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects by marker
+def pytest_collection_modifyitems(config, items):
+    """Marks every test that uses a machine-wide fixture (``_MACHINE_GROUPS``) ``machine_wide``.
+    Under pytest-xdist (``-n N --dist loadgroup``, as ``scripts/test.sh`` runs part 1) it also
+    puts each test in a group: the tests of one machine-wide fixture form one group, so no two
+    workers use it at once; every other test runs in the group of its module, so that a
+    module's shared setup is built once."""
+    xdist = config.pluginmanager.hasplugin("xdist") and getattr(config.option, "numprocesses", None) not in (None, 0)
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        machine = [group for fixture, group in _MACHINE_GROUPS.items() if fixture in fixtures]
+        if len(machine) > 1:
+            raise pytest.UsageError(f"{item.nodeid} uses {' and '.join(machine)}: one xdist group cannot hold it")
+        if machine:
+            item.add_marker(pytest.mark.machine_wide)
+        if xdist:
+            item.add_marker(pytest.mark.xdist_group(machine[0] if machine else item.nodeid.split("::")[0]))
