@@ -9,7 +9,7 @@
 #   1b. then the tests marked slurm (the one-node cluster) in one process, with parts 2 and 3
 #       beside them: the SLURM tests mostly wait (for jobs, signals, requeues), parts 2 and 3
 #       fill the cores meanwhile. Beside xdist workers, SLURM's preemption and requeue tests
-#       failed in each of the 4 runs tried; beside parts 2 and 3 they passed (2 of 2).
+#       failed in each of the 4 runs tried; beside parts 2 and 3 they passed (3 of 3).
 # Part 1's output shows as it comes, parts 2 and 3's once they are done. Every part runs even
 # when another failed; the exit status is non-zero when any part failed or ran no test
 # (pytest's exit 5 counts as a failure here). Extra arguments go to every pytest call (e.g. -x).
