@@ -5,7 +5,7 @@
 #   3. Noether env, real Noether:    pytest -q tests/integration/noether
 # Two cores are the limit, so both are kept busy, in two phases:
 #   1a. every test of part 1 but the SLURM ones, on TEST_WORKERS pytest-xdist workers
-#       (default 3; 0: one process; the namespace-host tests form one xdist group);
+#       (default 3; 0: one process), one module at a time per worker;
 #   1b. then the tests marked slurm (the one-node cluster) in one process, with parts 2 and 3
 #       beside them: the SLURM tests mostly wait (for jobs, signals, requeues), parts 2 and 3
 #       fill the cores meanwhile. Beside xdist workers, SLURM's preemption and requeue tests

@@ -114,20 +114,19 @@ def two_hosts():
         yield hosts
 
 
-_MACHINE_GROUPS = {"cluster": "slurm", "two_hosts": "netns"}
-"""Fixtures that stand for one thing on this machine (one SLURM cluster, one pair of
-network-namespace hosts), and the marker and pytest-xdist group of the tests that use them."""
+_MACHINE_GROUPS = {"cluster": "slurm"}
+"""Fixtures that stand for one thing on this machine (the one SLURM cluster), and the marker
+and pytest-xdist group of the tests that use them. ``two_hosts`` is not one: each
+``TwoHosts`` picks a subnet of its own, so namespace hosts of several tests coexist."""
 
 
 @pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects by marker
 def pytest_collection_modifyitems(config, items):
     """Marks every test that uses a machine-wide fixture (``_MACHINE_GROUPS``) with its group
-    (``slurm``, ``netns``). Under pytest-xdist (``-n N --dist loadgroup``, as
-    ``scripts/test.sh`` runs part 1) it also puts each test in a group: the tests of one
-    machine-wide fixture form one group, so no two workers use it at once; every other test
-    runs in the group of its module, so that a module's shared setup is built once. The
-    machine-wide groups go first: each runs on one worker, and started last it would be the
-    tail of the run."""
+    (``slurm``). Under pytest-xdist (``-n N --dist loadgroup``, as ``scripts/test.sh`` runs
+    part 1) it also puts each test in a group: the tests of one machine-wide fixture form one
+    group, so no two workers use it at once; every other test runs in the group of its
+    module, so that a module's shared setup is built once."""
     xdist = hasattr(config, "workerinput")  # the workers collect; their options say dist "no"
     for item in items:
         fixtures = set(getattr(item, "fixturenames", ()))
@@ -138,5 +137,3 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(getattr(pytest.mark, machine[0]))
         if xdist:
             item.add_marker(pytest.mark.xdist_group(machine[0] if machine else item.nodeid.split("::")[0]))
-    if xdist:
-        items.sort(key=lambda item: not any(f in _MACHINE_GROUPS for f in getattr(item, "fixturenames", ())))
