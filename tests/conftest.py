@@ -130,10 +130,8 @@ def pytest_collection_modifyitems(config, items):
     xdist = hasattr(config, "workerinput")  # the workers collect; their options say dist "no"
     for item in items:
         fixtures = set(getattr(item, "fixturenames", ()))
-        machine = [group for fixture, group in _MACHINE_GROUPS.items() if fixture in fixtures]
-        if len(machine) > 1:
-            raise pytest.UsageError(f"{item.nodeid} uses {' and '.join(machine)}: one xdist group cannot hold it")
+        machine = next((group for fixture, group in _MACHINE_GROUPS.items() if fixture in fixtures), None)
         if machine:
-            item.add_marker(getattr(pytest.mark, machine[0]))
+            item.add_marker(getattr(pytest.mark, machine))
         if xdist:
-            item.add_marker(pytest.mark.xdist_group(machine[0] if machine else item.nodeid.split("::")[0]))
+            item.add_marker(pytest.mark.xdist_group(machine or item.nodeid.split("::")[0]))
