@@ -17,7 +17,6 @@ import json
 import os
 import re
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from noether_dist.dist.launch_env import first_host
+from tests.support.reference_runs import uninterrupted_run
 from tests.support.slurm_cluster import LocalSlurmCluster
 
 pytestmark = pytest.mark.slow
@@ -43,18 +43,10 @@ _REFERENCE: dict[str, dict] = {}
 
 
 def uninterrupted_digest(tmp_dir: Path) -> dict:
-    """The final digest of a run that is never interrupted: the trainer run directly with
-    cpu_small.yaml on 2 ranks. Computed once per test session (also used by
-    test_launch_two_hosts.py)."""
+    """The final digest of a run that is never interrupted: cpu_small.yaml on 2 ranks.
+    Computed once per test process (also used by the two-host tests)."""
     if "digest" not in _REFERENCE:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "noether_dist.trainer", "--config", str(CONFIG), "run_id=ref", f"output_dir={tmp_dir}"]
-        res = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                             timeout=180, cwd=tmp_dir)
-        assert res.returncode == 0, res.stdout + res.stderr
-        summary = json.loads((tmp_dir / "ref" / "train" / "summary.json").read_text())
-        assert summary["finished"] and summary["world_size"] == 2, summary
-        _REFERENCE["digest"] = summary["digest"]
+        _REFERENCE["digest"] = uninterrupted_run(CONFIG, ["run_id=ref", f"output_dir={tmp_dir}"])["digest"]
     return _REFERENCE["digest"]
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import forked_main
+from tests.support.reference_runs import uninterrupted_run
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = str(REPO / "launch" / "configs" / "cpu_tiny.yaml")
@@ -68,9 +69,7 @@ def test_readme_main_job_runs(one_epoch):
 
 @pytest.mark.slow
 def test_sigkill_at_a_random_update_then_resume_gives_the_same_digest(tmp_path):
-    full = subprocess.run(_torchrun(2, tmp_path, "run_id=full", *SMALL), env=_env(), capture_output=True,
-                          text=True, timeout=180)
-    assert full.returncode == 0, full.stderr[-3000:]
+    full = uninterrupted_run(Path(CONFIG), [f"output_dir={tmp_path}", "run_id=full", *SMALL])
     total = 2 * 256 // 32
     kill_at = random.Random().randint(5, total - 2)  # after the first checkpoint (U4), before the end
     proc = subprocess.Popen(_torchrun(2, tmp_path, "run_id=cut", "auto_resume=true", "trainer.step_delay_s=0.05",
@@ -94,7 +93,7 @@ def test_sigkill_at_a_random_update_then_resume_gives_the_same_digest(tmp_path):
                              capture_output=True, text=True, timeout=180)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed cut/train at" in resumed.stderr
-    a, b = _summary(tmp_path, "full"), _summary(tmp_path, "cut")
+    a, b = full, _summary(tmp_path, "cut")
     assert b["finished"] and a["checkpoint"] == b["checkpoint"]
     assert a["digest"] == b["digest"], f"killed at U{kill_at}"
     assert a["callbacks"] == b["callbacks"]
