@@ -11,29 +11,18 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import subprocess
-import sys
-import textwrap
+from pathlib import Path
 
 import pytest
 
+from tests.support import forked_main
 from tests.support.launcher_env import SRUN_TASK_1
 from tests.support.ranks import run_ranks
 
+REPO = str(Path(__file__).resolve().parents[2])
+
 
 # -------------------------------------------------------------- process group from srun env
-
-_INIT_SCRIPT = textwrap.dedent("""
-    import torch, torch.distributed as dist
-    from noether_dist.dist.comm import init_distributed, Comm
-    env = init_distributed(timeout_s=60)
-    assert env.launcher == "slurm", env
-    t = torch.tensor([float(env.rank + 1)])
-    dist.all_reduce(t)
-    ranks = Comm(timeout_s=60).all_gather(env.rank)
-    print(f"OK rank={env.rank} world={dist.get_world_size()} sum={t.item()} ranks={ranks} backend={dist.get_backend()}", flush=True)
-""")
-
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -47,24 +36,18 @@ def test_init_distributed_from_srun_variables(tmp_path):
     group; the master is the first host of the node list, the port comes from MASTER_PORT
     (here: a free one, as the job-id port could be taken on a shared test machine)."""
     port = _free_port()
-    procs = []
+    runs = []
     for rank in range(3):
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
         env.update(SRUN_TASK_1, SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_NTASKS="3",
                    SLURM_STEP_NUM_TASKS="3", SLURM_STEP_NODELIST="localhost,otherhost", MASTER_PORT=str(port),
                    OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, "-c", _INIT_SCRIPT], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
-    outs = []
-    for p in procs:
-        try:
-            outs.append(p.communicate(timeout=90)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise AssertionError("process group from srun variables did not form within 90 s")
-    for rank, (p, out) in enumerate(zip(procs, outs)):
-        assert p.returncode == 0, f"rank {rank}:\n{out}"
+        runs.append(("tests.support.srun_task", [], env))
+    # three processes at once, forked from the ranks' forkserver (torch imported there once)
+    done = forked_main.run_all(runs, cwd=REPO, timeout_s=90)
+    for rank, proc in enumerate(done):
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 0, f"rank {rank} (exit {proc.returncode}; -9: still running after 90 s):\n{out}"
         assert f"OK rank={rank} world=3 sum=6.0 ranks=[0, 1, 2] backend=gloo" in out, out
 
 
