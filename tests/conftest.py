@@ -120,14 +120,27 @@ and pytest-xdist group of the tests that use them. ``two_hosts`` is not one: eac
 ``TwoHosts`` picks a subnet of its own, so namespace hosts of several tests coexist."""
 
 
+def _must_be_slow(nodeid: str) -> bool:
+    """Tests in tests/dist and tests/integration start processes or servers and are marked
+    ``slow``; but for tests/integration/noether, which runs in the Noether environment only
+    (part 3), where its one-process tests (test_adapter_units.py) belong to the inner loop."""
+    return nodeid.startswith(("tests/dist/", "tests/integration/")) and not nodeid.startswith("tests/integration/noether/")
+
+
 @pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects by marker
 def pytest_collection_modifyitems(config, items):
-    """Marks every test that uses a machine-wide fixture (``_MACHINE_GROUPS``) with its group
-    (``slurm``). Under pytest-xdist (``-n N --dist loadgroup``, as ``scripts/test.sh`` runs
-    part 1) it also puts each test in a group: the tests of one machine-wide fixture form one
-    group, so no two workers use it at once; every other test runs in the group of its
-    module, so that a module's shared setup is built once."""
+    """Refuses a test that :func:`_must_be_slow` but is not marked ``slow`` (so that ``-m "not
+    slow"`` stays the one-process inner loop). Marks every test that uses a machine-wide
+    fixture (``_MACHINE_GROUPS``) with its group (``slurm``). Under pytest-xdist (``-n N
+    --dist loadgroup``, as ``scripts/test.sh`` runs part 1) it also puts each test in a
+    group: the tests of one machine-wide fixture form one group, so no two workers use it at
+    once; every other test runs in the group of its module, so that a module's shared setup
+    is built once."""
     xdist = hasattr(config, "workerinput")  # the workers collect; their options say dist "no"
+    unmarked = [item.nodeid for item in items if _must_be_slow(item.nodeid) and item.get_closest_marker("slow") is None]
+    if unmarked:
+        raise pytest.UsageError(f"{len(unmarked)} test(s) of tests/dist or tests/integration are not marked slow "
+                                f"(they start processes or servers; see README, Development): {unmarked[:5]}")
     for item in items:
         fixtures = set(getattr(item, "fixturenames", ()))
         machine = next((group for fixture, group in _MACHINE_GROUPS.items() if fixture in fixtures), None)

@@ -14,6 +14,8 @@ from noether_dist.errors import UploadError
 from noether_dist.io.storage import StorageOptions, open_storage
 from noether_dist.io.upload import FileJob, UploadProcess, send_file
 
+pytestmark = pytest.mark.slow  # upload processes and an S3 server
+
 
 def _file(tmp_path, name: str = "f.distcp", size: int = 300_000) -> tuple[str, bytes]:
     data = os.urandom(size)
