@@ -121,10 +121,12 @@ and pytest-xdist group of the tests that use them. ``two_hosts`` is not one: eac
 
 
 def _must_be_slow(nodeid: str) -> bool:
-    """Tests in tests/dist and tests/integration start processes or servers and are marked
-    ``slow``; but for tests/integration/noether, which runs in the Noether environment only
-    (part 3), where its one-process tests (test_adapter_units.py) belong to the inner loop."""
-    return nodeid.startswith(("tests/dist/", "tests/integration/")) and not nodeid.startswith("tests/integration/noether/")
+    """True for a test of tests/dist or tests/integration: those start processes or servers
+    and are marked ``slow``. Not for tests/integration/noether: it runs in the Noether
+    environment only (part 3), and its one-process tests (test_adapter_units.py) belong to
+    the inner loop there."""
+    return (nodeid.startswith(("tests/dist/", "tests/integration/"))
+            and not nodeid.startswith("tests/integration/noether/"))
 
 
 @pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects by marker
@@ -137,7 +139,8 @@ def pytest_collection_modifyitems(config, items):
     once; every other test runs in the group of its module, so that a module's shared setup
     is built once."""
     xdist = hasattr(config, "workerinput")  # the workers collect; their options say dist "no"
-    unmarked = [item.nodeid for item in items if _must_be_slow(item.nodeid) and item.get_closest_marker("slow") is None]
+    unmarked = [item.nodeid for item in items
+                if _must_be_slow(item.nodeid) and item.get_closest_marker("slow") is None]
     if unmarked:
         raise pytest.UsageError(f"{len(unmarked)} test(s) of tests/dist or tests/integration are not marked slow "
                                 f"(they start processes or servers; see README, Development): {unmarked[:5]}")
