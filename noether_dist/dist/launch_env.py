@@ -20,10 +20,11 @@ RESTART_PORT_STRIDE = 5003
 
 def slurm_port(job_id: int, restart_count: int = 0) -> int:
     """The master (or rendezvous) port of a SLURM job: ``15000 + (job_id +
-    RESTART_PORT_STRIDE * restart_count) % 15000``, in 15000-29999 (below the usual ephemeral range). A requeued job
-    keeps its id, so each restart moves the port: a process of the previous run still exiting
-    on the first node (saving on SIGTERM, under load) must not hold the new run's port.
-    ``launch/slurm/*.sbatch`` compute the same for torchrun's rendezvous."""
+    RESTART_PORT_STRIDE * restart_count) % 15000``, in 15000-29999 (below the usual
+    ephemeral range). A requeued job keeps its id, so each restart moves the port: a process
+    of the previous run still exiting on the first node (saving on SIGTERM, under load) must
+    not hold the new run's port. ``launch/slurm/*.sbatch`` compute the same for torchrun's
+    rendezvous."""
     return 15000 + (job_id + RESTART_PORT_STRIDE * restart_count) % 15000
 
 

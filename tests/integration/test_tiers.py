@@ -206,14 +206,14 @@ def test_kill_during_an_upload(setup, s3_server, capsys):
     dirs = local_dirs("killed")
     # slow uploads (20 kB/s per rank): U8's upload takes a second or two; the ranks die once
     # its first file is in the store
-    keep = {"retention": {"keep_last": 10}}
-    cfg = config(s3_bucket, endpoint, "killed", bandwidth_mb_s=0.02, **keep)
+    keep = {"keep_last": 10}
+    cfg = config(s3_bucket, endpoint, "killed", bandwidth_mb_s=0.02, retention=keep)
     first_file = f"s3://{s3_bucket}/killed/{CK}/mlp_cp=E1_U8_S256_model.th/.metadata"
     run_job(cfg, dirs, kill_when=[first_file])
     assert "E1_U8_S256" not in durable_commits(s3_server, s3_bucket, "killed")
     assert durable_keys(s3_server, s3_bucket, "killed", "E1_U8_S256")  # a partial upload is left
     # resumed at full upload speed: only the killed upload had to be slow
-    out = run_job(config(s3_bucket, endpoint, "killed", **keep), dirs)
+    out = run_job(config(s3_bucket, endpoint, "killed", retention=keep), dirs)
     for summary in out:
         assert summary["finished"] and summary["digest"] == reference, summary
         assert summary["resumed"]["tier"] == "local", summary["resumed"]
