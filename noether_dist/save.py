@@ -367,7 +367,6 @@ class Checkpointer:
         return True, previous
 
     def _write_and_commit(self, plan: _Plan, comm: Comm) -> SaveResult:
-        group = comm.control_group
         fresh, previous = comm.broadcast_from_coordinator(lambda: self._prepare(plan))
         if not fresh:
             log.info("checkpoint %s is already committed: keeping it, moving aliases only", plan.iteration)
@@ -384,8 +383,8 @@ class Checkpointer:
         def write_all() -> list[list[dcp_io.FileRecord]]:
             if self.config.async_mode is AsyncMode.PROCESS:
                 return [dcp_io.save_state_in_process(
-                    art.state, self.layout.artifact_path(art.name), self.storage, process_group=group,
-                    rank=comm.rank, thread_count=self.config.thread_count,
+                    art.state, self.layout.artifact_path(art.name), self.storage, comm=comm,
+                    thread_count=self.config.thread_count,
                     replicated_on_rank0=self.config.node_local, timeout_s=self.config.timeout_s)
                     for art in plan.artifacts]
             # Every artifact at once, each on a group of its own: the small ones (trainer

@@ -248,6 +248,20 @@ class Comm:
         _raise_same([outcome], outcome if mine else None)
         return outcome.value
 
+    def host_store(self, rank: int, host_name: str) -> tuple[Any, int]:
+        """A TCPStore server on the rank ``rank`` of the group, reached at ``host_name``, on a
+        port the system assigns and that stays bound as long as the store lives (no other
+        process can take it meanwhile). Returns the store (None on the other ranks) and its
+        port (on every rank); a failure to host it is raised on every rank."""
+        hosted: list[Any] = []
+
+        def host() -> int:
+            hosted.append(_new_store(host_name, self.timeout_s))
+            return hosted[0].port
+
+        port = self.broadcast_from(rank, host)
+        return (hosted[0] if hosted else None), port
+
     def all_gather_results(self, fn: Callable[[], T]) -> list[T]:
         """Run ``fn`` on every rank; return all values in rank order on every rank, or, if
         any rank failed, raise the same error on every rank."""
@@ -353,6 +367,11 @@ class Comm:
         value = torch.tensor([1 if flag else 0], dtype=torch.int32)
         self._guard("all_reduce", lambda: dist.all_reduce(value, op=dist.ReduceOp.MIN, group=self.control_group))
         return bool(value.item())
+
+
+def _new_store(host_name: str, timeout_s: float) -> Any:
+    """A TCPStore server at ``host_name`` on a port the system assigns (``.port``)."""
+    return dist.TCPStore(host_name, 0, is_master=True, wait_for_workers=False, timeout=_dt.timedelta(seconds=timeout_s))
 
 
 def _subgroup_ranks(group: Any) -> tuple[int, ...] | None:

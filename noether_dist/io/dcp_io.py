@@ -37,7 +37,7 @@ from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, Stora
 from torch.distributed.checkpoint.planner import LoadItemType
 from torch.futures import Future
 
-from ..dist.comm import is_distributed as _dist_ready
+from ..dist.comm import Comm, is_distributed as _dist_ready
 from ..format.records import FileRecord
 from ..errors import StateMismatchError, StorageError
 from .checksum import crc32
@@ -205,21 +205,23 @@ class _NoStaging:
         pass
 
 
-def save_state_in_process(state_dict: dict[str, Any], path: str, storage: Storage, *, process_group: Any,
-                          rank: int, thread_count: int = 1, replicated_on_rank0: bool = False,
+def save_state_in_process(state_dict: dict[str, Any], path: str, storage: Storage, *, comm: Comm,
+                          thread_count: int = 1, replicated_on_rank0: bool = False,
                           timeout_s: float | None = None) -> list[FileRecord]:
-    """Like :func:`save_state`, but the writing runs in DCP's checkpoint process (one per
-    rank, started on first use) so that it never holds this process's GIL. ``state_dict``
-    must already be staged (in shared memory)."""
+    """Like :func:`save_state` on ``comm``'s control group (a collective of its ranks), but
+    the writing runs in DCP's checkpoint process (one per rank, started on first use) so
+    that it never holds this process's GIL. ``state_dict`` must already be staged (in
+    shared memory)."""
     from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 
     writer = _Writer(path, storage, thread_count, sidecar=True)
     planner = DefaultSavePlanner(dedup_save_to_lowest_rank=replicated_on_rank0)
+    _start_checkpoint_process(comm, timeout_s)
     with _quiet():
-        future = dcp.async_save(state_dict, storage_writer=writer, planner=planner, process_group=process_group,
+        future = dcp.async_save(state_dict, storage_writer=writer, planner=planner, process_group=comm.control_group,
                                 async_checkpointer_type=AsyncCheckpointerType.PROCESS, async_stager=_NoStaging())
         future.result(timeout=timeout_s)
-    return collect_sidecar(path, storage, rank)
+    return collect_sidecar(path, storage, comm.rank)
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -710,15 +712,55 @@ def load_full(path: str, storage: Storage) -> dict[str, Any]:
     return state
 
 
+_DAEMON_STORE: Any = None
+"""The rendezvous store of this process's checkpoint process (on the group's rank 0 only;
+kept as long as that process lives)."""
+
+_PG_INIT_FIELDS = ("use_prefix_store", "tcp_store_master_addr", "tcp_store_master_port")
+
+
+def _start_checkpoint_process(comm: Comm, timeout_s: float | None) -> None:
+    """Start DCP's checkpoint process on every rank of ``comm`` unless this process has one,
+    its ranks meeting through a store that the group's rank 0 hosts on a port the system
+    assigned and that stays bound. Left to itself, DCP picks a free port, releases it and
+    has its new process bind it seconds later (the spawn), and anything that binds it in
+    between (another job's rendezvous, gloo's own sockets) fails the save.
+    A collective of ``comm``; waits at most ``timeout_s`` for the processes."""
+    from torch.distributed.checkpoint import _async_process_executor as executor
+
+    global _DAEMON_STORE
+    if executor._CHECKPOINT_PROCESS is not None:
+        return
+    info = executor._ProcessGroupInitInfo(comm.control_group)  # DCP's address, ranks and GC settings
+    if not all(hasattr(info, field) for field in _PG_INIT_FIELDS):
+        return  # another torch: DCP starts its process as it does by itself
+    # at DCP's address (MASTER_ADDR, else rank 0's host name); a fresh store: no keys of an earlier process
+    store, info.tcp_store_master_port = comm.host_store(DCP_COORDINATOR, info.tcp_store_master_addr)
+    info.use_prefix_store = True
+
+    def start() -> None:
+        executor._CHECKPOINT_PROCESS = executor._AsyncCheckpointProcess(pg_init_info=info)
+
+    # the start waits for every rank's process (DCP allows that 30 minutes); this wait is bounded
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="noether-ckpt-process-start")
+    try:
+        pool.submit(start).result(timeout=timeout_s)
+    finally:
+        pool.shutdown(wait=False)
+    _DAEMON_STORE = store
+
+
 def shutdown_checkpoint_process() -> None:
     """Stop DCP's background checkpoint process of this process, if one was started
     (process-mode async saves); it would otherwise live until interpreter exit."""
     from torch.distributed.checkpoint import _async_process_executor as executor
 
+    global _DAEMON_STORE
     process = executor._CHECKPOINT_PROCESS
     if process is not None:
         executor._CHECKPOINT_PROCESS = None
         process.__del__()
+    _DAEMON_STORE = None
 
 
 def cpu_buffers_like(state: Any, *, pinned: bool, shared: bool) -> Any:

@@ -94,22 +94,35 @@ def test_background_failure_raises_on_every_rank_and_commits_nothing(tmp_path):
 
 
 def async_process_mode(rank: int, world_size: int, out: str) -> dict:
+    import socket
+
+    from torch.distributed.checkpoint import _async_process_executor as executor
+
+    # The port DCP would pick for its checkpoint processes is taken before they bind it
+    # (what another job's sockets do in the seconds the spawn takes): the save must not care.
+    taken = socket.socket()
+    taken.bind(("", 0))
+    taken.listen()
+    executor.get_free_port = lambda: taken.getsockname()[1]
     model, opt, ema = build()
-    ck = Checkpointer(CheckpointerConfig(output_dir=out, run_id="run1", stage_name="train", model_name="mlp",
-                                         async_mode=AsyncMode.PROCESS, timeout_s=60))
     states = []
-    for update in (1, 2):
+    for update in (1, 2):  # a checkpointer each: a second checkpoint process in this process
+        ck = Checkpointer(CheckpointerConfig(output_dir=out, run_id="run1", stage_name="train", model_name="mlp",
+                                             async_mode=AsyncMode.PROCESS, timeout_s=60))
         train_steps(model, opt, ema, 1, rank, start=update)
         ck.save(TrainingIteration(0, update, 16 * update), model=model, optimizer=opt, ema={EMA_INFO: ema})
         states.append(full_state(model, opt, ema))
         train_steps(model, opt, ema, 1, rank, start=10 + update)  # changes after the call are not saved
-    result = ck.wait()
-    ck.close()
+        result = ck.wait()
+        ck.close()
+    taken.close()
     files = sorted(f.name for a in result.record.artifacts for f in a.files)
     return {"states": states, "files": files}
 
 
 def test_async_process_mode_commits_exact_state_with_checksums(tmp_path):
+    """Two checkpointers one after the other, each with its checkpoint processes, while the
+    port DCP would choose for them is taken."""
     out = str(tmp_path)
     results = run_ranks(async_process_mode, 2, out, timeout_s=150)
     assert ".metadata" in results[0]["files"] and "__1_0.distcp" in results[0]["files"]

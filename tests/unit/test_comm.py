@@ -301,3 +301,23 @@ def test_mirror_from_the_coordinator_copies_its_files_to_the_other_node_once(tmp
     assert _values(run_on_threads(2, mirror, timeout_s=10)) == [[0, 0, 0], [1, 1, 0]]
     assert (folders[1] / "_aliases" / "latest.json").read_bytes() == b"U2"
     assert (folders[1] / "_commits" / "E0_U1_S1.json").read_bytes() == b"kept: write_once never replaces"
+
+
+def test_host_store_holds_its_port_on_one_rank_and_tells_every_rank():
+    """The store DCP's checkpoint processes meet at: hosted on the rank asked, reachable at
+    the port every rank was told, and that port stays taken while the store lives."""
+    import datetime
+    import socket
+
+    from torch.distributed import TCPStore
+
+    results = run_on_threads(3, lambda comm: comm.host_store(1, "127.0.0.1"))
+    assert all(ok for ok, _ in results), results
+    (store0, port0), (store, port), (store2, port2) = (value for _, value in results)
+    assert store0 is None and store2 is None and store is not None
+    assert port0 == port == port2 == store.port
+    client = TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=10))
+    client.set("key", "value")
+    assert store.get("key") == b"value"
+    with socket.socket() as other, pytest.raises(OSError):
+        other.bind(("", port))
