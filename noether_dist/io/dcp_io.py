@@ -712,10 +712,6 @@ def load_full(path: str, storage: Storage) -> dict[str, Any]:
     return state
 
 
-_DAEMON_STORE: Any = None
-"""The rendezvous store of this process's checkpoint process (on the group's rank 0 only;
-kept as long as that process lives)."""
-
 _PG_INIT_FIELDS = ("use_prefix_store", "tcp_store_master_addr", "tcp_store_master_port")
 
 
@@ -728,7 +724,6 @@ def _start_checkpoint_process(comm: Comm, timeout_s: float | None) -> None:
     A collective of ``comm``; waits at most ``timeout_s`` for the processes."""
     from torch.distributed.checkpoint import _async_process_executor as executor
 
-    global _DAEMON_STORE
     if executor._CHECKPOINT_PROCESS is not None:
         return
     info = executor._ProcessGroupInitInfo(comm.control_group)  # DCP's address, ranks and GC settings
@@ -739,7 +734,9 @@ def _start_checkpoint_process(comm: Comm, timeout_s: float | None) -> None:
     info.use_prefix_store = True
 
     def start() -> None:
-        executor._CHECKPOINT_PROCESS = executor._AsyncCheckpointProcess(pg_init_info=info)
+        process = executor._AsyncCheckpointProcess(pg_init_info=info)
+        process.rendezvous_store = store  # on rank 0, the store lives as long as the process
+        executor._CHECKPOINT_PROCESS = process
 
     # the start waits for every rank's process (DCP allows that 30 minutes); this wait is bounded
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="noether-ckpt-process-start")
@@ -747,7 +744,6 @@ def _start_checkpoint_process(comm: Comm, timeout_s: float | None) -> None:
         pool.submit(start).result(timeout=timeout_s)
     finally:
         pool.shutdown(wait=False)
-    _DAEMON_STORE = store
 
 
 def shutdown_checkpoint_process() -> None:
@@ -755,12 +751,10 @@ def shutdown_checkpoint_process() -> None:
     (process-mode async saves); it would otherwise live until interpreter exit."""
     from torch.distributed.checkpoint import _async_process_executor as executor
 
-    global _DAEMON_STORE
     process = executor._CHECKPOINT_PROCESS
     if process is not None:
         executor._CHECKPOINT_PROCESS = None
         process.__del__()
-    _DAEMON_STORE = None
 
 
 def cpu_buffers_like(state: Any, *, pinned: bool, shared: bool) -> Any:
